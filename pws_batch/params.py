@@ -1,0 +1,173 @@
+"""Generation parameters of one prompt pair, with their defaults and checks.
+
+Everything here is plain Python (no torch), so the CLI and the manifest validation can check a request
+before any model is loaded. The defaults are those of the reference implementation (ALGORITHM.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+GRAYSCALE_SUFFIX = ", grayscale"
+MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens; anything this long is a mistake, not a prompt
+MAX_STEPS = 1000
+MAX_CANDIDATES = 10_000
+
+
+@dataclass
+class GenerationParams:
+    """One prompt pair and how to turn it into candidates (ALGORITHM.md, "One denoising step")."""
+
+    image_prompt: str
+    audio_prompt: str
+    negative_image_prompt: str = ""
+    negative_audio_prompt: str = ""
+    guidance_image: float = 10.0
+    guidance_audio: float = 10.0
+    t_image: float = 0.9
+    t_audio: float = 1.0
+    weight_image: float = 0.5
+    weight_audio: float = 0.5
+    steps: int = 100
+    strength: float = 1.0
+    guide_audio: str | None = None
+    guide_image: str | None = None
+    num_candidates: int = 1
+    seed: int = 0
+    scheduler: str = "DDIMScheduler"
+    grayscale_suffix: bool = True
+    crop_columns: int = 32
+
+    @property
+    def effective_image_prompt(self) -> str:
+        """The image prompt as the model sees it: the reference ends image prompts with ', grayscale'."""
+        prompt = self.image_prompt.strip()
+        if self.grayscale_suffix and not prompt.lower().endswith(GRAYSCALE_SUFFIX.strip(", ")):
+            prompt += GRAYSCALE_SUFFIX
+        return prompt
+
+    @property
+    def candidate_seeds(self) -> list[int]:
+        """Candidate i is drawn from its own generator seeded with seed + i (as the reference does)."""
+        return [self.seed + i for i in range(self.num_candidates)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+@dataclass
+class Problem:
+    """One thing wrong with a request: which field, what is wrong, and how to fix it."""
+
+    field: str
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" + (f" ({self.fix})" if self.fix else "")
+
+
+@dataclass
+class ParamsError(ValueError):
+    problems: list[Problem] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return "; ".join(str(p) for p in self.problems)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_params(p: GenerationParams) -> list[Problem]:
+    """Every problem of a request that can be seen without models: types, ranges, prompts.
+
+    Guide files and the schedule need more context and are checked by `check_guides` and
+    `pws_batch.sampler.check_schedule`.
+    """
+    problems: list[Problem] = []
+    for name in ("image_prompt", "audio_prompt"):
+        value = getattr(p, name)
+        if not isinstance(value, str) or not value.strip():
+            problems.append(Problem(name, "is empty", "give a non-empty text prompt"))
+        elif len(value) > MAX_PROMPT_CHARS:
+            problems.append(Problem(name, f"is {len(value)} characters long",
+                                    f"keep prompts under {MAX_PROMPT_CHARS} characters; CLIP reads 77 tokens"))
+    for name in ("negative_image_prompt", "negative_audio_prompt"):
+        value = getattr(p, name)
+        if not isinstance(value, str):
+            problems.append(Problem(name, f"must be text, got {type(value).__name__}", 'use "" for none'))
+        elif len(value) > MAX_PROMPT_CHARS:
+            problems.append(Problem(name, f"is {len(value)} characters long",
+                                    f"keep prompts under {MAX_PROMPT_CHARS} characters"))
+    for name in ("guidance_image", "guidance_audio", "weight_image", "weight_audio"):
+        value = getattr(p, name)
+        if not _is_number(value):
+            problems.append(Problem(name, f"must be a finite number, got {value!r}", "e.g. 7.5"))
+        elif value < 0:
+            problems.append(Problem(name, f"must be >= 0, got {value}", "use a non-negative value"))
+    if _is_number(p.weight_image) and _is_number(p.weight_audio) and p.weight_image == 0 == p.weight_audio:
+        problems.append(Problem("weight_image", "both base weights are 0, so no model is ever active",
+                                "give at least one of weight_image / weight_audio a positive value"))
+    for name in ("t_image", "t_audio"):
+        value = getattr(p, name)
+        if not _is_number(value) or not 0 <= value <= 1:
+            problems.append(Problem(name, f"must be in [0, 1], got {value!r}",
+                                    "it is the fraction of T below which the model joins; 1 = from the start"))
+    if not _is_number(p.strength) or not 0 < p.strength <= 1:
+        problems.append(Problem("strength", f"must be in (0, 1], got {p.strength!r}",
+                                "1 starts from pure noise; smaller values keep more of the guide"))
+    if not isinstance(p.steps, int) or isinstance(p.steps, bool) or not 1 <= p.steps <= MAX_STEPS:
+        problems.append(Problem("steps", f"must be an integer in [1, {MAX_STEPS}], got {p.steps!r}",
+                                "the reference uses 100"))
+    elif _is_number(p.strength) and 0 < p.strength <= 1 and int(p.steps * p.strength) < 1:
+        problems.append(Problem("strength", f"steps x strength = {p.steps} x {p.strength} runs no step",
+                                f"use strength >= {1 / p.steps:.3g} or more steps"))
+    if not isinstance(p.num_candidates, int) or isinstance(p.num_candidates, bool) \
+            or not 1 <= p.num_candidates <= MAX_CANDIDATES:
+        problems.append(Problem("num_candidates", f"must be an integer in [1, {MAX_CANDIDATES}], "
+                                                  f"got {p.num_candidates!r}", "e.g. 50"))
+    if not isinstance(p.seed, int) or isinstance(p.seed, bool) or not 0 <= p.seed < 2**63 - MAX_CANDIDATES:
+        problems.append(Problem("seed", f"must be a non-negative integer, got {p.seed!r}", "e.g. 0"))
+    if not isinstance(p.crop_columns, int) or isinstance(p.crop_columns, bool) or not 0 <= p.crop_columns < 1024:
+        problems.append(Problem("crop_columns", f"must be an integer in [0, 1024), got {p.crop_columns!r}",
+                                "the reference drops 32"))
+    if p.guide_audio and p.guide_image:
+        problems.append(Problem("guide_audio", "both guide_audio and guide_image are set",
+                                "give one guide at most"))
+    if not isinstance(p.scheduler, str) or not p.scheduler.endswith("Scheduler"):
+        problems.append(Problem("scheduler", f"must name a diffusers scheduler class, got {p.scheduler!r}",
+                                "e.g. DDIMScheduler"))
+    return problems
+
+
+def check_guides(p: GenerationParams) -> list[Problem]:
+    """Open the guide file, if any, and report it when it cannot be read as audio / an image."""
+    from pws_batch import codec  # numpy / soundfile / PIL only
+
+    problems: list[Problem] = []
+    if p.guide_audio:
+        try:
+            codec.read_audio(p.guide_audio)
+        except Exception as exc:  # noqa: BLE001 - any reason it is unreadable is reported
+            problems.append(Problem("guide_audio", f"cannot read {p.guide_audio!r}: {exc}",
+                                    "give a readable wav/flac/ogg file or URI"))
+    if p.guide_image:
+        try:
+            codec.read_image(p.guide_image)
+        except Exception as exc:  # noqa: BLE001
+            problems.append(Problem("guide_image", f"cannot read {p.guide_image!r}: {exc}",
+                                    "give a readable png/jpg file or URI"))
+    return problems
+
+
+def raise_for_problems(problems: list[Problem]) -> None:
+    if problems:
+        raise ParamsError(problems)
