@@ -1,0 +1,197 @@
+"""End to end with the tiny models: `pws-batch generate` files, metadata, determinism, regeneration, bad args."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from pws_batch.cli import main
+
+PAIR = ["--image-prompt", "dogs", "--audio-prompt", "dogs barking", "--models", "tiny"]
+
+
+def generate(out, *extra: str) -> dict:
+    assert main(["generate", *PAIR, "--steps", "12", "--out", str(out), *extra]) == 0
+    with open(os.path.join(out, "candidates.json")) as f:
+        return json.load(f)
+
+
+def load_candidate(out, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+    image = np.asarray(Image.open(os.path.join(out, f"candidate-{index:03d}.png")))
+    audio, rate = sf.read(os.path.join(out, f"candidate-{index:03d}.wav"), dtype="float32")
+    return image, audio, rate
+
+
+@pytest.fixture(scope="module")
+def batch_of_three(tmp_path_factory, tiny_models):
+    out = tmp_path_factory.mktemp("gen") / "three"
+    return out, generate(out, "--candidates", "3", "--seed", "40")
+
+
+def test_generate_writes_every_candidate_with_metadata(batch_of_three):
+    out, record = batch_of_three
+    names = sorted(os.listdir(out))
+    assert names == ["candidate-000.png", "candidate-000.wav", "candidate-001.png", "candidate-001.wav",
+                     "candidate-002.png", "candidate-002.wav", "candidates.json"]
+    for i in range(3):
+        image, audio, rate = load_candidate(out, i)
+        with Image.open(os.path.join(out, f"candidate-{i:03d}.png")) as im:
+            assert im.mode == "L"  # 8-bit grayscale
+        assert image.shape == (256, 1024 - 32)  # the dark last 32 columns are dropped by default
+        assert rate == 16000 and audio.ndim == 1 and audio.shape[0] == (1024 - 32) * 160
+        assert np.abs(audio).max() <= 1.0 and np.abs(audio).max() > 0
+    assert [c["seed"] for c in record["candidates"]] == [40, 41, 42]
+    assert record["params"]["image_prompt"] == "dogs" and record["effective_image_prompt"] == "dogs, grayscale"
+    assert record["params"]["steps"] == 12 and record["params"]["guidance_image"] == 10.0
+    assert record["models"]["name"] == "tiny" and os.path.isdir(record["models"]["image"])
+    evals = record["unet_evals"]
+    # 12 DDIM steps (timesteps 912, 829, ...): the image model joins at t <= 900, so it skips the first step.
+    assert evals["audio"] == 12 * 3 and evals["image"] == 11 * 3
+    assert evals["total"] == evals["minimum"]
+    assert {"denoise_s", "decode_s", "vocode_s", "total_s", "load_s"} <= set(record["timings"])
+    # Different seeds give different candidates.
+    assert not np.array_equal(load_candidate(out, 0)[0], load_candidate(out, 1)[0])
+
+
+def test_same_seed_twice_gives_identical_files(batch_of_three, tmp_path):
+    out, _ = batch_of_three
+    again = tmp_path / "again"
+    generate(again, "--candidates", "3", "--seed", "40")
+    for i in range(3):
+        for ext in ("png", "wav"):
+            with open(out / f"candidate-{i:03d}.{ext}", "rb") as a, open(again / f"candidate-{i:03d}.{ext}", "rb") as b:
+                assert a.read() == b.read(), f"candidate {i} .{ext} differs between two runs with the same seed"
+
+
+def test_candidate_regenerated_alone_matches_the_batched_one(batch_of_three, tmp_path):
+    out, _ = batch_of_three
+    alone = tmp_path / "alone"
+    record = generate(alone, "--candidates", "1", "--seed", "42")
+    assert record["candidates"][0]["seed"] == 42
+    image_b, audio_b, _ = load_candidate(out, 2)
+    image_1, audio_1, _ = load_candidate(alone, 0)
+    assert np.abs(image_b.astype(int) - image_1.astype(int)).max() <= 1  # within 1/255 per pixel
+    assert np.abs(audio_b - audio_1).max() <= 1e-4
+
+
+def test_micro_batches_give_the_same_candidates(tiny_pipeline):
+    from pws_batch.params import GenerationParams
+
+    params = GenerationParams("dogs", "dogs barking", num_candidates=3, steps=6, seed=3)
+    whole = tiny_pipeline(params, micro_batch=3)
+    split = tiny_pipeline(params, micro_batch=2)
+    assert [c.seed for c in split.candidates] == [3, 4, 5]
+    assert whole.unet_evals == split.unet_evals
+    for a, b in zip(whole.candidates, split.candidates):
+        assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 1
+        assert np.abs(a.audio - b.audio).max() <= 1e-4
+
+
+def test_guided_generation_from_a_sound(tmp_path, tiny_models):
+    rate = 22050
+    t = np.arange(int(rate * 3.0)) / rate
+    guide = tmp_path / "guide.flac"
+    sf.write(guide, np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 660 * t)], axis=1) * 0.3, rate)
+    record = generate(tmp_path / "guided", "--guide-audio", str(guide), "--strength", "0.5", "--candidates", "2")
+    assert record["params"]["strength"] == 0.5 and record["params"]["guide_audio"] == str(guide)
+    # int(12 * 0.5) = 6 steps run, all with timestep <= 900, so both models run every step.
+    assert record["unet_evals"]["audio"] == 6 * 2 and record["unet_evals"]["image"] == 6 * 2
+    image, audio, _ = load_candidate(tmp_path / "guided", 1)
+    assert image.shape == (256, 992) and audio.shape == (992 * 160,)
+
+
+def test_guided_generation_from_a_picture_with_griffin_lim(tmp_path, tiny_models):
+    guide = tmp_path / "guide.png"
+    Image.fromarray((np.random.default_rng(0).random((300, 500, 3)) * 255).astype(np.uint8)).save(guide)
+    record = generate(tmp_path / "gi", "--guide-image", str(guide), "--strength", "0.9", "--vocoder", "griffin-lim",
+                      "--crop-columns", "0")
+    assert record["vocoder"] == "griffin-lim"
+    image, audio, _ = load_candidate(tmp_path / "gi", 0)
+    assert image.shape == (256, 1024) and audio.shape == (1024 * 160,)
+
+
+def _bad(capsys, *args: str) -> str:
+    """Run a bad command line; it must fail with exactly one line on stderr and build/load no model."""
+    home = os.environ["PWS_BATCH_HOME"]
+    before = set(os.listdir(home))
+    rc = main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert len(err.splitlines()) == 1, err
+    assert set(os.listdir(home)) == before  # nothing built, nothing loaded
+    return err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--image-prompt", "  ", "--audio-prompt", "x"], "--image-prompt is empty"),
+    (["--image-prompt", "x", "--audio-prompt", ""], "--audio-prompt is empty"),
+    (["--image-prompt", "x", "--audio-prompt", "y", "--guide-audio", "MISSING", "--strength", "0"],
+     "--strength must be in (0, 1]"),
+    (["--image-prompt", "x", "--audio-prompt", "y", "--guide-image", "MISSING", "--strength", "1.5"],
+     "--strength must be in (0, 1]"),
+    (["--image-prompt", "x", "--audio-prompt", "y", "--strength", "0.5"], "--strength needs --guide-audio"),
+    (["--image-prompt", "x", "--audio-prompt", "y", "--t-image", "1.5"], "--t-image must be in [0, 1]"),
+    (["--image-prompt", "x", "--audio-prompt", "y", "--t-audio", "-0.1"], "--t-audio must be in [0, 1]"),
+    (["--image-prompt", "x", "--audio-prompt", "y", "--guide-audio", "/nonexistent/guide.wav"],
+     "--guide-audio cannot read"),
+    (["--image-prompt", "x", "--audio-prompt", "y", "--candidates", "0"], "--candidates must be an integer"),
+    (["--image-prompt", "x", "--audio-prompt", "y", "--steps", "abc"], "invalid int value"),
+    (["--image-prompt", "x", "--audio-prompt", "y", "--models", "no-such-set"], "unknown model set 'no-such-set'"),
+])
+def test_bad_arguments_fail_with_one_clear_line(capsys, tmp_path, args, expected):
+    err = _bad(capsys, "generate", *args, "--out", str(tmp_path / "o"))
+    assert expected in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_guide_file_is_reported(capsys, tmp_path):
+    garbage = tmp_path / "guide.wav"
+    garbage.write_bytes(b"this is not audio")
+    err = _bad(capsys, "generate", "--image-prompt", "x", "--audio-prompt", "y", "--guide-audio", str(garbage),
+               "--out", str(tmp_path / "o"))
+    assert "--guide-audio cannot read" in err and "guide.wav" in err
+
+
+def test_schedule_with_no_active_model_is_rejected_before_loading(capsys, tmp_path, tiny_models):
+    rc = main(["generate", *PAIR, "--t-image", "0.5", "--t-audio", "0.5", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "no model is active at timestep 991" in err and "0.991" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_console_script_exit_status(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pws_batch.cli", "generate", "--image-prompt", "", "--audio-prompt",
+                           "y", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+
+
+def test_help_documents_every_generation_flag():
+    out = io.StringIO()
+    from pws_batch.cli import build_parser
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices["generate"]  # noqa: SLF001
+    sub.print_help(out)
+    for flag in ("--image-prompt", "--audio-prompt", "--negative-image-prompt", "--negative-audio-prompt",
+                 "--candidates", "--seed", "--steps", "--guidance-image", "--guidance-audio", "--t-image",
+                 "--t-audio", "--guide-audio", "--guide-image", "--strength", "--models", "--device", "--dtype",
+                 "--out"):
+        assert flag in out.getvalue()
+
+
+def test_bench_sampler_prints_ratios(capsys, tiny_models):
+    assert main(["bench", "sampler", "--models", "tiny", "--candidates", "2", "--steps", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("speedup ") and lines[-1].endswith("unet-evals 1.00 of minimum")
+    naive = next(line for line in lines if line.startswith("naive"))
+    assert float(naive.split()[-1]) == 8.0  # 4 steps x 2 models: the naive way evaluates both every step
