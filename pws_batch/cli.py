@@ -98,6 +98,33 @@ def build_parser() -> argparse.ArgumentParser:
     show = msub.add_parser("show", help="print the components of a model set as JSON")
     show.add_argument("name", nargs="?", default="sd15-auffusion", help="a built-in name or a path")
 
+    runp = sub.add_parser("run", help="manifest -> Prefect flow -> Ray actors -> curated dataset",
+                          description="Generate a curated dataset from a manifest of prompt pairs: the Prefect flow "
+                                      "generate-dataset validates the manifest (bad rows go to rejected.parquet), "
+                                      "runs one task per shard on Ray actors, ranks every candidate by CLIP and CLAP "
+                                      "and keeps the best. Re-running into the same --out resumes: only shards not "
+                                      "yet committed are generated. Uses the Prefect API at PREFECT_API_URL, or "
+                                      "Prefect's ephemeral one; Ray at --ray-address / RAY_ADDRESS, or a local Ray.")
+    runp.add_argument("manifest", help="Parquet, CSV or JSON Lines manifest (path or fsspec URI)")
+    runp.add_argument("--out", required=True, help="dataset location: a path or fsspec URI (s3://, gs://, memory://)")
+    _add_run_args(runp)
+    resume = runp.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="overwrite", action="store_false",
+                        help="keep committed shards and generate the rest (default)")
+    resume.add_argument("--overwrite", dest="overwrite", action="store_true",
+                        help="delete what an earlier run wrote to --out and start over")
+    runp.set_defaults(overwrite=False)
+
+    val = sub.add_parser("validate", help="check a manifest: every bad row with its field, problem and fix",
+                         description="Report every bad row of a manifest (row number, field, what is wrong, how to "
+                                     "fix it); exit status 1 if any row is bad.")
+    val.add_argument("manifest", help="Parquet, CSV or JSON Lines manifest (path or fsspec URI)")
+    _add_defaults_args(val)
+    val.add_argument("--models", default="sd15-auffusion", help="model set whose scheduler checks the schedules")
+
+    insp = sub.add_parser("inspect", help="summarise a dataset written by `pws-batch run`")
+    insp.add_argument("out", help="the dataset's location (path or fsspec URI)")
+
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
     bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
     bs = bsub.add_parser("sampler", help="batched sampler vs the naive way, on the same work",
@@ -110,6 +137,32 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--t-audio", type=float, default=DEFAULTS.t_audio, help=f"(default: {DEFAULTS.t_audio:g})")
     _add_runtime_args(bs, models_default="tiny")
     return parser
+
+
+def _add_defaults_args(p: argparse.ArgumentParser) -> None:
+    d = p.add_argument_group("defaults for columns a manifest leaves out (a row's own value wins)")
+    d.add_argument("--candidates", type=int, default=8, help="candidates per pair (default: 8)")
+    d.add_argument("--keep", type=int, default=1, help="best candidates kept per pair (default: 1)")
+    d.add_argument("--steps", type=int, default=DEFAULTS.steps, help=f"denoising steps (default: {DEFAULTS.steps})")
+    d.add_argument("--seed", type=int, default=0, help="base seed; candidate i uses seed + i (default: 0)")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    _add_defaults_args(p)
+    _add_runtime_args(p)
+    p.add_argument("--vocoder", default="hifigan", choices=["hifigan", "griffin-lim"], help="(default: hifigan)")
+    p.add_argument("--crop-columns", type=int, default=DEFAULTS.crop_columns,
+                   help=f"dark last columns dropped (default: {DEFAULTS.crop_columns})")
+    c = p.add_argument_group("cluster")
+    c.add_argument("--shard-size", type=int, default=4, help="pairs per shard = per Prefect task (default: 4)")
+    c.add_argument("--actors", type=int, default=None,
+                   help="generator actors (default: one per GPU of the cluster, or 1 without GPUs)")
+    c.add_argument("--ray-address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+    r = p.add_argument_group("ranking")
+    r.add_argument("--ranking", default="reference", choices=["reference", "weighted", "pareto"],
+                   help="reference: top fraction by both scores first; weighted: weighted sum of min-max normalised "
+                        "scores; pareto: Pareto front first (default: reference)")
+    r.add_argument("--top-fraction", type=float, default=0.2, help="the reference rule's fraction (default: 0.2)")
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -238,10 +291,113 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "models": cmd_models, "bench": cmd_bench}
+def _run_config(args: argparse.Namespace):
+    from pws_batch.run import RunConfig, RunError
+
+    config = RunConfig(manifest=args.manifest, out=args.out, models=args.models, num_candidates=args.candidates,
+                       keep=args.keep, steps=args.steps, seed=args.seed, crop_columns=args.crop_columns,
+                       shard_size=args.shard_size, actors=args.actors, ray_address=args.ray_address,
+                       overwrite=args.overwrite, ranking=args.ranking, top_fraction=args.top_fraction,
+                       micro_batch=args.micro_batch, device=args.device, dtype=args.dtype, vocoder=args.vocoder)
+    try:
+        config.check()
+    except RunError as exc:
+        raise UsageError(f"pws-batch run: error: {exc}") from exc
+    return config
+
+
+def flow_parameters(config) -> dict:
+    """RunConfig -> the parameters of the generate_dataset flow (also those of its deployment)."""
+    return {"manifest": config.manifest, "out": config.out, "models": config.models,
+            "candidates": config.num_candidates, "keep": config.keep, "steps": config.steps, "seed": config.seed,
+            "shard_size": config.shard_size, "actors": config.actors, "ray_address": config.ray_address,
+            "overwrite": config.overwrite, "ranking": config.ranking, "top_fraction": config.top_fraction,
+            "micro_batch": config.micro_batch, "device": config.device, "dtype": config.dtype,
+            "vocoder": config.vocoder, "crop_columns": config.crop_columns}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _check_runtime(args)
+    config = _run_config(args)
+    from pws_batch.manifest import ManifestError, read_manifest
+
+    try:
+        read_manifest(config.manifest)
+    except ManifestError as exc:
+        raise UsageError(f"pws-batch run: error: {exc}") from exc
+
+    from tqdm.auto import tqdm
+
+    from flows.generate_dataset import PROGRESS_LISTENERS, generate_dataset
+    from pws_batch.dataset import Output
+    from pws_batch.run import RunError
+
+    bar = tqdm(total=0, desc="pairs", unit="pair", disable=None, file=sys.stderr)
+
+    def on_progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    PROGRESS_LISTENERS.append(on_progress)
+    failure = None
+    try:
+        generate_dataset(**flow_parameters(config))
+    except RunError as exc:
+        raise UsageError(f"pws-batch run: error: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - the flow failed; report what was written all the same
+        failure = exc
+    finally:
+        PROGRESS_LISTENERS.remove(on_progress)
+        bar.close()
+    out = Output(config.out)
+    if not out.exists("run.json"):
+        raise failure or RuntimeError("the flow wrote no run.json")
+    counts = out.read_json("run.json").get("counts", {})
+    print(f"dataset at {config.out}: {counts.get('pairs_done', 0)} pairs kept, {counts.get('pairs_failed', 0)} failed, "
+          f"{counts.get('rejected', 0)} rejected" + (f" ({counts.get('pairs_missing', 0)} pairs not generated: "
+                                                    f"{failure}; run again to resume)" if failure else ""))
+    return 0 if failure is None and not counts.get("pairs_failed") else 1
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pws_batch.manifest import ManifestError
+    from pws_batch.models import ModelSetError
+    from pws_batch.run import RunConfig, validate
+
+    config = RunConfig(manifest=args.manifest, out="", models=args.models, num_candidates=args.candidates,
+                       keep=args.keep, steps=args.steps, seed=args.seed)
+    try:
+        validated, _ = validate(config)
+    except (ManifestError, ModelSetError) as exc:
+        raise UsageError(f"pws-batch validate: error: {exc}") from exc
+    for w in validated.warnings:
+        print(f"warning: {w}")
+    for r in validated.rejections:
+        print(str(r))
+    print(f"{args.manifest}: {validated.num_rows} rows, {len(validated.requests)} good, "
+          f"{len(validated.rejections)} bad")
+    return 1 if validated.rejections else 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pws_batch.inspect import summarize
+
+    try:
+        print(summarize(args.out))
+    except FileNotFoundError as exc:
+        raise UsageError(f"pws-batch inspect: error: {exc}") from exc
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "run": cmd_run, "validate": cmd_validate, "inspect": cmd_inspect,
+            "models": cmd_models, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # huggingface_hub noise, not ours
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)

@@ -156,13 +156,25 @@ def load_diffusion_pipeline(component: str, model_id: str, device, dtype):
     return pipe.to(device)
 
 
-def load_scheduler_config(model_id: str) -> dict:
-    """The image model's scheduler config (a small JSON, no weights)."""
+# stable-diffusion-v1-5's scheduler/scheduler_config.json: used to check schedules when the image model is not
+# available locally (validating a manifest on a laptop), never to generate.
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "trained_betas": None,
+}
+
+
+def load_scheduler_config(model_id: str, fallback: bool = False) -> dict:
+    """The image model's scheduler config (a small JSON, no weights); with `fallback`, SD 1.5's if missing."""
     from diffusers import DDIMScheduler
 
     try:
-        return dict(DDIMScheduler.load_config(model_id, subfolder="scheduler"))
+        # With a fallback, only look in local files: validating a manifest must not wait on the network.
+        return dict(DDIMScheduler.load_config(model_id, subfolder="scheduler", local_files_only=fallback))
     except Exception as exc:  # noqa: BLE001
+        if fallback:
+            return dict(SD15_SCHEDULER_CONFIG)
         raise _missing("image", model_id, exc) from exc
 
 

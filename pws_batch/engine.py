@@ -1,0 +1,265 @@
+"""Ray actors that hold the models, and the dispatch of a shard's pairs to them.
+
+Ray's batch-inference pattern: each actor loads its models ONCE, in its constructor, and then serves many
+pairs. A generator actor (one per GPU, or a CPU actor) makes a pair's N candidates in the batched sampler;
+a ranker actor scores them with CLIP and CLAP and keeps the best. A shard's pairs are all queued at once:
+the generator works through them in order while the ranker scores the pair before, so generation of the
+next pair overlaps ranking of the last. Actors restart on failure and retry their calls.
+
+torch is imported only inside the actors: the driver (the Prefect flow) needs ray, not torch.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+from pws_batch.manifest import PairRequest
+from pws_batch.ranking import RankingRule
+
+MAX_RESTARTS = 2
+MAX_TASK_RETRIES = 2
+
+
+@dataclass
+class EngineConfig:
+    models: str = "sd15-auffusion"
+    device: str = "auto"
+    dtype: str = "auto"
+    vocoder: str = "hifigan"
+    micro_batch: int = 8
+    ranking: dict = field(default_factory=lambda: asdict(RankingRule()))
+
+
+def _where() -> dict[str, Any]:
+    import ray
+
+    info = {"pid": os.getpid(), "host": socket.gethostname()}
+    try:
+        ctx = ray.get_runtime_context()
+        info.update(node_id=ctx.get_node_id()[:12], actor_id=ctx.get_actor_id()[:12] if ctx.get_actor_id() else None,
+                    gpu_ids=[str(g) for g in ray.get_gpu_ids()])
+    except Exception:  # noqa: BLE001 - outside Ray (unit tests): no context
+        pass
+    return info
+
+
+def _device_info(device) -> str:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
+    return "cpu"
+
+
+class Generator:
+    """Holds both diffusion models and the vocoder; makes one pair's candidates per call."""
+
+    def __init__(self, config: dict):
+        from pws_batch.pipeline import ImagesThatSoundPipeline
+
+        self.config = EngineConfig(**config)
+        self.model_loads = 0
+        t0 = time.perf_counter()
+        self.pipe = ImagesThatSoundPipeline.from_model_set(self.config.models, device=self.config.device,
+                                                           dtype=self.config.dtype, vocoder=self.config.vocoder)
+        self.model_loads += 1
+        self.load_s = time.perf_counter() - t0
+
+    def info(self) -> dict[str, Any]:
+        return {"role": "generator", "model_loads": self.model_loads, "load_s": round(self.load_s, 3),
+                "device": _device_info(self.pipe.device), "dtype": str(self.pipe.dtype)[6:],
+                "models": self.pipe.model_set.to_dict(), **_where()}
+
+    def generate(self, request: dict) -> dict:
+        """A pair's candidates as arrays, or the error that stopped it (the shard goes on)."""
+        req = PairRequest.from_dict(request)
+        t0 = time.perf_counter()
+        try:
+            result = self.pipe(req.params, micro_batch=self.config.micro_batch)
+        except Exception as exc:  # noqa: BLE001 - one bad pair must not sink the shard
+            return {"pair_id": req.pair_id, "error": f"{type(exc).__name__}: {exc}"}
+        return {
+            "pair_id": req.pair_id,
+            "candidates": [{"index": c.index, "seed": c.seed, "image": c.image, "audio": c.audio}
+                           for c in result.candidates],
+            "unet_evals": sum(result.unet_evals.values()), "unet_evals_minimum": result.unet_evals_minimum,
+            "generate_s": round(time.perf_counter() - t0, 4), "generator": _where(),
+        }
+
+
+class Ranker:
+    """Holds CLIP and CLAP; scores a pair's candidates, ranks them and returns only the kept ones' media."""
+
+    def __init__(self, config: dict):
+        from pws_batch.models import resolve_model_set
+        from pws_batch.pipeline import resolve_device
+        from pws_batch.ranking import ClapScorer, ClipScorer
+
+        self.config = EngineConfig(**config)
+        self.rule = RankingRule(**self.config.ranking)
+        self.model_loads = 0
+        device = resolve_device(self.config.device)
+        model_set = resolve_model_set(self.config.models)
+        t0 = time.perf_counter()
+        self.clip = ClipScorer(model_set.clip, device=device)
+        self.clap = ClapScorer(model_set.clap, device=device)
+        self.model_loads += 1
+        self.load_s = time.perf_counter() - t0
+        self.device = device
+
+    def info(self) -> dict[str, Any]:
+        return {"role": "ranker", "model_loads": self.model_loads, "load_s": round(self.load_s, 3),
+                "device": _device_info(self.device), **_where()}
+
+    def rank(self, request: dict, generated: dict) -> dict:
+        from pws_batch.media import png_bytes, wav_bytes
+        from pws_batch.ranking import rank_candidates
+
+        if "error" in generated:
+            return generated
+        req = PairRequest.from_dict(request)
+        t0 = time.perf_counter()
+        candidates = generated["candidates"]
+        try:
+            clip = self.clip([c["image"] for c in candidates], req.params.effective_image_prompt)
+            clap = self.clap([c["audio"] for c in candidates], req.params.audio_prompt)
+        except Exception as exc:  # noqa: BLE001
+            return {"pair_id": req.pair_id, "error": f"ranking failed: {type(exc).__name__}: {exc}"}
+        ranks = rank_candidates(clip, clap, self.rule)
+        scores = [{"pair_id": req.pair_id, "candidate_index": c["index"], "seed": c["seed"],
+                   "clip_score": float(clip[i]), "clap_score": float(clap[i]), "rank": int(ranks[i]),
+                   "kept": bool(ranks[i] <= req.keep)} for i, c in enumerate(candidates)]
+        kept = [{**scores[i], "image_png": png_bytes(c["image"]), "audio_wav": wav_bytes(c["audio"])}
+                for i, c in enumerate(candidates) if ranks[i] <= req.keep]
+        kept.sort(key=lambda k: k["rank"])
+        return {"pair_id": req.pair_id, "scores": scores, "kept": kept,
+                "unet_evals": generated["unet_evals"], "unet_evals_minimum": generated["unet_evals_minimum"],
+                "generate_s": generated["generate_s"], "rank_s": round(time.perf_counter() - t0, 4),
+                "generator": generated["generator"], "ranker": _where()}
+
+
+# ---------------------------------------------------------------------------------------------- the pool
+class ActorPool:
+    """Generator/ranker pairs created once per run; a shard borrows one pair for its whole run."""
+
+    def __init__(self, generators: list, rankers: list):
+        self.generators, self.rankers = generators, rankers
+        self._free: queue.Queue[int] = queue.Queue()
+        for i in range(len(generators)):
+            self._free.put(i)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    @contextmanager
+    def borrow(self) -> Iterator[tuple[int, Any, Any]]:
+        i = self._free.get()
+        try:
+            yield i, self.generators[i], self.rankers[i]
+        finally:
+            self._free.put(i)
+
+    def infos(self) -> list[dict]:
+        import ray
+
+        return ray.get([a.info.remote() for a in (*self.generators, *self.rankers)])
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local Ray for this run.
+
+    Returns True when this call started (and so must stop) a local Ray.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        # Ray 2.60 keeps token auth on; a client joining by address must say so (the token is ~/.ray/auth_token
+        # or $RAY_AUTH_TOKEN, set up by the operator).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        ray.init(address=address, log_to_driver=False)
+        return False
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def start_actors(config: EngineConfig, actors: int | None, log: Callable[[str], None]) -> ActorPool:
+    """One generator per GPU (or `actors`), each with its ranker; on a machine without GPUs, CPU actors."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = int(resources.get("CPU", 1))
+    use_gpu = gpus > 0 and config.device != "cpu"
+    n = actors or (gpus if use_gpu else 1)
+    if use_gpu and n > gpus:
+        raise ValueError(f"--actors {n}: the cluster has {gpus} GPU(s); one generator needs one GPU")
+    if not use_gpu and n > cpus:
+        raise ValueError(f"--actors {n}: the cluster has {cpus} CPU(s) and no GPU; use --actors {cpus} or fewer")
+    # A generator takes most of a GPU (so two never share one) and its ranker the rest of the same GPU.
+    gen_opts = dict(num_gpus=0.8, num_cpus=1) if use_gpu else dict(num_gpus=0, num_cpus=1)
+    rank_opts = dict(num_gpus=0.2, num_cpus=0) if use_gpu else dict(num_gpus=0, num_cpus=0)
+    common = dict(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+    cfg = asdict(config)
+    generators = [ray.remote(Generator).options(**gen_opts, **common, name=None).remote(cfg) for _ in range(n)]
+    rankers = [ray.remote(Ranker).options(**rank_opts, **common).remote(cfg) for _ in range(n)]
+    pool = ActorPool(generators, rankers)
+    for info in pool.infos():  # waits until every actor has loaded its models
+        log(f"{info['role']} actor {info.get('actor_id')} on {info['host']} pid {info['pid']}: device "
+            f"{info['device']}, GPUs {info.get('gpu_ids') or 'none'}, models loaded {info['model_loads']}x "
+            f"in {info['load_s']:.1f} s")
+    return pool
+
+
+def stop_actors(pool: ActorPool | None) -> None:
+    import ray
+
+    if pool is None:
+        return
+    for actor in (*pool.generators, *pool.rankers):
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
+def run_pairs(pool: ActorPool, requests: list[PairRequest]) -> tuple[list[dict], dict]:
+    """Generate and rank a shard's pairs on one borrowed actor pair; results in request order."""
+    import ray
+
+    with pool.borrow() as (i, generator, ranker):
+        payloads = [r.to_dict() for r in requests]
+        generated = [generator.generate.remote(p) for p in payloads]  # queued: run one after another
+        ranked = [ranker.rank.remote(p, g) for p, g in zip(payloads, generated)]  # each starts when its pair is made
+        return ray.get(ranked), {"actor_pair": i}
+
+
+# Engines of the runs in this process, by run key: Prefect tasks (threads of the flow run) find theirs here.
+_POOLS: dict[str, ActorPool] = {}
+_LOCK = threading.Lock()
+
+
+def register_pool(key: str, pool: ActorPool) -> None:
+    with _LOCK:
+        _POOLS[key] = pool
+
+
+def get_pool(key: str) -> ActorPool:
+    with _LOCK:
+        if key not in _POOLS:
+            raise RuntimeError(f"no actors for run {key}: the flow's engine is not running in this process")
+        return _POOLS[key]
+
+
+def unregister_pool(key: str) -> ActorPool | None:
+    with _LOCK:
+        return _POOLS.pop(key, None)

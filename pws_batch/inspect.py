@@ -1,0 +1,47 @@
+"""`pws-batch inspect OUT`: a human summary of a dataset written by `pws-batch run`."""
+
+from __future__ import annotations
+
+from pws_batch.dataset import Output, committed_shards
+
+
+def _stats(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    return f"mean {sum(values) / len(values):.4f}  min {min(values):.4f}  max {max(values):.4f}"
+
+
+def summarize(uri: str) -> str:
+    out = Output(uri)
+    if not out.exists("run.json"):
+        raise FileNotFoundError(f"{uri} holds no run.json: not a pws-batch dataset (or the run never started)")
+    run = out.read_json("run.json")
+    counts = run.get("counts", {})
+    shards = committed_shards(out)
+    planned = run.get("shards", {})
+    lines = [
+        f"dataset {uri} ({run.get('name')}): {run.get('status')}",
+        f"  manifest     {run.get('manifest')}",
+        f"  models       " + ", ".join(f"{k}={v}" for k, v in run.get("models", {}).items()),
+        f"  shards       {len([s for s in shards if s in planned])}/{len(planned)} committed",
+        f"  pairs        {counts.get('pairs_done', 0)} kept, {counts.get('pairs_failed', 0)} failed, "
+        f"{counts.get('rejected', 0)} rejected rows, {counts.get('pairs_missing', 0)} not generated",
+        f"  candidates   {counts.get('candidates', 0)} generated, {counts.get('kept', 0)} kept",
+    ]
+    from pws_batch.run import read_kept
+
+    table = read_kept(out)
+    if table is not None:
+        lines.append(f"  CLIP (kept)  {_stats(table.column('clip_score').to_pylist())}")
+        lines.append(f"  CLAP (kept)  {_stats(table.column('clap_score').to_pylist())}")
+    if out.exists("rejected.parquet"):
+        rejected = out.read_table("rejected.parquet").to_pylist()
+        for r in rejected[:10]:
+            lines.append(f"  rejected row {r['row']}: {r['field']}: {r['reason']}")
+        if len(rejected) > 10:
+            lines.append(f"  ... and {len(rejected) - 10} more rejected rows (rejected.parquet)")
+    for stats in shards.values():
+        for f in stats.get("failed", []):
+            lines.append(f"  failed pair {f['pair_id']} (row {f['row']}): {f['error']}")
+    return "\n".join(lines)

@@ -1,0 +1,316 @@
+"""The manifest: one row per prompt pair, in Parquet (or CSV, or JSON Lines), and its validation.
+
+Good rows become `PairRequest`s; bad rows become `Rejection`s naming the row, the field, what is wrong and
+how to fix it. Validation never raises for a bad row: a run generates the good rows and records the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pws_batch.params import GenerationParams, Problem, check_guides, check_params
+
+REQUIRED = ("image_prompt", "audio_prompt")
+PARAM_COLUMNS = ("negative_image_prompt", "negative_audio_prompt", "guidance_image", "guidance_audio", "t_image",
+                 "t_audio", "weight_image", "weight_audio", "strength", "guide_audio", "guide_image",
+                 "num_candidates", "seed", "steps", "scheduler")
+OPTIONAL = ("pair_id", "keep", *PARAM_COLUMNS)
+KNOWN = (*REQUIRED, *OPTIONAL)
+TEXT = {"image_prompt", "audio_prompt", "negative_image_prompt", "negative_audio_prompt", "guide_audio",
+        "guide_image", "pair_id", "scheduler"}
+INTEGER = {"num_candidates", "seed", "steps", "keep"}
+# Columns the output dataset writes itself: a manifest column of the same name is carried as manifest_<name>.
+RESERVED = {"image", "audio", "candidate_index", "clip_score", "clap_score", "rank", "kept", "effective_image_prompt",
+            "model_image", "model_audio", "model_vocoder", "model_clip", "model_clap", "generate_s", "rank_s",
+            "shard", "ranking_rule", "crop_columns", "grayscale_suffix"}
+MAX_PAIR_ID = 200
+PASS_PREFIX = "manifest_"
+
+
+@dataclass
+class PairRequest:
+    """One good manifest row: what to generate, how many to keep, and the columns carried through."""
+
+    row: int
+    pair_id: str
+    params: GenerationParams
+    keep: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"row": self.row, "pair_id": self.pair_id, "params": self.params.to_dict(), "keep": self.keep,
+                "extra": self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PairRequest":
+        return cls(d["row"], d["pair_id"], GenerationParams(**d["params"]), d["keep"], d.get("extra", {}))
+
+
+@dataclass
+class Rejection:
+    row: int
+    pair_id: str | None
+    field: str
+    reason: str
+    fix: str
+    values: dict[str, Any]
+
+    def __str__(self) -> str:
+        who = f" (pair_id {self.pair_id!r})" if self.pair_id else ""
+        return f"row {self.row}{who}: {self.field}: {self.reason}" + (f"; fix: {self.fix}" if self.fix else "")
+
+
+@dataclass
+class RunDefaults:
+    """Values for columns a manifest leaves out (the run's flags); a row's own value always wins."""
+
+    num_candidates: int = 8
+    keep: int = 1
+    steps: int = 100
+    seed: int = 0
+    crop_columns: int = 32
+    grayscale_suffix: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Validated:
+    requests: list[PairRequest]
+    rejections: list[Rejection]
+    warnings: list[str]
+    columns: list[str]
+    num_rows: int
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole cannot be used (unreadable, missing a required column)."""
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_manifest(uri: str):
+    """A pandas DataFrame from a Parquet, CSV or JSON Lines manifest (path or fsspec URI)."""
+    import fsspec
+    import pandas as pd
+
+    lower = uri.lower().split("?")[0]
+    try:
+        with fsspec.open(uri, "rb") as f:
+            if lower.endswith((".csv", ".csv.gz")):
+                return pd.read_csv(f, compression="gzip" if lower.endswith(".gz") else None,
+                                   keep_default_na=False, na_values=[""])
+            if lower.endswith((".jsonl", ".ndjson", ".json")):
+                return pd.read_json(f, lines=True)
+            return pd.read_parquet(f)
+    except FileNotFoundError as exc:
+        raise ManifestError(f"manifest {uri} does not exist") from exc
+    except Exception as exc:  # noqa: BLE001 - any parse failure: say which file and what format was expected
+        raise ManifestError(f"cannot read manifest {uri} as {'CSV' if '.csv' in lower else 'JSON Lines' if '.json' in lower else 'Parquet'}: "
+                            f"{type(exc).__name__}: {exc}") from exc
+
+
+def manifest_fingerprint(uri: str) -> str:
+    """sha256 of the manifest's bytes: a resumed run must be reading the same manifest."""
+    import fsspec
+
+    digest = hashlib.sha256()
+    with fsspec.open(uri, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- values
+def _missing(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(isinstance(value, float) and math.isnan(value))
+    except TypeError:
+        return False
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python scalars, so types can be checked and values written to JSON."""
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str, bytes)):
+        try:
+            return value.item()
+        except (ValueError, AttributeError):
+            return value
+    return value
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """A cell -> the field's type, or raise ValueError with what is wrong."""
+    if name == "pair_id" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # integer ids are common; they are written as text
+    if name in TEXT:
+        if not isinstance(value, str):
+            raise ValueError(f"must be text, got {type(value).__name__} {value!r}")
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, got a boolean {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"must be a number, got text {value!r}") from None
+    if not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number, got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value!r}")
+    if name in INTEGER:
+        if float(value) != int(value):
+            raise ValueError(f"must be a whole number, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def default_pair_id(params: GenerationParams) -> str:
+    """A stable id from the generation parameters: the same request always gets the same id."""
+    canonical = json.dumps(params.to_dict(), sort_keys=True, separators=(",", ":"))
+    return "pair-" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+_FIXES = {
+    "image_prompt": "give a non-empty text prompt",
+    "audio_prompt": "give a non-empty text prompt",
+    "num_candidates": "a whole number >= 1, e.g. 50",
+    "keep": "a whole number between 1 and num_candidates",
+    "seed": "a whole number >= 0",
+    "steps": "a whole number, e.g. 100",
+    "pair_id": f"text of at most {MAX_PAIR_ID} characters, unique in the manifest",
+}
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def resolve_guide(value: str, base: str | None) -> str:
+    """A relative guide path is relative to the manifest's folder; absolute paths and URIs stay as they are."""
+    if base is None or "://" in value or value.startswith("/"):
+        return value
+    return base.rstrip("/") + "/" + value
+
+
+def validate_manifest(df, defaults: RunDefaults | None = None, scheduler_config: dict | None = None,
+                      check_files: bool = True, base: str | None = None) -> Validated:
+    """Split a manifest into good requests and rejected rows; never raises for a bad row.
+
+    `base` is the manifest's folder, against which relative guide paths are resolved.
+    """
+    from pws_batch.pipeline import schedule_timesteps
+    from pws_batch.sampler import ScheduleError, check_schedule
+
+    defaults = defaults or RunDefaults()
+    columns = [str(c) for c in df.columns]
+    missing = [c for c in REQUIRED if c not in columns]
+    if missing:
+        hints = [f"{m!r} (is {close[0]!r} a typo?)" if (close := difflib.get_close_matches(m, columns, 1)) else repr(m)
+                 for m in missing]
+        raise ManifestError(f"the manifest has no column {', '.join(hints)}; required: {', '.join(REQUIRED)}")
+    duplicated = sorted({c for c in columns if columns.count(c) > 1})
+    if duplicated:
+        raise ManifestError(f"the manifest has duplicate column names {duplicated}")
+
+    warnings: list[str] = []
+    extra_columns = [c for c in columns if c not in KNOWN]
+    renamed = {}
+    for c in extra_columns:
+        close = difflib.get_close_matches(c, KNOWN, 1, cutoff=0.8)
+        if close:
+            warnings.append(f"column {c!r} is not a known field and is carried through untouched; "
+                            f"did you mean {close[0]!r}?")
+        if c in RESERVED or c.startswith(PASS_PREFIX):
+            renamed[c] = PASS_PREFIX + c
+            warnings.append(f"column {c!r} clashes with an output column; it is carried through as "
+                            f"{PASS_PREFIX + c!r}")
+
+    requests: list[PairRequest] = []
+    rejections: list[Rejection] = []
+    seen: dict[str, int] = {}
+    records = df.to_dict(orient="records")
+    for row, record in enumerate(records):
+        record = {k: _plain(v) for k, v in record.items()}
+        shown = {k: (None if _missing(v) else v) for k, v in record.items()}
+
+        def reject(field_: str, reason: str, fix: str = "", pair_id: str | None = None) -> None:
+            rejections.append(Rejection(row, pair_id, field_, reason, fix or _FIXES.get(field_, ""), shown))
+
+        values: dict[str, Any] = {}
+        problems: list[Problem] = []
+        for name in KNOWN:
+            if name not in record or _missing(record[name]):
+                if name in REQUIRED:
+                    problems.append(Problem(name, "is missing (empty or null)", _FIXES[name]))
+                continue
+            try:
+                values[name] = _coerce(name, record[name])
+            except ValueError as exc:
+                problems.append(Problem(name, str(exc), _FIXES.get(name, "")))
+        for guide in ("guide_audio", "guide_image"):
+            if guide in values:
+                values[guide] = resolve_guide(values[guide], base)
+        explicit_id = values.pop("pair_id", None)
+        if problems:
+            p = problems[0]
+            reject(p.field, p.message + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""),
+                   p.fix, explicit_id)
+            continue
+        keep = values.pop("keep", defaults.keep)
+        params = GenerationParams(
+            **{"num_candidates": defaults.num_candidates, "steps": defaults.steps, "seed": defaults.seed,
+               "crop_columns": defaults.crop_columns, "grayscale_suffix": defaults.grayscale_suffix, **values})
+        problems = check_params(params)
+        if not problems and check_files:
+            problems = check_guides(params)
+        if problems:
+            p = problems[0]
+            reject(p.field, p.message, p.fix, explicit_id)
+            continue
+        if not 1 <= keep <= params.num_candidates:
+            reject("keep", f"must be between 1 and num_candidates ({params.num_candidates}), got {keep}",
+                   pair_id=explicit_id)
+            continue
+        if scheduler_config is not None:
+            try:
+                timesteps, T = schedule_timesteps(params, scheduler_config)
+                check_schedule(timesteps, T, params.t_image, params.t_audio, params.weight_image,
+                               params.weight_audio)
+            except (ScheduleError, ValueError) as exc:
+                reject("t_image" if "active" in str(exc) else "scheduler", str(exc),
+                       "raise t_image or t_audio" if "active" in str(exc) else "", explicit_id)
+                continue
+        pair_id = explicit_id if explicit_id is not None else default_pair_id(params)
+        if not pair_id.strip() or len(pair_id) > MAX_PAIR_ID:
+            reject("pair_id", f"must be non-empty text of at most {MAX_PAIR_ID} characters", pair_id=pair_id)
+            continue
+        if pair_id in seen:
+            reject("pair_id", f"duplicate pair_id {pair_id!r} (first at row {seen[pair_id]})",
+                   "give every row its own pair_id" if explicit_id is not None
+                   else "the row repeats an earlier row's parameters exactly; drop it or change its seed",
+                   pair_id)
+            continue
+        seen[pair_id] = row
+        extra = {renamed.get(c, c): (None if _missing(record.get(c)) else record.get(c)) for c in extra_columns}
+        requests.append(PairRequest(row, pair_id, params, keep, extra))
+    return Validated(requests, rejections, warnings, columns, len(records))
+
+
+def rejections_table(rejections: list[Rejection]):
+    """rejected.parquet's table: row, pair_id, field, reason, fix, and the row's values as JSON."""
+    import pyarrow as pa
+
+    return pa.table({
+        "row": pa.array([r.row for r in rejections], pa.int64()),
+        "pair_id": pa.array([r.pair_id for r in rejections], pa.string()),
+        "field": pa.array([r.field for r in rejections], pa.string()),
+        "reason": pa.array([r.reason for r in rejections], pa.string()),
+        "fix": pa.array([r.fix for r in rejections], pa.string()),
+        "row_json": pa.array([json.dumps(r.values, default=str) for r in rejections], pa.string()),
+    })
