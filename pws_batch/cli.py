@@ -247,7 +247,7 @@ class _progress:
     """A tqdm bar over denoising steps on a terminal; nothing when stderr is not a terminal."""
 
     def __init__(self, params: GenerationParams, micro_batch: int, desc: str):
-        self.total = int(params.steps * (params.strength if params.guide_audio or params.guide_image else 1.0))
+        self.total = int(params.steps * params.run_strength)
         self.total *= -(-params.num_candidates // micro_batch)
         self.desc = desc
 

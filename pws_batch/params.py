@@ -50,6 +50,11 @@ class GenerationParams:
         return prompt
 
     @property
+    def run_strength(self) -> float:
+        """The strength actually used: a guide's, or 1 (pure noise, every step) when there is no guide."""
+        return self.strength if (self.guide_audio or self.guide_image) else 1.0
+
+    @property
     def candidate_seeds(self) -> list[int]:
         """Candidate i is drawn from its own generator seeded with seed + i (as the reference does)."""
         return [self.seed + i for i in range(self.num_candidates)]

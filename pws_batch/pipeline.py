@@ -55,7 +55,7 @@ def make_scheduler(name: str, config: dict):
 def schedule_timesteps(params: GenerationParams, scheduler_config: dict) -> tuple[list[float], int]:
     """The timesteps a request runs and T, without any model: for checking parameters up front."""
     scheduler = make_scheduler(params.scheduler, scheduler_config)
-    timesteps = sampler.run_timesteps(scheduler, params.steps, params.strength)
+    timesteps = sampler.run_timesteps(scheduler, params.steps, params.run_strength)
     return [float(t) for t in timesteps], int(scheduler.config.num_train_timesteps)
 
 
@@ -183,8 +183,7 @@ class ImagesThatSoundPipeline:
         for start in range(0, len(seeds), micro_batch):
             batch_seeds = seeds[start:start + micro_batch]
             scheduler = make_scheduler(params.scheduler, self.scheduler_config)  # fresh state per batch
-            timesteps = sampler.run_timesteps(scheduler, params.steps,
-                                              params.strength if guide is not None else 1.0, self.device)
+            timesteps = sampler.run_timesteps(scheduler, params.steps, params.run_strength, self.device)
             T = int(scheduler.config.num_train_timesteps)
             z = sampler.initial_latents(self.initial_noise(batch_seeds), scheduler, timesteps, guide)
             z = sampler.denoise(z, timesteps, scheduler, branches, T, skip_inactive=skip_inactive, evals=evals,
@@ -201,8 +200,6 @@ class ImagesThatSoundPipeline:
 
         # 1. Check inputs (no work is done for a request that would fail).
         check_request(params, self.scheduler_config)
-        if params.guide_audio is None and params.guide_image is None and params.strength != 1.0:
-            params = GenerationParams(**{**params.to_dict(), "strength": 1.0})  # strength only applies to a guide
 
         # 2. Encode prompts and the guide, once for all candidates.
         branches = self.branches(params)

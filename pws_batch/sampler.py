@@ -7,6 +7,7 @@ the U-Nets come in as callables `unet(sample, timestep, encoder_hidden_states=..
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -62,7 +63,8 @@ def check_schedule(timesteps: Sequence[float], num_train_timesteps: int,
                    t_image: float, t_audio: float, weight_image: float = 0.5, weight_audio: float = 0.5) -> None:
     """Reject, before any work, a schedule under which both weights are 0 at some step that is run.
 
-    The message names the first such timestep and the smallest t that would fix it.
+    The message names the first such timestep and the smallest t that would fix it (rounded UP to 6 decimals,
+    so the printed value itself fixes it).
     """
     T = num_train_timesteps
     for step, t in enumerate(timesteps):
@@ -70,13 +72,14 @@ def check_schedule(timesteps: Sequence[float], num_train_timesteps: int,
         if branch_weight(t, t_image, weight_image, T) + branch_weight(t, t_audio, weight_audio, T) > 0:
             continue
         # Both are off at the first timesteps run; the largest of them is the first.
-        needed = max(float(x) for x in timesteps) / T
-        fixes = [f"t_{name} >= {needed:g}" for name, base in (("image", weight_image), ("audio", weight_audio))
-                 if base > 0]
+        needed = math.ceil(max(float(x) for x in timesteps) / T * 1e6 - 1e-6) / 1e6
+        models = (("image", t_image, weight_image), ("audio", t_audio, weight_audio))
+        why = [f"the {name} model joins at t <= {t_x * T:g} (t_{name}={t_x:g})" if base > 0
+               else f"the {name} model has base weight 0" for name, t_x, base in models]
+        fixes = [f"t_{name} >= {needed:.6f}".rstrip("0") for name, _, base in models if base > 0]
         raise ScheduleError(
-            f"no model is active at timestep {t:g} (step {step + 1} of {len(timesteps)}): "
-            f"t_image={t_image:g} and t_audio={t_audio:g} switch both models off until the timestep falls to "
-            f"{max(t_image, t_audio) * T:g} of T={T}; set {' or '.join(fixes)}")
+            f"no model is active at timestep {t:.4f}".rstrip("0").rstrip(".") +
+            f" (step {step + 1} of {len(timesteps)}): {' and '.join(why)} of T={T}; set {' or '.join(fixes)}")
     return None
 
 

@@ -60,8 +60,12 @@ class HifiGanGenerator(nn.Module):
         ch0 = config["upsample_initial_channel"]
         self.num_kernels = len(config["resblock_kernel_sizes"])
         self.conv_pre = nn.Conv1d(config["num_mels"], ch0, 7, 1, padding=3)
+        # As Auffusion's generator: an odd (kernel - rate) pads one more and adds output_padding, so every
+        # layer upsamples exactly by its rate (e.g. AudioLDM-style kernels 16 with rate 5).
         self.ups = nn.ModuleList(
             nn.ConvTranspose1d(ch0 // 2 ** i, ch0 // 2 ** (i + 1), k, u, padding=(k - u) // 2)
+            if (k - u) % 2 == 0 else
+            nn.ConvTranspose1d(ch0 // 2 ** i, ch0 // 2 ** (i + 1), k, u, padding=(k - u) // 2 + 1, output_padding=1)
             for i, (u, k) in enumerate(zip(rates, kernels)))
         block = ResBlock1 if str(config["resblock"]) == "1" else ResBlock2
         self.resblocks = nn.ModuleList(
