@@ -320,17 +320,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_runtime(args)
     config = _run_config(args)
     from pws_batch.manifest import ManifestError, read_manifest
+    from pws_batch.run import RunError, check_output
 
     try:
         read_manifest(config.manifest)
-    except ManifestError as exc:
+        check_output(config)  # before any flow run is created: a refused resume costs nothing
+    except (ManifestError, RunError) as exc:
         raise UsageError(f"pws-batch run: error: {exc}") from exc
 
     from tqdm.auto import tqdm
 
     from flows.generate_dataset import PROGRESS_LISTENERS, generate_dataset
     from pws_batch.dataset import Output
-    from pws_batch.run import RunError
 
     bar = tqdm(total=0, desc="pairs", unit="pair", disable=None, file=sys.stderr)
 

@@ -142,16 +142,17 @@ def plan_shards(requests: list[PairRequest], shard_size: int) -> list[Shard]:
     return [Shard(shard_name(i // shard_size), requests[i:i + shard_size]) for i in range(0, len(requests), shard_size)]
 
 
-def prepare(config: RunConfig, log: Callable[[str], None] = print) -> RunPlan:
-    """Validate the manifest, write rejected.parquet, plan the shards and find those already committed."""
-    config.check()
+def check_output(config: RunConfig) -> dict[str, Any]:
+    """Refuse to resume into an output made from another manifest or other settings (unless --overwrite).
+
+    Returns the run's fingerprint: the manifest's sha256 and every setting that changes the dataset.
+    """
     out = Output(config.out)
-    validated, model_ids = validate(config)
     fingerprint = {"manifest_sha256": manifest_fingerprint(config.manifest),
                    **{k: getattr(config, k) for k in PLAN_KEYS}}
     if config.overwrite:
-        out.clear()
-    elif out.exists("run.json"):
+        return fingerprint
+    if out.exists("run.json"):
         previous = out.read_json("run.json").get("fingerprint", {})
         differs = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
         if differs:
@@ -160,6 +161,17 @@ def prepare(config: RunConfig, log: Callable[[str], None] = print) -> RunPlan:
     elif out.list("_shards"):
         raise RunError(f"{config.out} holds shards but no run.json; pass --overwrite to replace them, "
                        f"or choose another --out")
+    return fingerprint
+
+
+def prepare(config: RunConfig, log: Callable[[str], None] = print) -> RunPlan:
+    """Validate the manifest, write rejected.parquet, plan the shards and find those already committed."""
+    config.check()
+    out = Output(config.out)
+    fingerprint = check_output(config)
+    validated, model_ids = validate(config)
+    if config.overwrite:
+        out.clear()
     shards = plan_shards(validated.requests, config.shard_size)
     planned = {s.name: s.pair_ids for s in shards}
     done = {name: stats for name, stats in committed_shards(out).items() if stats.get("pair_ids") == planned.get(name)}

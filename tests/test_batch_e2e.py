@@ -1,0 +1,240 @@
+"""End to end: `pws-batch run` with the tiny models, a real local Ray and a real Prefect API server on loopback.
+
+A manifest with good and bad rows -> kept rows, rejected rows with reasons, candidates sidecar, shard markers,
+dataset card; the Prefect API shows the flow run with one task run per shard and its artifacts; every actor
+loaded its models once; a run killed after its first shard and run again gives the same dataset, no duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from servers import api, base_env, kill_session, prefect_server
+
+pytestmark = pytest.mark.slow
+
+GOOD = [
+    dict(pair_id="dogs", image_prompt="dogs", audio_prompt="dogs barking", keep=2, source="a"),
+    dict(pair_id="police", image_prompt="a painting of police cars", audio_prompt="police siren",
+         guidance_image=9.5, guidance_audio=7.0, source="b"),
+    dict(pair_id="guided", image_prompt="sea landscape with ships", audio_prompt="birds singing softly",
+         guide_audio="guide.wav", strength=0.5, source="c"),
+    dict(pair_id="tigers", image_prompt="a colorful photo of tigers", audio_prompt="tiger growling", seed=7,
+         source="d"),
+    dict(pair_id="frogs", image_prompt="a water-lily pond", audio_prompt="frog croaking", t_image=1.0, source="e"),
+]
+BAD = [
+    dict(pair_id="empty", image_prompt="  ", audio_prompt="x", source="bad"),  # empty prompt
+    dict(pair_id="strong", image_prompt="x", audio_prompt="y", strength=2.0, guide_audio="guide.wav", source="bad"),
+    dict(pair_id="dogs", image_prompt="again", audio_prompt="dogs", source="bad"),  # duplicate pair_id
+    dict(pair_id="noaudio", image_prompt="x", audio_prompt=None, source="bad"),  # NaN / null prompt
+    dict(pair_id="noguide", image_prompt="x", audio_prompt="y", guide_audio="missing.wav", source="bad"),
+    dict(pair_id="alloff", image_prompt="x", audio_prompt="y", t_image=0.5, t_audio=0.5, source="bad"),
+]
+EXPECTED_REJECTED = {"empty": "image_prompt", "strong": "strength", "noaudio": "audio_prompt",
+                     "noguide": "guide_audio", "alloff": "t_image"}
+TIMING_COLUMNS = {"generate_s", "rank_s", "shard"}
+ARGS = ["--models", "tiny", "--candidates", "3", "--steps", "4", "--shard-size", "2", "--micro-batch", "4"]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("manifest")
+    t = np.arange(16000 * 2) / 16000
+    sf.write(folder / "guide.wav", 0.4 * np.sin(2 * np.pi * 880 * t), 16000)
+    rows = GOOD[:2] + BAD[:3] + GOOD[2:] + BAD[3:]
+    path = folder / "pairs.parquet"
+    pd.DataFrame(rows).to_parquet(path, index=False)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_models):
+    home = str(tmp_path_factory.mktemp("prefect-home"))
+    with prefect_server(home) as url:
+        yield url, home
+
+
+def start_run(manifest: str, out: str, server, *extra: str) -> subprocess.Popen:
+    url, home = server
+    env = base_env(home, PREFECT_API_URL=url)
+    log = open(out + ".log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "pws_batch.cli", "run", manifest, "--out", out, *ARGS, *extra],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, out: str, timeout: float = 400) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        kill_session(proc)  # whatever it left behind (its local Ray), by PID
+    with open(out + ".log") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def first_run(manifest, server, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "full")
+    proc = start_run(manifest, out, server)
+    log = finish(proc, out)
+    assert proc.returncode == 0, log[-4000:]
+    return out, log
+
+
+def read_data(out: str) -> pd.DataFrame:
+    return pd.read_parquet(os.path.join(out, "data")).sort_values(["pair_id", "rank"]).reset_index(drop=True)
+
+
+def test_kept_rows_rejected_rows_sidecar_markers_and_card(first_run):
+    out, log = first_run
+    assert f"dataset at {out}: 5 pairs kept, 0 failed, 6 rejected" in log
+
+    data = read_data(out)
+    # keep defaults to 1; the "dogs" row asked for 2.
+    assert sorted(data.pair_id) == ["dogs", "dogs", "frogs", "guided", "police", "tigers"]
+    assert not data.duplicated(["pair_id", "candidate_index"]).any()
+    assert list(data[data.pair_id == "dogs"]["rank"]) == [1, 2]
+    assert set(data["rank"]) <= {1, 2}
+    row = data[data.pair_id == "police"].iloc[0]
+    assert row.image_prompt == "a painting of police cars" and row.effective_image_prompt.endswith(", grayscale")
+    assert row.guidance_image == 9.5 and row.guidance_audio == 7.0 and row.steps == 4 and row.num_candidates == 3
+    assert row.seed == row.base_seed + row.candidate_index  # the candidate's own seed
+    assert row.source == "b"  # a pass-through column, untouched
+    assert data[data.pair_id == "tigers"].iloc[0].base_seed == 7
+    assert data[data.pair_id == "guided"].iloc[0].guide_audio.endswith("guide.wav")
+    assert set(data.model_image) == {os.path.join(os.environ["PWS_BATCH_HOME"], "tiny-v1", "image")}
+    assert np.isfinite(data.clip_score).all() and (data.clap_score >= 0).all()
+
+    # Media: PNG and WAV bytes in struct<bytes, path>, with the Hugging Face feature metadata.
+    table = pq.read_table(os.path.join(out, "data", "part-00000.parquet"))
+    features = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+    assert features["image"] == {"_type": "Image"} and features["audio"] == {"_type": "Audio"}
+    image = table.column("image")[0].as_py()
+    assert image["bytes"][:8] == b"\x89PNG\r\n\x1a\n" and image["path"].endswith(".png")
+    audio, rate = sf.read(__import__("io").BytesIO(table.column("audio")[0].as_py()["bytes"]))
+    assert rate == 16000 and audio.ndim == 1 and len(audio) == 992 * 160
+
+    rejected = pd.read_parquet(os.path.join(out, "rejected.parquet"))
+    assert len(rejected) == 6
+    for pair_id, field in EXPECTED_REJECTED.items():
+        hit = rejected[rejected.pair_id == pair_id]
+        assert list(hit.field) == [field], (pair_id, hit.to_dict("records"))
+        assert hit.iloc[0].reason
+    dup = rejected[(rejected.pair_id == "dogs")]
+    assert list(dup.field) == ["pair_id"] and "duplicate" in dup.iloc[0].reason and dup.iloc[0].row == 4
+
+    candidates = pd.read_parquet(os.path.join(out, "candidates"))
+    assert len(candidates) == 5 * 3 and candidates.kept.sum() == 6
+    assert (candidates.groupby("pair_id")["rank"].apply(sorted).map(list) == [[1, 2, 3]] * 5).all()
+    kept = candidates[candidates.kept].set_index(["pair_id", "candidate_index"])
+    for _, r in data.iterrows():  # the kept rows are exactly the sidecar's kept candidates, same scores
+        assert kept.loc[(r.pair_id, r.candidate_index)].clip_score == pytest.approx(r.clip_score)
+
+    markers = sorted(os.listdir(os.path.join(out, "_shards")))
+    assert markers == ["00000.json", "00001.json", "00002.json"]
+    stats = [json.load(open(os.path.join(out, "_shards", m))) for m in markers]
+    assert [s["pair_ids"] for s in stats] == [["dogs", "police"], ["guided", "tigers"], ["frogs"]]
+
+    card = open(os.path.join(out, "README.md")).read()
+    assert card.startswith("---\n") and "path: data/part-*.parquet" in card and "pairs kept: 5" in card
+
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["status"] == "complete" and run["counts"]["rejected"] == 6 and run["counts"]["kept"] == 6
+    assert run["versions"]["torch"].startswith("2.") and run["models"]["image"].endswith("image")
+    # Model loads equal the number of actors: each actor loaded its models once, in its constructor.
+    assert len(run["actors"]) == 2 and [a["model_loads"] for a in run["actors"]] == [1, 1]
+    assert {a["role"] for a in run["actors"]} == {"generator", "ranker"}
+
+
+def test_dataset_loads_with_hugging_face_datasets(first_run):
+    datasets = pytest.importorskip("datasets")
+    out, _ = first_run
+    ds = datasets.load_dataset("parquet", data_files=os.path.join(out, "data", "*.parquet"), split="train")
+    assert ds.features["image"].__class__.__name__ == "Image"
+    assert ds.features["audio"].__class__.__name__ == "Audio"
+    assert ds[0]["image"].size == (992, 256)
+
+
+def test_prefect_api_shows_the_flow_run_tasks_and_artifacts(first_run, server):
+    out, _ = first_run
+    url, _ = server
+    run = json.load(open(os.path.join(out, "run.json")))
+    flow_run = httpx_get(url, f"/flow_runs/{run['flow_run_id']}")
+    assert flow_run["state_type"] == "COMPLETED" and flow_run["name"].startswith("pairs-")
+    assert flow_run["parameters"]["models"] == "tiny" and flow_run["parameters"]["shard_size"] == 2
+    tasks = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["flow_run_id"]]}}})
+    assert sorted(t["name"] for t in tasks) == ["shard-00000", "shard-00001", "shard-00002"]
+    assert {t["state_type"] for t in tasks} == {"COMPLETED"}
+    artifacts = api(url, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["flow_run_id"]]}}})
+    by_type = {}
+    for a in artifacts:
+        by_type.setdefault(a["type"], []).append(a)
+    assert by_type["progress"][0]["data"] == 100.0
+    table = by_type["table"][0]["data"]
+    table = json.loads(table) if isinstance(table, str) else table
+    assert sorted(r["pair_id"] for r in table) == sorted(read_data(out).pair_id)
+    summary = by_type["markdown"][0]["data"]
+    assert "pairs kept | 5" in summary and "rows rejected | 6" in summary and out in summary
+    logs = api(url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run["flow_run_id"]]}}})
+    text = "\n".join(entry["message"] for entry in logs)
+    assert "generator actor" in text and "device cpu" in text and "rejected row 2" in text
+
+
+def httpx_get(url: str, path: str):
+    import httpx
+
+    response = httpx.get(f"{url}{path}", timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def test_a_run_killed_after_its_first_shard_resumes_to_the_same_dataset(manifest, server, first_run, tmp_path):
+    reference, _ = first_run
+    out = str(tmp_path / "killed")
+    proc = start_run(manifest, out, server)
+    marker = os.path.join(out, "_shards", "00000.json")
+    deadline = time.time() + 300
+    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    kill_session(proc)  # SIGKILL the run, its Ray and its actors, as a crash would
+    assert os.path.exists(marker), "the run died before committing its first shard"
+    committed = sorted(os.listdir(os.path.join(out, "_shards")))
+    assert len(committed) < 3, "the run finished before it could be killed; nothing was tested"
+    first_marker = open(marker).read()
+    # A shard cut off mid-write: its part exists without its marker, and must be ignored and overwritten.
+    os.makedirs(os.path.join(out, "data"), exist_ok=True)
+    with open(os.path.join(out, "data", "part-00002.parquet"), "wb") as f:
+        f.write(b"PAR1 half-written")
+
+    again = start_run(manifest, out, server)
+    log = finish(again, out)
+    assert again.returncode == 0, log[-4000:]
+    assert open(marker).read() == first_marker  # the committed shard was skipped, not redone
+    assert sorted(os.listdir(os.path.join(out, "_shards"))) == ["00000.json", "00001.json", "00002.json"]
+
+    resumed, full = read_data(out), read_data(reference)
+    assert not resumed.duplicated(["pair_id", "candidate_index"]).any()
+    columns = [c for c in full.columns if c not in TIMING_COLUMNS]
+    pd.testing.assert_frame_equal(resumed[columns], full[columns])
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["counts"]["shards_resumed"] == 1 or len(committed) == 2
+
+
+def test_resume_refuses_a_different_manifest(manifest, first_run, server, tmp_path):
+    out, _ = first_run
+    other = tmp_path / "other.csv"
+    pd.DataFrame([dict(image_prompt="x", audio_prompt="y")]).to_csv(other, index=False)
+    proc = start_run(str(other), out, server)
+    log = finish(proc, out)
+    assert proc.returncode == 2
+    assert "already holds a dataset made from another manifest" in log and "--overwrite" in log
