@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 # The CPU build of torch on CPU-only machines: `pip install torch==2.13.0` takes the wheel that lies on the
 # machine (pip's find-links) and never the CUDA build; on a GPU machine the same line takes the CUDA build.
 TORCH   ?= torch==2.13.0
-OUT     ?= out/demo
+OUT     ?= out/example
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -18,9 +18,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 setup: $(VENV)/.installed  ## create .venv and install pws-batch with its dependencies
 
-demo: setup  ## set up, then make 4 candidates for one pair with the offline tiny models
-	$(VENV)/bin/pws-batch generate --models tiny --image-prompt "dogs, grayscale" \
-		--audio-prompt "dogs barking, clean audio" --candidates 4 --steps 25 --out $(OUT)
+demo: setup  ## set up, then run the example manifest end to end with the offline tiny models
+	$(VENV)/bin/pws-batch run manifests/example.parquet --out $(OUT) --models tiny
 
 test: setup  ## the whole test suite (what CI runs)
 	$(PY) -m pytest -q

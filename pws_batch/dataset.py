@@ -89,6 +89,8 @@ def committed_shards(out: Output) -> dict[str, dict]:
 
 # ---------------------------------------------------------------------------------------------- schemas
 def _hf_feature(t: pa.DataType) -> dict | None:
+    if pa.types.is_null(t):  # a pass-through column empty in every row of this shard
+        return {"dtype": "null", "_type": "Value"}
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         return {"dtype": "string", "_type": "Value"}
     if pa.types.is_boolean(t):

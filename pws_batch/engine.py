@@ -205,8 +205,9 @@ def start_actors(config: EngineConfig, actors: int | None, log: Callable[[str], 
         raise ValueError(f"--actors {n}: the cluster has {gpus} GPU(s); one generator needs one GPU")
     if not use_gpu and n > cpus:
         raise ValueError(f"--actors {n}: the cluster has {cpus} CPU(s) and no GPU; use --actors {cpus} or fewer")
-    # A generator takes most of a GPU (so two never share one) and its ranker the rest of the same GPU.
-    gen_opts = dict(num_gpus=0.8, num_cpus=1) if use_gpu else dict(num_gpus=0, num_cpus=1)
+    # A generator takes most of a GPU (so two never share one) and its ranker the rest of the same GPU. Without
+    # GPUs the generators split the CPUs (Ray gives each as many torch threads) and the light rankers share them.
+    gen_opts = dict(num_gpus=0.8, num_cpus=1) if use_gpu else dict(num_gpus=0, num_cpus=max(1, cpus // n))
     rank_opts = dict(num_gpus=0.2, num_cpus=0) if use_gpu else dict(num_gpus=0, num_cpus=0)
     common = dict(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
     cfg = asdict(config)

@@ -26,9 +26,10 @@ TEXT = {"image_prompt", "audio_prompt", "negative_image_prompt", "negative_audio
         "guide_image", "pair_id", "scheduler"}
 INTEGER = {"num_candidates", "seed", "steps", "keep"}
 # Columns the output dataset writes itself: a manifest column of the same name is carried as manifest_<name>.
+# (run.kept_rows writes exactly these besides the known fields; a test keeps the two in step.)
 RESERVED = {"image", "audio", "candidate_index", "clip_score", "clap_score", "rank", "kept", "effective_image_prompt",
             "model_image", "model_audio", "model_vocoder", "model_clip", "model_clap", "generate_s", "rank_s",
-            "shard", "ranking_rule", "crop_columns", "grayscale_suffix"}
+            "shard", "crop_columns", "grayscale_suffix", "base_seed", "unet_evals", "manifest_row"}
 MAX_PAIR_ID = 200
 PASS_PREFIX = "manifest_"
 
@@ -103,11 +104,12 @@ def read_manifest(uri: str):
     lower = uri.lower().split("?")[0]
     try:
         with fsspec.open(uri, "rb") as f:
+            # Text fields are read as text (a pair_id "001" stays "001"); other columns as the file says.
             if lower.endswith((".csv", ".csv.gz")):
                 return pd.read_csv(f, compression="gzip" if lower.endswith(".gz") else None,
-                                   keep_default_na=False, na_values=[""])
+                                   keep_default_na=False, na_values=[""], dtype={c: str for c in TEXT})
             if lower.endswith((".jsonl", ".ndjson", ".json")):
-                return pd.read_json(f, lines=True)
+                return pd.read_json(f, lines=True, dtype=False, convert_dates=False)
             return pd.read_parquet(f)
     except FileNotFoundError as exc:
         raise ManifestError(f"manifest {uri} does not exist") from exc
@@ -129,28 +131,30 @@ def manifest_fingerprint(uri: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- values
 def _missing(value: Any) -> bool:
-    if value is None:
+    """None, NaN and pandas' NA / NaT are "no value" (the run's default applies)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return True
-    try:
-        return bool(isinstance(value, float) and math.isnan(value))
-    except TypeError:
-        return False
+    import pandas as pd
+
+    return value is pd.NA or value is pd.NaT
 
 
 def _plain(value: Any) -> Any:
-    """numpy scalars -> Python scalars, so types can be checked and values written to JSON."""
-    if hasattr(value, "item") and not isinstance(value, (list, dict, str, bytes)):
-        try:
-            return value.item()
-        except (ValueError, AttributeError):
-            return value
+    """numpy scalars -> Python scalars and arrays -> lists, so types can be checked and values written out."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
     return value
 
 
 def _coerce(name: str, value: Any) -> Any:
     """A cell -> the field's type, or raise ValueError with what is wrong."""
-    if name == "pair_id" and isinstance(value, int) and not isinstance(value, bool):
-        return str(value)  # integer ids are common; they are written as text
+    if name == "pair_id" and isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and float(value).is_integer():
+        return str(int(value))  # integer ids are common (a blank cell makes pandas read them as floats)
     if name in TEXT:
         if not isinstance(value, str):
             raise ValueError(f"must be text, got {type(value).__name__} {value!r}")
@@ -182,6 +186,18 @@ def default_pair_id(params: GenerationParams) -> str:
 _FIXES = {
     "image_prompt": "give a non-empty text prompt",
     "audio_prompt": "give a non-empty text prompt",
+    "negative_image_prompt": 'text, or leave the cell empty for ""',
+    "negative_audio_prompt": 'text, or leave the cell empty for ""',
+    "guidance_image": "a number >= 0, e.g. 7.5 (empty cell: 10)",
+    "guidance_audio": "a number >= 0, e.g. 7.5 (empty cell: 10)",
+    "t_image": "a number in [0, 1] (empty cell: 0.9)",
+    "t_audio": "a number in [0, 1] (empty cell: 1.0)",
+    "weight_image": "a number >= 0 (empty cell: 0.5)",
+    "weight_audio": "a number >= 0 (empty cell: 0.5)",
+    "strength": "a number in (0, 1] (empty cell: 1)",
+    "guide_audio": "a readable sound file path or URI, or an empty cell",
+    "guide_image": "a readable image file path or URI, or an empty cell",
+    "scheduler": "a diffusers scheduler class name such as DDIMScheduler, or an empty cell",
     "num_candidates": "a whole number >= 1, e.g. 50",
     "keep": "a whole number between 1 and num_candidates",
     "seed": "a whole number >= 0",
@@ -282,9 +298,11 @@ def validate_manifest(df, defaults: RunDefaults | None = None, scheduler_config:
                 timesteps, T = schedule_timesteps(params, scheduler_config)
                 check_schedule(timesteps, T, params.t_image, params.t_audio, params.weight_image,
                                params.weight_audio)
-            except (ScheduleError, ValueError) as exc:
-                reject("t_image" if "active" in str(exc) else "scheduler", str(exc),
-                       "raise t_image or t_audio" if "active" in str(exc) else "", explicit_id)
+            except ScheduleError as exc:
+                reject("t_image", str(exc), "raise t_image or t_audio as the message says", explicit_id)
+                continue
+            except ValueError as exc:
+                reject("scheduler", str(exc), pair_id=explicit_id)
                 continue
         pair_id = explicit_id if explicit_id is not None else default_pair_id(params)
         if not pair_id.strip() or len(pair_id) > MAX_PAIR_ID:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,8 +116,9 @@ class RankingRule:
             raise ValueError(f"unknown ranking rule {self.name!r}: use one of {', '.join(RULES)}")
         if not 0 < self.top_fraction <= 1:
             raise ValueError(f"top fraction must be in (0, 1], got {self.top_fraction}")
-        if self.clip_weight < 0 or self.clap_weight < 0 or self.clip_weight + self.clap_weight == 0:
-            raise ValueError("ranking weights must be >= 0 and not both 0")
+        weights = (self.clip_weight, self.clap_weight)
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) == 0:
+            raise ValueError(f"ranking weights must be finite, >= 0 and not both 0, got {weights}")
 
 
 def normalise(x: np.ndarray) -> np.ndarray:

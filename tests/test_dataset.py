@@ -1,0 +1,342 @@
+"""The dataset writer (pws_batch.dataset) and the run pieces around it (pws_batch.run), on fsspec memory:// URIs.
+
+Output's read / write / list / clear; the kept table's media columns, types and Hugging Face metadata; commit
+markers (a truncated one does not count); the dataset card's YAML header; deterministic shard planning; a shard
+processed with a fake generator and a run finalized from its markers.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+
+from pws_batch.dataset import (MEDIA, Output, candidates_table, committed_shards, dataset_card, kept_table,
+                               with_hf_metadata)
+from pws_batch.manifest import PairRequest, Validated
+from pws_batch.params import GenerationParams
+from pws_batch.run import KNOWN_TYPES, RunConfig, RunPlan, finalize, kept_rows, plan_shards, process_shard
+
+MODEL_IDS = {"image": "img/model", "audio": "aud/model", "vocoder": "voc", "clip": "clip/id", "clap": "clap/id"}
+HF_DTYPES = {pa.int64(): "int64", pa.float64(): "float64", pa.string(): "string", pa.bool_(): "bool",
+             pa.int32(): "int32", pa.float32(): "float32"}
+
+
+@pytest.fixture
+def uri() -> str:
+    return f"memory://pws-test/{uuid.uuid4().hex}"
+
+
+def request(i: int, keep: int = 2, extra: dict | None = None, pair_id: str | None = None) -> PairRequest:
+    params = GenerationParams(f"picture {i}", f"sound {i}", num_candidates=3, seed=100 * i, steps=10,
+                              guidance_image=7.5)
+    return PairRequest(row=i, pair_id=pair_id or f"p{i}", params=params, keep=keep, extra=extra or {})
+
+
+def fake_result(req: PairRequest) -> dict:
+    """What a worker returns for one pair: every candidate's scores, the kept ones with their media."""
+    n = req.params.num_candidates
+    scores = [{"pair_id": req.pair_id, "candidate_index": c, "seed": req.params.seed + c, "clip_score": 0.1 * c,
+               "clap_score": 0.2 * c, "rank": n - c, "kept": n - c <= req.keep} for c in range(n)]
+    kept = [{"candidate_index": s["candidate_index"], "seed": s["seed"], "rank": s["rank"],
+             "clip_score": s["clip_score"], "clap_score": s["clap_score"],
+             "image_png": f"png-{req.pair_id}-{s['candidate_index']}".encode(),
+             "audio_wav": f"wav-{req.pair_id}-{s['candidate_index']}".encode()}
+            for s in sorted(scores, key=lambda s: s["rank"]) if s["kept"]]
+    return {"kept": kept, "scores": scores, "generate_s": 1.5, "rank_s": 0.25, "unet_evals": 40 * n}
+
+
+# ------------------------------------------------------------------------------------------------ Output
+def test_output_round_trips_tables_and_json(uri):
+    out = Output(uri + "/")
+    assert out.uri == uri
+    table = pa.table({"a": [1, 2, 3], "b": ["x", None, "z"]})
+    out.write_table("data/part-00000.parquet", table)
+    assert out.read_table("data/part-00000.parquet").equals(table)
+    out.write_json("run.json", {"status": "running", "n": 2, "nested": {"k": [1, 2]}})
+    assert out.read_json("run.json") == {"status": "running", "n": 2, "nested": {"k": [1, 2]}}
+    assert out.exists("run.json") and not out.exists("nothing.json")
+    # a second output at another URI sees none of it
+    assert not Output(uri + "-other").exists("run.json")
+
+
+def test_output_list_gives_sorted_names_and_nothing_for_a_missing_folder(uri):
+    out = Output(uri)
+    assert out.list("_shards") == []
+    for name in ("00002.json", "00000.json", "00001.json"):
+        out.write_json(f"_shards/{name}", {})
+    assert out.list("_shards") == ["00000.json", "00001.json", "00002.json"]
+
+
+def test_output_clear_removes_only_its_own_entries(uri):
+    out = Output(uri)
+    out.write_table("data/part-00000.parquet", pa.table({"a": [1]}))
+    out.write_table("candidates/part-00000.parquet", pa.table({"a": [1]}))
+    out.write_json("_shards/00000.json", {})
+    out.write_table("rejected.parquet", pa.table({"a": [1]}))
+    out.write_json("run.json", {})
+    out.write_bytes("README.md", b"card")
+    out.write_bytes("notes.txt", b"someone else's file")
+    out.write_bytes("extra/keep.bin", b"also theirs")
+    out.clear()
+    for rel in ("data", "candidates", "_shards", "rejected.parquet", "run.json", "README.md"):
+        assert not out.exists(rel), rel
+    assert out.exists("notes.txt") and out.exists("extra/keep.bin")
+    out.clear()  # clearing an already clear output is fine
+
+
+# ------------------------------------------------------------------------------------------------ kept table
+def kept_rows_of(*requests: PairRequest) -> list[dict]:
+    return [r for req in requests for r in kept_rows(req, fake_result(req), "00000", MODEL_IDS)]
+
+
+def test_kept_rows_hold_one_row_per_kept_candidate_with_media_and_parameters():
+    req = request(3, keep=2, extra={"notes": "hello"}, pair_id="p/3 x")
+    rows = kept_rows_of(req)
+    assert len(rows) == 2
+    assert [r["rank"] for r in rows] == [1, 2]
+    first = rows[0]
+    assert first["pair_id"] == "p/3 x" and first["manifest_row"] == 3 and first["shard"] == "00000"
+    assert first["candidate_index"] == 2 and first["seed"] == 302 and first["base_seed"] == 300
+    assert first["image"] == {"bytes": b"png-p/3 x-2", "path": "p_3_x-002.png"}  # the path is file-name safe
+    assert first["audio"] == {"bytes": b"wav-p/3 x-2", "path": "p_3_x-002.wav"}
+    assert first["effective_image_prompt"] == req.params.effective_image_prompt
+    assert first["guidance_image"] == 7.5 and first["keep"] == 2 and first["notes"] == "hello"
+    assert {f"model_{k}": v for k, v in MODEL_IDS.items()}.items() <= first.items()
+    assert first["unet_evals"] == 120 and first["generate_s"] == 1.5
+
+
+def test_every_column_kept_rows_writes_is_known_or_reserved():
+    """A manifest column named like any column the writer adds must be renamed, never overwrite it."""
+    from pws_batch.manifest import KNOWN, RESERVED
+
+    written = set(kept_rows_of(request(0))[0])
+    assert written - set(KNOWN) <= RESERVED, sorted(written - set(KNOWN) - RESERVED)
+
+
+def test_kept_table_types_media_and_hugging_face_metadata():
+    rows = kept_rows_of(request(0, extra={"notes": "a", "score": 3}), request(1, extra={"notes": "b", "score": 4}))
+    table = kept_table(rows, KNOWN_TYPES)
+    assert table.num_rows == 4
+    for media in ("image", "audio"):
+        t = table.schema.field(media).type
+        assert pa.types.is_struct(t) and t == MEDIA
+        assert [(f.name, f.type) for f in t] == [("bytes", pa.binary()), ("path", pa.string())]
+    assert table["image"][0].as_py() == rows[0]["image"]
+    # known columns typed by KNOWN_TYPES
+    for name, expected in KNOWN_TYPES.items():
+        if name in table.column_names:
+            assert table.schema.field(name).type == expected, name
+    assert table.schema.field("seed").type == pa.int64() and table.schema.field("t_image").type == pa.float64()
+    assert table.schema.field("grayscale_suffix").type == pa.bool_()
+    # pass-through columns as Arrow infers them
+    assert table.schema.field("notes").type == pa.string() and table.schema.field("score").type == pa.int64()
+
+    meta = json.loads(table.schema.metadata[b"huggingface"])
+    features = meta["info"]["features"]
+    assert features["image"]["_type"] == "Image" and features["audio"]["_type"] == "Audio"
+    assert set(features) == set(table.column_names)
+    for f in table.schema:
+        if f.name not in ("image", "audio"):
+            assert features[f.name]["_type"] == "Value", f.name
+            assert features[f.name]["dtype"] == HF_DTYPES[f.type], f.name
+
+
+def test_an_all_none_known_string_column_stays_string():
+    rows = kept_rows_of(request(0))
+    assert all(r["guide_audio"] is None and r["guide_image"] is None for r in rows)
+    table = kept_table(rows, KNOWN_TYPES)
+    for name in ("guide_audio", "guide_image"):
+        assert table.schema.field(name).type == pa.string()
+        assert table[name].null_count == table.num_rows
+    features = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+    assert features["guide_audio"] == {"dtype": "string", "_type": "Value"}
+
+
+def test_rows_missing_a_pass_through_key_get_nulls():
+    rows = kept_rows_of(request(0, extra={"notes": "a"}), request(1))
+    table = kept_table(rows, KNOWN_TYPES)
+    assert table["notes"].to_pylist() == ["a", "a", None, None]
+
+
+def test_a_pass_through_column_of_mixed_types_is_kept_as_text():
+    rows = kept_rows_of(request(0, extra={"mixed": 5}), request(1, extra={"mixed": "five"}))
+    table = kept_table(rows, KNOWN_TYPES)
+    assert table.schema.field("mixed").type == pa.string()
+    assert table["mixed"].to_pylist() == ["5", "5", "five", "five"]
+    assert b"huggingface" in table.schema.metadata
+
+
+def test_an_all_none_pass_through_column_keeps_the_hugging_face_metadata():
+    table = kept_table(kept_rows_of(request(0, extra={"notes": None})), KNOWN_TYPES)
+    assert b"huggingface" in (table.schema.metadata or {})
+
+
+def test_with_hf_metadata_keeps_other_schema_metadata():
+    table = pa.table({"image": pa.array([None], MEDIA), "x": [1.5]}).replace_schema_metadata({b"mine": b"1"})
+    meta = with_hf_metadata(table).schema.metadata
+    assert meta[b"mine"] == b"1"
+    assert json.loads(meta[b"huggingface"])["info"]["features"]["x"] == {"dtype": "float64", "_type": "Value"}
+
+
+def test_kept_table_metadata_survives_a_parquet_round_trip(uri):
+    out = Output(uri)
+    table = kept_table(kept_rows_of(request(0)), KNOWN_TYPES)
+    out.write_table("data/part-00000.parquet", table)
+    back = out.read_table("data/part-00000.parquet")
+    assert back.schema.field("image").type == MEDIA
+    assert json.loads(back.schema.metadata[b"huggingface"]) == json.loads(table.schema.metadata[b"huggingface"])
+
+
+def test_datasets_reads_image_and_audio_features(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    path = tmp_path / "part-00000.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(kept_table(kept_rows_of(request(0)), KNOWN_TYPES), path)
+    ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(tmp_path / "cache"))
+    assert ds.num_rows == 2 and ds.features["pair_id"] == datasets.Value("string")
+    assert isinstance(ds.features["image"], datasets.Image)
+    assert isinstance(ds.features["audio"], datasets.Audio)
+
+
+def test_candidates_table_schema():
+    table = candidates_table(fake_result(request(0))["scores"])
+    assert table.schema.names == ["pair_id", "candidate_index", "seed", "clip_score", "clap_score", "rank", "kept"]
+    assert table.num_rows == 3 and table["kept"].to_pylist() == [False, True, True]
+
+
+# ------------------------------------------------------------------------------------------------ commits
+def test_committed_shards_ignores_truncated_markers_and_other_files(uri):
+    out = Output(uri)
+    assert committed_shards(out) == {}
+    out.write_json("_shards/00000.json", {"shard": "00000", "pair_ids": ["a"]})
+    full = json.dumps({"shard": "00001", "pair_ids": ["b"]}).encode()
+    out.write_bytes("_shards/00001.json", full[: len(full) // 2])  # cut off mid-write
+    out.write_bytes("_shards/00002.json", b"")
+    out.write_bytes("_shards/00003.json.tmp", full)
+    out.write_bytes("_shards/notes.txt", b"x")
+    assert committed_shards(out) == {"00000": {"shard": "00000", "pair_ids": ["a"]}}
+
+
+# ------------------------------------------------------------------------------------------------ the card
+def test_dataset_card_has_a_yaml_header_pointing_at_the_data_files():
+    name = 'my "pairs": v1'
+    run = {"counts": {"rows": 5, "pairs_done": 3, "rejected": 2, "candidates": 24, "kept": 6},
+           "models": MODEL_IDS, "config": {"ranking": {"name": "reference"}}}
+    kept = [{"clip_score": 0.2, "clap_score": 0.1}, {"clip_score": 0.4, "clap_score": None}]
+    card = dataset_card(name, run, kept)
+    assert card.startswith("---\n")
+    header_text, body = card[4:].split("\n---\n", 1)
+    header = yaml.safe_load(header_text)
+    assert header["pretty_name"] == name
+    assert header["configs"][0]["config_name"] == "default"
+    assert header["configs"][0]["data_files"][0]["path"] == "data/part-*.parquet"
+    assert "data/part-*.parquet" in header_text
+    assert f"# {name}" in body
+    assert "mean 0.3000, min 0.2000, max 0.4000" in body  # CLIP over the kept rows
+    assert "mean 0.1000" in body  # CLAP: the missing score is left out
+    assert all(v in body for v in MODEL_IDS.values())
+
+
+def test_dataset_card_with_no_rows_says_n_a():
+    card = dataset_card("empty", {}, [])
+    assert card.startswith("---\n") and "n/a" in card
+    yaml.safe_load(card[4:].split("\n---\n", 1)[0])
+
+
+# ------------------------------------------------------------------------------------------------ planning
+def test_plan_shards_is_deterministic_in_manifest_order():
+    requests = [request(i) for i in range(10)]
+    shards = plan_shards(requests, 4)
+    assert [s.name for s in shards] == ["00000", "00001", "00002"]
+    assert [s.pair_ids for s in shards] == [["p0", "p1", "p2", "p3"], ["p4", "p5", "p6", "p7"], ["p8", "p9"]]
+    assert [r for s in shards for r in s.requests] == requests
+    again = plan_shards([request(i) for i in range(10)], 4)
+    assert [(s.name, s.pair_ids) for s in again] == [(s.name, s.pair_ids) for s in shards]
+
+
+@pytest.mark.parametrize("n, size", [(0, 3), (1, 1), (5, 1), (5, 5), (5, 100), (12, 5)])
+def test_plan_shards_sizes_and_names(n, size):
+    shards = plan_shards([request(i) for i in range(n)], size)
+    assert len(shards) == -(-n // size)
+    assert [s.name for s in shards] == [f"{i:05d}" for i in range(len(shards))]
+    assert all(len(s.requests) == size for s in shards[:-1])
+    assert sum(len(s.requests) for s in shards) == n
+    if shards:
+        assert 1 <= len(shards[-1].requests) <= size
+
+
+# ------------------------------------------------------------------------------------------------ a whole run
+def fake_run_pairs(fail: set[str]):
+    def run_pairs(requests):
+        results = [{"error": f"boom {r.pair_id}"} if r.pair_id in fail else fake_result(r) for r in requests]
+        return results, {"host": "test", "actor": 0}
+    return run_pairs
+
+
+def test_process_shard_writes_parts_and_commits(uri):
+    config = RunConfig(manifest="memory://pws-test/pairs.parquet", out=uri, shard_size=2)
+    shard = plan_shards([request(0, extra={"notes": "n0"}), request(1)], 2)[0]
+    stats = process_shard(config, MODEL_IDS, shard, fake_run_pairs(fail={"p1"}))
+    out = Output(uri)
+    assert stats["shard"] == "00000" and stats["pair_ids"] == ["p0", "p1"]
+    assert (stats["pairs"], stats["pairs_done"], stats["pairs_failed"]) == (2, 1, 1)
+    assert stats["failed"] == [{"pair_id": "p1", "row": 1, "error": "boom p1"}]
+    assert (stats["candidates"], stats["kept"], stats["unet_evals"]) == (3, 2, 120)
+    assert stats["host"] == "test"
+    assert committed_shards(out) == {"00000": json.loads(json.dumps(stats))}
+    kept = out.read_table("data/part-00000.parquet")
+    assert kept["pair_id"].to_pylist() == ["p0", "p0"] and kept["notes"].to_pylist() == ["n0", "n0"]
+    assert b"huggingface" in kept.schema.metadata
+    cands = out.read_table("candidates/part-00000.parquet")
+    assert cands["pair_id"].to_pylist() == ["p0"] * 3
+
+
+def test_process_shard_with_every_pair_failed_removes_a_stale_part(uri):
+    config = RunConfig(manifest="memory://pws-test/pairs.parquet", out=uri, shard_size=1)
+    out = Output(uri)
+    out.write_table("data/part-00000.parquet", pa.table({"stale": [1]}))
+    shard = plan_shards([request(0)], 1)[0]
+    stats = process_shard(config, MODEL_IDS, shard, fake_run_pairs(fail={"p0"}))
+    assert stats["kept"] == 0 and stats["pairs_failed"] == 1
+    assert not out.exists("data/part-00000.parquet")
+    assert out.read_table("candidates/part-00000.parquet").num_rows == 0
+    assert "00000" in committed_shards(out)
+
+
+def test_finalize_counts_committed_shards_and_writes_the_card(uri):
+    requests = [request(i) for i in range(5)]
+    config = RunConfig(manifest="memory://pws-test/my-pairs.csv", out=uri, shard_size=2, keep=2)
+    shards = plan_shards(requests, 2)  # 00000: p0 p1, 00001: p2 p3, 00002: p4
+    validated = Validated(requests, [], [], ["image_prompt", "audio_prompt"], num_rows=6)
+    plan = RunPlan(config, validated, shards, {}, {"manifest_sha256": "x"}, MODEL_IDS)
+    run_pairs = fake_run_pairs(fail={"p3"})
+    for shard in shards[:2]:  # the last shard never runs
+        process_shard(config, MODEL_IDS, shard, run_pairs)
+    summary = finalize(plan)
+    counts = summary["counts"]
+    assert summary["name"] == "my-pairs" and summary["complete"] is False
+    assert (counts["rows"], counts["good"], counts["shards"], counts["shards_committed"]) == (6, 5, 3, 2)
+    assert (counts["pairs_done"], counts["pairs_failed"], counts["pairs_missing"]) == (3, 1, 1)
+    assert (counts["candidates"], counts["kept"]) == (9, 6)
+    assert [f["pair_id"] for f in summary["failed"]] == ["p3"]
+    assert sorted({r["pair_id"] for r in summary["kept_rows"]}) == ["p0", "p1", "p2"]
+    assert all("image" not in r and "audio" not in r for r in summary["kept_rows"])
+    out = Output(uri)
+    run = out.read_json("run.json")
+    assert run["status"] == "incomplete" and run["counts"] == counts
+    assert run["shards"] == {s.name: s.pair_ids for s in shards}
+    card = out.fs.cat(out.path("README.md")).decode()
+    assert card.startswith("---\n") and "# my-pairs" in card
+
+    process_shard(config, MODEL_IDS, shards[2], run_pairs)
+    summary = finalize(plan)
+    assert summary["complete"] is True and summary["counts"]["pairs_missing"] == 0
+    assert Output(uri).read_json("run.json")["status"] == "complete"
+    kept_scores = np.array([r["clip_score"] for r in summary["kept_rows"]])
+    assert len(kept_scores) == 8
