@@ -90,6 +90,7 @@ def generate_dataset(manifest: str, out: str, models: str = "sd15-auffusion", ca
     started_ray, pool, actor_infos, errors = False, None, [], []
     if plan.todo:
         started_ray = engine.connect_ray(config.ray_address)
+        logger.info(engine.describe_cluster(started_ray))
         try:
             pool = engine.start_actors(engine.EngineConfig(
                 models=models, device=device, dtype=dtype, vocoder=vocoder, micro_batch=micro_batch,

@@ -115,6 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="delete what an earlier run wrote to --out and start over")
     runp.set_defaults(overwrite=False)
 
+    sb = sub.add_parser("submit", help="submit a manifest to a Prefect deployment (a cluster) and return at once",
+                        description="Check the manifest (as `validate`; a manifest with no good row is refused), "
+                                    "create a flow run of the generate-dataset deployment through the Prefect API "
+                                    "at PREFECT_API_URL, print its id and its URL in the Prefect UI, and return. "
+                                    "The manifest and --out must be reachable from the cluster's workers (shared "
+                                    "paths or URIs such as s3://).")
+    sb.add_argument("manifest", help="Parquet, CSV or JSON Lines manifest (path or fsspec URI)")
+    sb.add_argument("--out", required=True, help="dataset location, as the workers see it (e.g. s3://bucket/name)")
+    sb.add_argument("--deployment", default="generate-dataset/local",
+                    help="FLOW/DEPLOYMENT (default: generate-dataset/local; generate-dataset/k8s on Kubernetes)")
+    sb.add_argument("--wait", action="store_true", help="follow the flow run to its end; exit 1 if it failed")
+    _add_run_args(sb)
+    sresume = sb.add_mutually_exclusive_group()
+    sresume.add_argument("--resume", dest="overwrite", action="store_false", help="(default)")
+    sresume.add_argument("--overwrite", dest="overwrite", action="store_true")
+    sb.set_defaults(overwrite=False)
+
+    st = sub.add_parser("status", help="state, shard progress and dataset location of a submitted flow run")
+    st.add_argument("run_id", help="the flow run id printed by `pws-batch submit`")
+
     val = sub.add_parser("validate", help="check a manifest: every bad row with its field, problem and fix",
                          description="Report every bad row of a manifest (row number, field, what is wrong, how to "
                                      "fix it); exit status 1 if any row is bad.")
@@ -361,6 +381,55 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if failure is None and not counts.get("pairs_failed") else 1
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    _check_runtime(args)
+    from pws_batch.manifest import ManifestError
+    from pws_batch.run import validate
+    from pws_batch.submit import SubmitError, check_api, format_status, submit, wait
+
+    args.manifest = _absolute(args.manifest)
+    args.out = _absolute(args.out)
+    config = _run_config(args)
+    try:
+        check_api()  # an unreachable API fails in seconds, before any validation work
+        validated, _ = validate(config)
+    except (ManifestError, SubmitError) as exc:
+        raise UsageError(f"pws-batch submit: error: {exc}") from exc
+    for r in validated.rejections:
+        print(f"rejected {r}", file=sys.stderr)
+    if not validated.requests:
+        raise UsageError(f"pws-batch submit: error: {args.manifest} has no good row ({validated.num_rows} rows, "
+                         f"all rejected); nothing submitted. See `pws-batch validate {args.manifest}`")
+    try:
+        run_id, url = submit(flow_parameters(config), args.deployment)
+    except SubmitError as exc:
+        raise UsageError(f"pws-batch submit: error: {exc}") from exc
+    print(f"submitted {len(validated.requests)} pairs ({len(validated.rejections)} rows rejected) to "
+          f"{args.deployment}: flow run {run_id}")
+    print(f"watch it at {url}")
+    if not args.wait:
+        return 0
+    info = wait(run_id, say=lambda line: print(line, file=sys.stderr))
+    print(format_status(info))
+    return 0 if info["state"] == "COMPLETED" else 1
+
+
+def _absolute(uri: str) -> str:
+    """Local paths are made absolute: the workers do not share our working directory."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pws_batch.submit import SubmitError, describe, format_status
+
+    try:
+        info = describe(args.run_id)
+    except SubmitError as exc:
+        raise UsageError(f"pws-batch status: error: {exc}") from exc
+    print(format_status(info))
+    return 0 if info["state"] not in ("FAILED", "CRASHED", "CANCELLED") else 1
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from pws_batch.manifest import ManifestError
     from pws_batch.models import ModelSetError
@@ -391,8 +460,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "run": cmd_run, "validate": cmd_validate, "inspect": cmd_inspect,
-            "models": cmd_models, "bench": cmd_bench}
+COMMANDS = {"generate": cmd_generate, "run": cmd_run, "submit": cmd_submit, "status": cmd_status,
+            "validate": cmd_validate, "inspect": cmd_inspect, "models": cmd_models, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

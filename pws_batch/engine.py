@@ -177,11 +177,15 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
 
     Returns True when this call started (and so must stop) a local Ray.
     """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        # A Ray started for one run serves this machine only: keep it on loopback. Ray otherwise swaps 127.0.0.1
+        # for the machine's address; this setting (read when ray is imported) is how it runs single-machine.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         # Ray 2.60 keeps token auth on; a client joining by address must say so (the token is ~/.ray/auth_token
         # or $RAY_AUTH_TOKEN, set up by the operator).
@@ -190,6 +194,16 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
         return False
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return True
+
+
+def describe_cluster(started_here: bool) -> str:
+    import ray
+
+    resources = ray.cluster_resources()
+    gcs = ray.get_runtime_context().gcs_address
+    where = f"started a local Ray at {gcs}" if started_here else f"joined the Ray cluster at {gcs}"
+    return (f"Ray: {where}; {len(ray.nodes())} node(s), {resources.get('CPU', 0):g} CPUs, "
+            f"{resources.get('GPU', 0):g} GPUs")
 
 
 def start_actors(config: EngineConfig, actors: int | None, log: Callable[[str], None]) -> ActorPool:

@@ -30,9 +30,9 @@ def free_port() -> int:
 
 def session_pids(sid: int) -> list[int]:
     pids = []
-    for proc in psutil.process_iter(["pid"]):
+    for proc in psutil.process_iter(["pid", "status"]):
         try:
-            if os.getsid(proc.pid) == sid:
+            if os.getsid(proc.pid) == sid and proc.info["status"] != psutil.STATUS_ZOMBIE:
                 pids.append(proc.pid)
         except (ProcessLookupError, PermissionError, psutil.Error):
             continue
@@ -64,7 +64,10 @@ def kill_session(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: flo
 def base_env(prefect_home: str, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(PREFECT_HOME=prefect_home, PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1",
-               PREFECT_LOGGING_LEVEL="INFO", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+               PREFECT_LOGGING_LEVEL="INFO", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               # Ray replaces 127.0.0.1 by the machine's address unless told it is a single-machine cluster:
+               # this keeps every Ray address of the tests on loopback.
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
     env.update(extra)
     return env
