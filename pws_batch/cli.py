@@ -108,12 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     runp.add_argument("manifest", help="Parquet, CSV or JSON Lines manifest (path or fsspec URI)")
     runp.add_argument("--out", required=True, help="dataset location: a path or fsspec URI (s3://, gs://, memory://)")
     _add_run_args(runp)
-    resume = runp.add_mutually_exclusive_group()
-    resume.add_argument("--resume", dest="overwrite", action="store_false",
-                        help="keep committed shards and generate the rest (default)")
-    resume.add_argument("--overwrite", dest="overwrite", action="store_true",
-                        help="delete what an earlier run wrote to --out and start over")
-    runp.set_defaults(overwrite=False)
 
     sb = sub.add_parser("submit", help="submit a manifest to a Prefect deployment (a cluster) and return at once",
                         description="Check the manifest (as `validate`; a manifest with no good row is refused), "
@@ -127,10 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="FLOW/DEPLOYMENT (default: generate-dataset/local; generate-dataset/k8s on Kubernetes)")
     sb.add_argument("--wait", action="store_true", help="follow the flow run to its end; exit 1 if it failed")
     _add_run_args(sb)
-    sresume = sb.add_mutually_exclusive_group()
-    sresume.add_argument("--resume", dest="overwrite", action="store_false", help="(default)")
-    sresume.add_argument("--overwrite", dest="overwrite", action="store_true")
-    sb.set_defaults(overwrite=False)
 
     st = sub.add_parser("status", help="state, shard progress and dataset location of a submitted flow run")
     st.add_argument("run_id", help="the flow run id printed by `pws-batch submit`")
@@ -183,6 +173,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="reference: top fraction by both scores first; weighted: weighted sum of min-max normalised "
                         "scores; pareto: Pareto front first (default: reference)")
     r.add_argument("--top-fraction", type=float, default=0.2, help="the reference rule's fraction (default: 0.2)")
+    resume = p.add_argument_group("an existing --out").add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="overwrite", action="store_false",
+                        help="keep committed shards and generate the rest (default)")
+    resume.add_argument("--overwrite", dest="overwrite", action="store_true",
+                        help="delete what an earlier run wrote to --out and start over")
+    p.set_defaults(overwrite=False)
 
 
 # ------------------------------------------------------------------------------------------------ commands

@@ -225,7 +225,7 @@ def start_actors(config: EngineConfig, actors: int | None, log: Callable[[str], 
     rank_opts = dict(num_gpus=0.2, num_cpus=0) if use_gpu else dict(num_gpus=0, num_cpus=0)
     common = dict(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
     cfg = asdict(config)
-    generators = [ray.remote(Generator).options(**gen_opts, **common, name=None).remote(cfg) for _ in range(n)]
+    generators = [ray.remote(Generator).options(**gen_opts, **common).remote(cfg) for _ in range(n)]
     rankers = [ray.remote(Ranker).options(**rank_opts, **common).remote(cfg) for _ in range(n)]
     pool = ActorPool(generators, rankers)
     for info in pool.infos():  # waits until every actor has loaded its models
