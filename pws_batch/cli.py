@@ -397,7 +397,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise UsageError(f"pws-batch submit: error: {args.manifest} has no good row ({validated.num_rows} rows, "
                          f"all rejected); nothing submitted. See `pws-batch validate {args.manifest}`")
     try:
-        run_id, url = submit(flow_parameters(config), args.deployment)
+        # Unset values (None) are left out so the deployment's own defaults (e.g. its ray_address) apply.
+        parameters = {k: v for k, v in flow_parameters(config).items() if v is not None}
+        run_id, url = submit(parameters, args.deployment)
     except SubmitError as exc:
         raise UsageError(f"pws-batch submit: error: {exc}") from exc
     print(f"submitted {len(validated.requests)} pairs ({len(validated.rejections)} rows rejected) to "

@@ -178,18 +178,20 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
     Returns True when this call started (and so must stop) a local Ray.
     """
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if not address:
+    # Both settings are read when ray is imported, so they are set first.
+    if address:
+        # Ray 2.60 keeps token auth on; a client joining by address (host:port, or ray:// for Ray Client) must
+        # say so. The token is ~/.ray/auth_token or $RAY_AUTH_TOKEN, set up by the operator.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    else:
         # A Ray started for one run serves this machine only: keep it on loopback. Ray otherwise swaps 127.0.0.1
-        # for the machine's address; this setting (read when ray is imported) is how it runs single-machine.
+        # for the machine's address; this setting is how it runs single-machine clusters.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return False
     if address:
-        # Ray 2.60 keeps token auth on; a client joining by address must say so (the token is ~/.ray/auth_token
-        # or $RAY_AUTH_TOKEN, set up by the operator).
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(address=address, log_to_driver=False)
         return False
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
@@ -200,7 +202,10 @@ def describe_cluster(started_here: bool) -> str:
     import ray
 
     resources = ray.cluster_resources()
-    gcs = ray.get_runtime_context().gcs_address
+    try:
+        gcs = ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - through Ray Client (ray://) the context has no GCS address
+        gcs = os.environ.get("RAY_ADDRESS", "?")
     where = f"started a local Ray at {gcs}" if started_here else f"joined the Ray cluster at {gcs}"
     return (f"Ray: {where}; {len(ray.nodes())} node(s), {resources.get('CPU', 0):g} CPUs, "
             f"{resources.get('GPU', 0):g} GPUs")
@@ -215,6 +220,9 @@ def start_actors(config: EngineConfig, actors: int | None, log: Callable[[str], 
     cpus = int(resources.get("CPU", 1))
     use_gpu = gpus > 0 and config.device != "cpu"
     n = actors or (gpus if use_gpu else 1)
+    if not use_gpu and cpus < 1:  # e.g. a GPU cluster whose GPU workers are not up yet: CPU actors would wait forever
+        raise ValueError("the Ray cluster has no GPU and no CPU free for actors (are its GPU workers up? "
+                         "`ray status` / `kubectl get raycluster`); or pass --actors with --device cpu")
     if use_gpu and n > gpus:
         raise ValueError(f"--actors {n}: the cluster has {gpus} GPU(s); one generator needs one GPU")
     if not use_gpu and n > cpus:

@@ -37,12 +37,13 @@ def cluster(tmp_path_factory, tiny_models):
     with prefect_server(home) as url:
         env = base_env(home, PREFECT_API_URL=url, PWS_BATCH_REPO=REPO)
         try:
-            port = free_port()
+            port, client_port = free_port(), free_port()
             ray_env = dict(env, RAY_AUTH_MODE="token")
             ray_log = open(os.path.join(home, "ray.log"), "wb")
             head = subprocess.Popen(
                 [os.path.join(VENV_BIN, "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                 "--num-cpus", "2", "--num-gpus", "0", "--temp-dir", ray_tmp, "--include-dashboard=false",
+                 "--ray-client-server-port", str(client_port), "--num-cpus", "2", "--num-gpus", "0",
+                 "--temp-dir", ray_tmp, "--include-dashboard=false",
                  "--disable-usage-stats", "--block"],
                 env=ray_env, stdout=ray_log, stderr=subprocess.STDOUT, start_new_session=True)
             procs.append(head)
@@ -62,8 +63,10 @@ def cluster(tmp_path_factory, tiny_models):
             assert out.returncode == 0, out.stdout + out.stderr
 
             worker_log = open(os.path.join(home, "worker.log"), "wb")
+            # As the k8s deployment does: the flow is not on a Ray node and joins through Ray Client (ray://);
+            # RAY_AUTH_MODE is left for pws-batch to set, as it must be before ray is imported.
             worker = subprocess.Popen([prefect, "worker", "start", "--pool", "pws-local", "--type", "process"],
-                                      env=dict(env, RAY_ADDRESS=address, RAY_AUTH_MODE="token"), cwd=REPO,
+                                      env=dict(env, RAY_ADDRESS=f"ray://127.0.0.1:{client_port}"), cwd=REPO,
                                       stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
             procs.append(worker)
             yield url, env, home, address
