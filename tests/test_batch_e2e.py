@@ -241,3 +241,15 @@ def test_resume_refuses_a_different_manifest(manifest, first_run, server, tmp_pa
     log = finish(proc, out)
     assert proc.returncode == 2
     assert "already holds a dataset made from another manifest" in log and "--overwrite" in log
+
+
+def test_inspect_summarises_the_dataset(first_run, capsys):
+    from pws_batch.cli import main
+
+    out, _ = first_run
+    assert main(["inspect", out]) == 0
+    text = capsys.readouterr().out
+    assert f"dataset {out} (pairs): complete" in text
+    assert "3/3 committed" in text and "5 kept, 0 failed, 6 rejected rows" in text
+    assert "15 generated, 6 kept" in text and "CLIP (kept)" in text and "CLAP (kept)" in text
+    assert "rejected row 2: image_prompt: is missing" in text or "rejected row 2: image_prompt: is empty" in text

@@ -1,0 +1,97 @@
+"""The smaller commands with the tiny models: validate, inspect, models build-tiny / show, and the one-line
+error for a model that cannot be loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from pws_batch.cli import main
+
+
+def test_validate_reports_every_bad_row_and_exits_non_zero(tmp_path, capsys, tiny_models):
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame([
+        dict(pair_id="a", image_prompt="dogs", audio_prompt="barking"),
+        dict(pair_id="b", image_prompt="", audio_prompt="barking"),
+        dict(pair_id="c", image_prompt="cats", audio_prompt="meow", guidance_image="high"),
+        dict(pair_id="a", image_prompt="again", audio_prompt="dup"),
+    ]).to_csv(manifest, index=False)
+    assert main(["validate", str(manifest), "--models", "tiny"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"{manifest}: 4 rows, 1 good, 3 bad"
+    assert out[0].startswith("row 1 (pair_id 'b'): image_prompt: is missing")
+    assert out[1].startswith("row 2 (pair_id 'c'): guidance_image: must be a number, got text 'high'; fix: ")
+    assert out[2].startswith("row 3 (pair_id 'a'): pair_id: duplicate pair_id 'a' (first at row 0)")
+
+
+def test_validate_of_the_example_manifests_passes(capsys, tiny_models):
+    for name in ("example.parquet", "example.csv"):
+        assert main(["validate", os.path.join("manifests", name), "--models", "tiny"]) == 0
+        assert capsys.readouterr().out.strip().endswith("8 rows, 8 good, 0 bad")
+
+
+def test_validate_of_an_unreadable_manifest_is_one_line(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "missing.parquet")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not exist" in err
+
+
+def test_inspect_of_something_that_is_not_a_dataset(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "not a pws-batch dataset" in capsys.readouterr().err
+
+
+def test_build_tiny_is_deterministic(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["models", "build-tiny", "--dir", str(a)]) == 0
+    assert main(["models", "build-tiny", "--dir", str(b)]) == 0
+    files = sorted(os.path.relpath(os.path.join(d, f), a) for d, _, fs in os.walk(a) for f in fs)
+    assert "image/unet/diffusion_pytorch_model.safetensors" in files and "audio/vocoder/vocoder.pt" in files
+    assert "clap/model.safetensors" in files and "clip/model.safetensors" in files
+    for rel in files:
+        if rel.endswith((".safetensors", ".json")):
+            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    import torch
+
+    va = torch.load(a / "audio/vocoder/vocoder.pt", weights_only=True)["generator"]
+    vb = torch.load(b / "audio/vocoder/vocoder.pt", weights_only=True)["generator"]
+    assert va.keys() == vb.keys() and all(torch.equal(va[k], vb[k]) for k in va)
+    assert any(k.endswith("weight_g") for k in va)  # Auffusion's old-style weight-norm keys
+    capsys.readouterr()
+    assert main(["models", "show", str(a)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["image"] == str(a / "image") and shown["vocoder_subfolder"] == "vocoder"
+
+
+def test_a_model_that_cannot_be_loaded_is_named_in_one_line(tmp_path, capsys, tiny_models):
+    model_set = tmp_path / "model_set.json"
+    model_set.write_text(json.dumps({"name": "broken", "image": "no-such-org/no-such-model",
+                                     "audio": os.path.join(tiny_models, "audio"),
+                                     "vocoder": os.path.join(tiny_models, "audio")}))
+    # The scheduler config is read first (before any weights): it names the image model.
+    rc = main(["generate", "--image-prompt", "x", "--audio-prompt", "y", "--models", str(model_set),
+               "--steps", "2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert "cannot load the image model 'no-such-org/no-such-model'" in err and "HF_HUB_OFFLINE" in err
+    assert "hf download no-such-org/no-such-model" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("component", ["audio", "vocoder"])
+def test_a_missing_local_folder_is_named_with_its_component(tmp_path, capsys, tiny_models, component):
+    entries = {"name": "broken", "image": os.path.join(tiny_models, "image"),
+               "audio": os.path.join(tiny_models, "audio"), "vocoder": os.path.join(tiny_models, "audio")}
+    entries[component] = str(tmp_path / "nowhere")
+    (tmp_path / "nowhere").mkdir()
+    model_set = tmp_path / "model_set.json"
+    model_set.write_text(json.dumps(entries))
+    rc = main(["generate", "--image-prompt", "x", "--audio-prompt", "y", "--models", str(model_set),
+               "--steps", "2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert f"cannot load the {component} model '{tmp_path / 'nowhere'}'" in err
