@@ -253,3 +253,28 @@ def test_inspect_summarises_the_dataset(first_run, capsys):
     assert "3/3 committed" in text and "5 kept, 0 failed, 6 rejected rows" in text
     assert "15 generated, 6 kept" in text and "CLIP (kept)" in text and "CLAP (kept)" in text
     assert "rejected row 2: image_prompt: is missing" in text or "rejected row 2: image_prompt: is empty" in text
+
+
+def test_a_generator_actor_killed_mid_run_is_restarted_and_the_run_completes(manifest, server, first_run, tmp_path):
+    import psutil
+
+    from servers import session_pids
+
+    reference, _ = first_run
+    out = str(tmp_path / "actor-killed")
+    proc = start_run(manifest, out, server)
+    marker = os.path.join(out, "_shards", "00000.json")
+    deadline = time.time() + 300
+    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    # The generator actor is a process of this run's session (its local Ray): find it by PID and kill it.
+    victims = [pid for pid in session_pids(proc.pid)
+               if any("Generator" in part for part in psutil.Process(pid).cmdline())]
+    assert len(victims) == 1, [psutil.Process(p).cmdline() for p in session_pids(proc.pid)]
+    os.kill(victims[0], 9)
+    log = finish(proc, out)
+    assert proc.returncode == 0, log[-4000:]
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["status"] == "complete" and run["counts"]["pairs_done"] == 5
+    columns = [c for c in read_data(reference).columns if c not in TIMING_COLUMNS]
+    pd.testing.assert_frame_equal(read_data(out)[columns], read_data(reference)[columns])
