@@ -23,7 +23,7 @@ def summarize(uri: str) -> str:
     lines = [
         f"dataset {uri} ({run.get('name')}): {run.get('status')}",
         f"  manifest     {run.get('manifest')}",
-        f"  models       " + ", ".join(f"{k}={v}" for k, v in run.get("models", {}).items()),
+        "  models       " + ", ".join(f"{k}={v}" for k, v in run.get("models", {}).items()),
         f"  shards       {len([s for s in shards if s in planned])}/{len(planned)} committed",
         f"  pairs        {counts.get('pairs_done', 0)} kept, {counts.get('pairs_failed', 0)} failed, "
         f"{counts.get('rejected', 0)} rejected rows, {counts.get('pairs_missing', 0)} not generated",

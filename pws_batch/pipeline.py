@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pws_batch import codec, sampler
-from pws_batch.models import (ModelSet, load_diffusion_pipeline, load_scheduler_config, load_vocoder,
+from pws_batch.models import (ModelSet, load_diffusion_pipeline, load_vocoder,
                               resolve_model_set)
 from pws_batch.params import GenerationParams, check_guides, check_params, raise_for_problems
 
