@@ -341,8 +341,12 @@ def no_models(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded while checking a request")
 
-    for name in ("load_diffusion_pipeline", "load_vocoder", "load_scheduler_config", "resolve_model_set"):
+    from pws_batch import models
+
+    for name in ("load_diffusion_pipeline", "load_vocoder", "resolve_model_set"):
         monkeypatch.setattr(pipeline, name, refuse)
+    for name in ("load_diffusion_pipeline", "load_vocoder", "load_scheduler_config", "resolve_model_set"):
+        monkeypatch.setattr(models, name, refuse)
 
 
 def test_check_request_rejects_all_off_schedule_before_any_model(no_models):
