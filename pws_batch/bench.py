@@ -15,13 +15,12 @@ from pws_batch.params import GenerationParams
 def bench_sampler(models: str = "tiny", candidates: int = 8, steps: int = 50, t_image: float = 0.9,
                   t_audio: float = 1.0, micro_batch: int = 8, device: str = "auto", dtype: str = "auto",
                   print_fn=print) -> dict:
-    from pws_batch.pipeline import ImagesThatSoundPipeline, schedule_timesteps
+    from pws_batch.pipeline import ImagesThatSoundPipeline, checked_timesteps
 
     pipe = ImagesThatSoundPipeline.from_model_set(models, device=device, dtype=dtype, vocoder="griffin-lim")
     params = GenerationParams("a painting of police cars", "police siren", num_candidates=candidates, steps=steps,
                               t_image=t_image, t_audio=t_audio, seed=0)
-    timesteps, T = schedule_timesteps(params, pipe.scheduler_config)
-    sampler.check_schedule(timesteps, T, t_image, t_audio)
+    timesteps, T = checked_timesteps(params, pipe.scheduler_config)
     branches = pipe.branches(params)
     minimum = sampler.minimum_unet_evals(timesteps, branches, T)
     seeds = params.candidate_seeds

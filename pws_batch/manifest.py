@@ -220,8 +220,8 @@ def validate_manifest(df, defaults: RunDefaults | None = None, scheduler_config:
 
     `base` is the manifest's folder, against which relative guide paths are resolved.
     """
-    from pws_batch.pipeline import schedule_timesteps
-    from pws_batch.sampler import ScheduleError, check_schedule
+    from pws_batch.pipeline import checked_timesteps
+    from pws_batch.sampler import ScheduleError
 
     defaults = defaults or RunDefaults()
     columns = [str(c) for c in df.columns]
@@ -295,9 +295,7 @@ def validate_manifest(df, defaults: RunDefaults | None = None, scheduler_config:
             continue
         if scheduler_config is not None:
             try:
-                timesteps, T = schedule_timesteps(params, scheduler_config)
-                check_schedule(timesteps, T, params.t_image, params.t_audio, params.weight_image,
-                               params.weight_audio)
+                checked_timesteps(params, scheduler_config)
             except ScheduleError as exc:
                 reject("t_image", str(exc), "raise t_image or t_audio as the message says", explicit_id)
                 continue

@@ -59,11 +59,20 @@ def schedule_timesteps(params: GenerationParams, scheduler_config: dict) -> tupl
     return [float(t) for t in timesteps], int(scheduler.config.num_train_timesteps)
 
 
-def check_request(params: GenerationParams, scheduler_config: dict) -> None:
-    """Every check that needs no model weights: fields, guide files, the schedule (raises)."""
-    raise_for_problems(check_params(params) + check_guides(params))
+def checked_timesteps(params: GenerationParams, scheduler_config: dict) -> tuple[list[float], int]:
+    """The timesteps a request runs and T, after rejecting a schedule with no active model (ScheduleError)."""
     timesteps, T = schedule_timesteps(params, scheduler_config)
     sampler.check_schedule(timesteps, T, params.t_image, params.t_audio, params.weight_image, params.weight_audio)
+    return timesteps, T
+
+
+def check_request(params: GenerationParams, scheduler_config: dict) -> tuple[list[float], int]:
+    """Every check that needs no model weights: fields, guide files, the schedule (raises).
+
+    Returns the timesteps the request runs and T.
+    """
+    raise_for_problems(check_params(params) + check_guides(params))
+    return checked_timesteps(params, scheduler_config)
 
 
 @dataclass
@@ -199,7 +208,7 @@ class ImagesThatSoundPipeline:
         clock = time.perf_counter()
 
         # 1. Check inputs (no work is done for a request that would fail).
-        check_request(params, self.scheduler_config)
+        timesteps, T = check_request(params, self.scheduler_config)
 
         # 2. Encode prompts and the guide, once for all candidates.
         branches = self.branches(params)
@@ -227,7 +236,6 @@ class ImagesThatSoundPipeline:
                              branches=branches, guide=guide, on_batch=finish, on_step=on_step)
         timings["denoise_s"] = time.perf_counter() - t_denoise - timings["decode_s"] - timings["vocode_s"]
         timings["total_s"] = time.perf_counter() - clock
-        timesteps, T = schedule_timesteps(params, self.scheduler_config)
         minimum = sampler.minimum_unet_evals(timesteps, branches, T) * len(seeds)
         return GenerationResult(params, candidates, dict(evals), minimum, {k: round(v, 4) for k, v in timings.items()})
 
