@@ -7,6 +7,7 @@ flow run exists: an unreachable API, a missing deployment, a manifest with no go
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any, Callable
 
 DEFAULT_DEPLOYMENT = "generate-dataset/local"
@@ -64,8 +65,7 @@ def read_deployment(client, name: str):
     try:
         return client.read_deployment_by_name(name)
     except ObjectNotFound:
-        known = sorted(f"{d.flow_name if hasattr(d, 'flow_name') else 'generate-dataset'}/{d.name}"
-                       for d in client.read_deployments())
+        known = sorted(f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments())
         raise SubmitError(f"no deployment {name!r} at {api_url()} (known: {', '.join(known) or 'none'}); create it "
                           f"with `prefect --no-prompt deploy --prefect-file cluster/prefect.yaml --all` "
                           f"(see cluster/README.md)") from None
@@ -108,12 +108,9 @@ def describe(flow_run_id: str) -> dict[str, Any]:
             raise SubmitError(f"no flow run {flow_run_id} at {api_url()}") from None
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
         progress = progress_of(client, run_id)
-    by_state: dict[str, int] = {}
-    for t in tasks:
-        by_state[t.state_type.value if t.state_type else "PENDING"] = by_state.get(
-            t.state_type.value if t.state_type else "PENDING", 0) + 1
+    by_state = Counter(t.state_type.value if t.state_type else "PENDING" for t in tasks)
     return {"id": flow_run_id, "name": flow_run.name, "state": flow_run.state_type.value if flow_run.state_type else "?",
-            "state_message": flow_run.state.message if flow_run.state else None, "tasks": by_state,
+            "state_message": flow_run.state.message if flow_run.state else None, "tasks": dict(by_state),
             "progress": progress, "out": flow_run.parameters.get("out"), "manifest": flow_run.parameters.get("manifest"),
             "url": ui_url(flow_run_id)}
 
