@@ -20,8 +20,8 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from pws_batch import engine, run
-from pws_batch.manifest import PairRequest
+from pws_batch.batch import engine, run
+from pws_batch.batch.manifest import PairRequest
 
 SHARD_RETRIES = 2
 # Listeners in this process (the CLI's progress bar): called with (pairs_done, pairs_total).

@@ -1,7 +1,7 @@
 """Writes the example manifests (run from the repository root: `python manifests/make_examples.py`).
 
 example.parquet / example.csv: the prompt pairs of "Painting with Sound" and of the Images-that-Sound paper
-(ALGORITHM.md). Two pairs start from guide sounds synthesised here (a police siren sweep, bird-like chirps),
+(docs/algorithm.md). Two pairs start from guide sounds synthesised here (a police siren sweep, bird-like chirps),
 so guided generation is exercised without shipping recordings.
 """
 

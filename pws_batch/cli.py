@@ -14,7 +14,7 @@ import time
 from typing import Sequence
 
 from pws_batch import __version__
-from pws_batch.params import GenerationParams, ParamsError, check_guides, check_params
+from pws_batch.core.params import GenerationParams, ParamsError, check_guides, check_params
 
 DEFAULTS = GenerationParams(image_prompt="", audio_prompt="")
 
@@ -210,7 +210,7 @@ def _flag_problem(problem) -> str:
 
 
 def _check_runtime(args: argparse.Namespace) -> None:
-    from pws_batch.models import ModelSetError, check_model_set_spec
+    from pws_batch.core.models import ModelSetError, check_model_set_spec
 
     try:
         check_model_set_spec(args.models)
@@ -222,9 +222,10 @@ def _check_runtime(args: argparse.Namespace) -> None:
 
 def _prepare(args: argparse.Namespace, params: GenerationParams):
     """Resolve the model set and check the schedule against its scheduler config: still no weights loaded."""
-    from pws_batch.models import load_scheduler_config, resolve_model_set
-    from pws_batch.pipeline import check_request, resolve_device
-    from pws_batch.sampler import ScheduleError
+    from pws_batch.core.models import load_scheduler_config, resolve_model_set
+    from pws_batch.core.device import resolve_device
+    from pws_batch.core.pipeline import check_request
+    from pws_batch.core.sampler import ScheduleError
 
     try:
         resolve_device(args.device)
@@ -243,8 +244,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_runtime(args)
     model_set = _prepare(args, params)
 
-    from pws_batch.export import write_generation
-    from pws_batch.pipeline import ImagesThatSoundPipeline
+    from pws_batch.core.candidate_files import write_generation
+    from pws_batch.core.pipeline import ImagesThatSoundPipeline
 
     t0 = time.perf_counter()
     pipe = ImagesThatSoundPipeline.from_model_set(model_set, device=args.device, dtype=args.dtype,
@@ -278,11 +279,11 @@ class _progress:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from pws_batch.models import ModelSetError, resolve_model_set, tiny_dir
+    from pws_batch.core.models import ModelSetError, resolve_model_set, tiny_dir
 
     if args.models_command == "build-tiny":
         folder = args.dir or tiny_dir()
-        from pws_batch.tiny import build_tiny
+        from pws_batch.core.tiny import build_tiny
 
         build_tiny(folder)
         print(f"built the tiny model set in {folder} (use --models {os.path.join(folder, 'model_set.json')} "
@@ -300,7 +301,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _check_runtime(args)
     if args.candidates < 1 or args.steps < 1:
         raise UsageError("pws-batch bench sampler: error: --candidates and --steps must be >= 1")
-    from pws_batch.bench import bench_sampler
+    from pws_batch.core.bench import bench_sampler
 
     bench_sampler(models=args.models, candidates=args.candidates, steps=args.steps, t_image=args.t_image,
                   t_audio=args.t_audio, micro_batch=args.micro_batch, device=args.device, dtype=args.dtype)
@@ -308,7 +309,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace):
-    from pws_batch.run import RunConfig, RunError
+    from pws_batch.batch.run import RunConfig, RunError
 
     config = RunConfig(manifest=args.manifest, out=args.out, models=args.models, num_candidates=args.candidates,
                        keep=args.keep, steps=args.steps, seed=args.seed, crop_columns=args.crop_columns,
@@ -335,8 +336,8 @@ def flow_parameters(config) -> dict:
 def cmd_run(args: argparse.Namespace) -> int:
     _check_runtime(args)
     config = _run_config(args)
-    from pws_batch.manifest import ManifestError, read_manifest
-    from pws_batch.run import RunError, check_output
+    from pws_batch.batch.manifest import ManifestError, read_manifest
+    from pws_batch.batch.run import RunError, check_output
 
     try:
         read_manifest(config.manifest)
@@ -347,7 +348,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from flows.generate_dataset import PROGRESS_LISTENERS, generate_dataset
-    from pws_batch.dataset import Output
+    from pws_batch.batch.dataset import Output
 
     bar = tqdm(total=0, desc="pairs", unit="pair", disable=None, file=sys.stderr)
 
@@ -379,9 +380,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     _check_runtime(args)
-    from pws_batch.manifest import ManifestError
-    from pws_batch.run import validate
-    from pws_batch.submit import SubmitError, check_api, format_status, submit, wait
+    from pws_batch.batch.manifest import ManifestError
+    from pws_batch.batch.run import validate
+    from pws_batch.batch.submit import SubmitError, check_api, format_status, submit, wait
 
     args.manifest = _absolute(args.manifest)
     args.out = _absolute(args.out)
@@ -418,7 +419,7 @@ def _absolute(uri: str) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pws_batch.submit import SubmitError, describe, format_status
+    from pws_batch.batch.submit import SubmitError, describe, format_status
 
     try:
         info = describe(args.run_id)
@@ -429,9 +430,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from pws_batch.manifest import ManifestError
-    from pws_batch.models import ModelSetError
-    from pws_batch.run import RunConfig, validate
+    from pws_batch.batch.manifest import ManifestError
+    from pws_batch.core.models import ModelSetError
+    from pws_batch.batch.run import RunConfig, validate
 
     config = RunConfig(manifest=args.manifest, out="", models=args.models, num_candidates=args.candidates,
                        keep=args.keep, steps=args.steps, seed=args.seed)
@@ -449,7 +450,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from pws_batch.inspect import summarize
+    from pws_batch.batch.summary import summarize
 
     try:
         print(summarize(args.out))
@@ -476,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("pws-batch: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - known failures print one line; set PWS_BATCH_DEBUG=1 for a trace
-        from pws_batch.models import ModelLoadError, ModelSetError
+        from pws_batch.core.models import ModelLoadError, ModelSetError
 
         if isinstance(exc, (ModelLoadError, ModelSetError)) and not os.environ.get("PWS_BATCH_DEBUG"):
             print(f"pws-batch: error: {exc}", file=sys.stderr)

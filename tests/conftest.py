@@ -21,7 +21,7 @@ def pws_home(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_models(pws_home) -> str:
     """The tiny model set's folder, built once for the session through the real builder."""
-    from pws_batch.models import ensure_tiny
+    from pws_batch.core.models import ensure_tiny
 
     return ensure_tiny()
 
@@ -29,6 +29,6 @@ def tiny_models(pws_home) -> str:
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_models):
     """The generation pipeline on the tiny models, loaded once for the session (CPU, fp32)."""
-    from pws_batch.pipeline import ImagesThatSoundPipeline
+    from pws_batch.core.pipeline import ImagesThatSoundPipeline
 
     return ImagesThatSoundPipeline.from_model_set("tiny", device="cpu", dtype="fp32")

@@ -83,7 +83,7 @@ def test_candidate_regenerated_alone_matches_the_batched_one(batch_of_three, tmp
 
 
 def test_micro_batches_give_the_same_candidates(tiny_pipeline):
-    from pws_batch.params import GenerationParams
+    from pws_batch.core.params import GenerationParams
 
     params = GenerationParams("dogs", "dogs barking", num_candidates=3, steps=6, seed=3)
     whole = tiny_pipeline(params, micro_batch=3)

@@ -1,4 +1,4 @@
-"""The canvas <-> log-mel <-> waveform codec in Auffusion's format (ALGORITHM.md, "Canvas <-> spectrogram <->
+"""The canvas <-> log-mel <-> waveform codec in Auffusion's format (docs/algorithm.md, "Canvas <-> spectrogram <->
 waveform").
 
 Checks shapes and value ranges of waveform -> canvas, the canvas mapping and its inverse, the vertical flip
@@ -18,7 +18,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from pws_batch import codec
+from pws_batch.core import codec
 
 SR = 16_000
 N = 163_840  # 10.24 s

@@ -1,4 +1,4 @@
-"""The dataset writer (pws_batch.dataset) and the run pieces around it (pws_batch.run), on fsspec memory:// URIs.
+"""The dataset writer (pws_batch.batch.dataset) and the run pieces around it (pws_batch.batch.run), on fsspec memory:// URIs.
 
 Output's read / write / list / clear; the kept table's media columns, types and Hugging Face metadata; commit
 markers (a truncated one does not count); the dataset card's YAML header; deterministic shard planning; a shard
@@ -15,11 +15,11 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from pws_batch.dataset import (MEDIA, Output, candidates_table, committed_shards, dataset_card, kept_table,
+from pws_batch.batch.dataset import (MEDIA, Output, candidates_table, committed_shards, dataset_card, kept_table,
                                with_hf_metadata)
-from pws_batch.manifest import PairRequest, Validated
-from pws_batch.params import GenerationParams
-from pws_batch.run import KNOWN_TYPES, RunConfig, RunPlan, finalize, kept_rows, plan_shards, process_shard
+from pws_batch.batch.manifest import PairRequest, Validated
+from pws_batch.core.params import GenerationParams
+from pws_batch.batch.run import KNOWN_TYPES, RunConfig, RunPlan, finalize, kept_rows, plan_shards, process_shard
 
 MODEL_IDS = {"image": "img/model", "audio": "aud/model", "vocoder": "voc", "clip": "clip/id", "clap": "clap/id"}
 HF_DTYPES = {pa.int64(): "int64", pa.float64(): "float64", pa.string(): "string", pa.bool_(): "bool",
@@ -112,7 +112,7 @@ def test_kept_rows_hold_one_row_per_kept_candidate_with_media_and_parameters():
 
 def test_every_column_kept_rows_writes_is_known_or_reserved():
     """A manifest column named like any column the writer adds must be renamed, never overwrite it."""
-    from pws_batch.manifest import KNOWN, RESERVED
+    from pws_batch.batch.manifest import KNOWN, RESERVED
 
     written = set(kept_rows_of(request(0))[0])
     assert written - set(KNOWN) <= RESERVED, sorted(written - set(KNOWN) - RESERVED)

@@ -1,4 +1,4 @@
-"""Manifest reading and validation (pws_batch.manifest).
+"""Manifest reading and validation (pws_batch.batch.manifest).
 
 Good rows become PairRequests with the run's defaults filled in and the row's own values winning; every kind of
 bad row becomes a Rejection (row, field, reason, fix) while the other rows still validate; a manifest that cannot
@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from pws_batch.manifest import (ManifestError, PairRequest, Rejection, RunDefaults, default_pair_id, read_manifest,
+from pws_batch.batch.manifest import (ManifestError, PairRequest, Rejection, RunDefaults, default_pair_id, read_manifest,
                                 rejections_table, validate_manifest)
-from pws_batch.models import SD15_SCHEDULER_CONFIG
-from pws_batch.params import MAX_PROMPT_CHARS, GenerationParams
+from pws_batch.core.models import SD15_SCHEDULER_CONFIG
+from pws_batch.core.params import MAX_PROMPT_CHARS, GenerationParams
 
 DEFAULTS = RunDefaults(num_candidates=4, keep=2, steps=10, seed=7, crop_columns=16, grayscale_suffix=False)
 
@@ -355,7 +355,7 @@ def test_near_miss_column_name_warns_did_you_mean_and_is_not_used():
 
 @pytest.mark.parametrize("column", ["base_seed", "unet_evals"])
 def test_pass_through_column_named_like_a_kept_row_column_is_renamed(column):
-    from pws_batch.run import kept_rows
+    from pws_batch.batch.run import kept_rows
 
     v = validate(pd.DataFrame([row(seed=5, **{column: -123})]))
     (req,) = v.requests

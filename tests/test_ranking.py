@@ -1,4 +1,4 @@
-"""Scoring and ranking candidates (pws_batch.ranking; ALGORITHM.md, "Ranking the candidates").
+"""Scoring and ranking candidates (pws_batch.batch.ranking; docs/algorithm.md, "Ranking the candidates").
 
 The three rules on hand-made scores whose order is derived by hand, then on seeded random scores against
 brute-force definitions (reference: top fraction by both first; weighted: weighted sum of min-max normalised
@@ -14,7 +14,8 @@ import math
 import numpy as np
 import pytest
 
-from pws_batch.ranking import ClapScorer, ClipScorer, RankingRule, rank_candidates, top_set
+from pws_batch.batch.ranking import RankingRule, rank_candidates, top_set
+from pws_batch.core.scorers import ClapScorer, ClipScorer
 
 RULES = ("reference", "weighted", "pareto")
 

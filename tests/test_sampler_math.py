@@ -1,4 +1,4 @@
-"""The composite sampler's math (ALGORITHM.md, "One denoising step" and "Guided generation"), with FAKE U-Nets.
+"""The composite sampler's math (docs/algorithm.md, "One denoising step" and "Guided generation"), with FAKE U-Nets.
 
 Checks, against the spec's formulas computed independently here:
 - classifier-free guidance per model, with cond and uncond batched into ONE U-Net call;
@@ -22,10 +22,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pws_batch import sampler
-from pws_batch.params import GenerationParams
-from pws_batch.pipeline import make_scheduler
-from pws_batch.sampler import Branch, ScheduleError
+from pws_batch.core import sampler
+from pws_batch.core.params import GenerationParams
+from pws_batch.core.pipeline import make_scheduler
+from pws_batch.core.sampler import Branch, ScheduleError
 
 SD15_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
@@ -336,12 +336,12 @@ def test_the_suggested_t_is_the_smallest_that_fixes_the_schedule(scheduler_name,
 @pytest.fixture
 def no_models(monkeypatch):
     """check_request must never load a model: make every loader fail."""
-    from pws_batch import pipeline
+    from pws_batch.core import pipeline
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded while checking a request")
 
-    from pws_batch import models
+    from pws_batch.core import models
 
     for name in ("load_diffusion_pipeline", "load_vocoder", "resolve_model_set"):
         monkeypatch.setattr(pipeline, name, refuse)
@@ -350,7 +350,7 @@ def no_models(monkeypatch):
 
 
 def test_check_request_rejects_all_off_schedule_before_any_model(no_models):
-    from pws_batch.pipeline import check_request
+    from pws_batch.core.pipeline import check_request
 
     params = GenerationParams(image_prompt="a lighthouse", audio_prompt="waves", t_image=0.5, t_audio=0.5)
     with pytest.raises(ScheduleError) as info:
@@ -365,7 +365,7 @@ def test_check_request_accepts_guided_schedule_that_skips_the_all_off_steps(no_m
     import numpy as np
     import soundfile as sf
 
-    from pws_batch.pipeline import check_request
+    from pws_batch.core.pipeline import check_request
 
     guide = tmp_path / "guide.wav"
     sf.write(guide, 0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000), 16000)
@@ -380,7 +380,7 @@ def test_check_request_accepts_guided_schedule_that_skips_the_all_off_steps(no_m
 def test_check_request_without_guide_checks_the_steps_actually_run(no_models):
     """Without a guide the pipeline runs every step (strength only applies to a guide), so the up-front check
     must reject t_image = t_audio = 0.8, which switches both models off for the steps above 800."""
-    from pws_batch.pipeline import check_request
+    from pws_batch.core.pipeline import check_request
 
     params = GenerationParams(image_prompt="ships", audio_prompt="birds", t_image=0.8, t_audio=0.8, strength=0.8)
     with pytest.raises(ValueError):

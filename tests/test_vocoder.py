@@ -1,4 +1,4 @@
-"""Loading Auffusion's HiFi-GAN vocoder from its on-disk format (ALGORITHM.md, "Canvas <-> spectrogram <-> waveform").
+"""Loading Auffusion's HiFi-GAN vocoder from its on-disk format (docs/algorithm.md, "Canvas <-> spectrogram <-> waveform").
 
 A reference generator is built with torch's own old-style weight norm (`torch.nn.utils.weight_norm` on every
 conv, giving `weight_g` / `weight_v` state-dict keys, as Auffusion's `vocoder.pt` holds them) and saved as
@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from pws_batch.vocoder import HifiGanGenerator, load_vocoder, save_vocoder
+from pws_batch.core.vocoder import HifiGanGenerator, load_vocoder, save_vocoder
 
 FRAMES = 12
 

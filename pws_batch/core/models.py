@@ -64,7 +64,7 @@ def cache_home() -> str:
 
 
 def tiny_dir() -> str:
-    from pws_batch.tiny import TINY_VERSION
+    from pws_batch.core.tiny import TINY_VERSION
 
     return os.path.join(cache_home(), f"tiny-v{TINY_VERSION}")
 
@@ -73,7 +73,7 @@ def ensure_tiny(folder: str | None = None) -> str:
     """The tiny model set's folder, built first if it is not there yet."""
     folder = folder or tiny_dir()
     if not os.path.isfile(os.path.join(folder, MODEL_SET_FILE)):
-        from pws_batch.tiny import build_tiny
+        from pws_batch.core.tiny import build_tiny
 
         build_tiny(folder)
     return folder
@@ -179,7 +179,7 @@ def load_scheduler_config(model_id: str, fallback: bool = False) -> dict:
 
 
 def load_vocoder(model_set: ModelSet, device, dtype):
-    from pws_batch.vocoder import load_vocoder as _load
+    from pws_batch.core.vocoder import load_vocoder as _load
 
     try:
         return _load(model_set.vocoder, model_set.vocoder_subfolder, device=device, dtype=dtype)

@@ -98,7 +98,7 @@ def build_vocoder_folder(folder: str, seed: int) -> None:
     """A tiny HiFi-GAN in Auffusion's vocoder layout: 256 mels in, upsample rates multiplying to 160."""
     import torch
 
-    from pws_batch.vocoder import HifiGanGenerator, save_vocoder
+    from pws_batch.core.vocoder import HifiGanGenerator, save_vocoder
 
     config = {
         "resblock": "1", "num_gpus": 0, "num_mels": 256, "sampling_rate": 16000,

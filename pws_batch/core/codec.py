@@ -1,4 +1,4 @@
-"""Canvas <-> log-mel spectrogram <-> waveform, in Auffusion's format (ALGORITHM.md).
+"""Canvas <-> log-mel spectrogram <-> waveform, in Auffusion's format (docs/algorithm.md).
 
 A canvas is a float tensor [B, 3, 256, F] in [0, 1] (what the VAEs read and write, F = 1024 frames);
 a log-mel is [B, 256, F] in natural-log units; a waveform is [B, F * 160] at 16 kHz.

@@ -17,12 +17,12 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pws_batch import __version__
-from pws_batch.dataset import (Output, candidates_table, committed_shards, dataset_card, kept_table,
+from pws_batch.batch.dataset import (Output, candidates_table, committed_shards, dataset_card, kept_table,
                                shard_name)
-from pws_batch.manifest import (PairRequest, RunDefaults, Validated, manifest_fingerprint, read_manifest,
+from pws_batch.batch.manifest import (PairRequest, RunDefaults, Validated, manifest_fingerprint, read_manifest,
                                 rejections_table, validate_manifest)
-from pws_batch.params import GenerationParams
-from pws_batch.ranking import RankingRule
+from pws_batch.core.params import GenerationParams
+from pws_batch.batch.ranking import RankingRule
 
 
 class RunError(ValueError):
@@ -124,7 +124,7 @@ def versions() -> dict[str, str]:
 def scheduler_config_for(models: str) -> tuple[dict, dict[str, str]]:
     """The image model's scheduler config for schedule checks (SD 1.5's when the model is not local), and the
     model ids (builds `tiny` if needed)."""
-    from pws_batch.models import load_scheduler_config, resolve_model_set
+    from pws_batch.core.models import load_scheduler_config, resolve_model_set
 
     model_set = resolve_model_set(models)
     return load_scheduler_config(model_set.image, fallback=True), model_set.ids()

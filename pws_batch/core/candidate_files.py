@@ -8,7 +8,7 @@ import platform
 from typing import Any
 
 from pws_batch import __version__
-from pws_batch.media import png_bytes, wav_bytes
+from pws_batch.core.media import png_bytes, wav_bytes
 
 
 def generation_record(result, pipe, **extra: Any) -> dict[str, Any]:

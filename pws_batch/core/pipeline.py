@@ -2,7 +2,7 @@
 
 Follows diffusers' `StableDiffusionPipeline.__call__`: components passed in, one readable call with numbered
 steps (check inputs, encode prompts, prepare timesteps and latents, denoise, decode). The math of each step
-lives in `pws_batch.sampler`; the canvas / audio format in `pws_batch.codec`.
+lives in `pws_batch.core.sampler`; the canvas / audio format in `pws_batch.core.codec`.
 """
 
 from __future__ import annotations
@@ -15,31 +15,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pws_batch import codec, sampler
-from pws_batch.models import (ModelSet, load_diffusion_pipeline, load_vocoder,
+from pws_batch.core import codec, sampler
+from pws_batch.core.models import (ModelSet, load_diffusion_pipeline, load_vocoder,
                               resolve_model_set)
-from pws_batch.params import GenerationParams, check_guides, check_params, raise_for_problems
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-VOCODERS = ("hifigan", "griffin-lim")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto = fp16 on CUDA (half precision), fp32 on CPU."""
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
+from pws_batch.core.device import resolve_device, resolve_dtype
+from pws_batch.core.params import GenerationParams, check_guides, check_params, raise_for_problems
 
 def make_scheduler(name: str, config: dict):
     """Any diffusers scheduler class by name, built from the image model's scheduler config."""

@@ -1,4 +1,4 @@
-"""The composite sampler: one latent denoised by two diffusion models (ALGORITHM.md, "One denoising step").
+"""The composite sampler: one latent denoised by two diffusion models (docs/algorithm.md, "One denoising step").
 
 Small pure functions over tensors and one loop you can read whole. No Ray, no Prefect, no model loading:
 the U-Nets come in as callables `unet(sample, timestep, encoder_hidden_states=...) -> object with .sample`

@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 
-from pws_batch.codec import SAMPLE_RATE
+from pws_batch.core.codec import SAMPLE_RATE
 
 
 def png_bytes(gray: np.ndarray) -> bytes:

@@ -120,7 +120,7 @@ def dataset_counts(out: str | None) -> dict[str, Any] | None:
     if not out:
         return None
     try:
-        from pws_batch.dataset import Output
+        from pws_batch.batch.dataset import Output
 
         o = Output(out)
         return o.read_json("run.json").get("counts") if o.exists("run.json") else None

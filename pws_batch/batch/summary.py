@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pws_batch.dataset import Output, committed_shards
+from pws_batch.batch.dataset import Output, committed_shards
 
 
 def _stats(values: list[float]) -> str:
@@ -29,7 +29,7 @@ def summarize(uri: str) -> str:
         f"{counts.get('rejected', 0)} rejected rows, {counts.get('pairs_missing', 0)} not generated",
         f"  candidates   {counts.get('candidates', 0)} generated, {counts.get('kept', 0)} kept",
     ]
-    from pws_batch.run import read_kept
+    from pws_batch.batch.run import read_kept
 
     table = read_kept(out)
     if table is not None:

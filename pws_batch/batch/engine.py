@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
-from pws_batch.manifest import PairRequest
-from pws_batch.ranking import RankingRule
+from pws_batch.batch.manifest import PairRequest
+from pws_batch.batch.ranking import RankingRule
 
 MAX_RESTARTS = 2
 MAX_TASK_RETRIES = 2
@@ -62,7 +62,7 @@ class Generator:
     """Holds both diffusion models and the vocoder; makes one pair's candidates per call."""
 
     def __init__(self, config: dict):
-        from pws_batch.pipeline import ImagesThatSoundPipeline
+        from pws_batch.core.pipeline import ImagesThatSoundPipeline
 
         self.config = EngineConfig(**config)
         self.model_loads = 0
@@ -98,9 +98,9 @@ class Ranker:
     """Holds CLIP and CLAP; scores a pair's candidates, ranks them and returns only the kept ones' media."""
 
     def __init__(self, config: dict):
-        from pws_batch.models import resolve_model_set
-        from pws_batch.pipeline import resolve_device
-        from pws_batch.ranking import ClapScorer, ClipScorer
+        from pws_batch.core.models import resolve_model_set
+        from pws_batch.core.device import resolve_device
+        from pws_batch.core.scorers import ClapScorer, ClipScorer
 
         self.config = EngineConfig(**config)
         self.rule = RankingRule(**self.config.ranking)
@@ -119,8 +119,8 @@ class Ranker:
                 "device": _device_info(self.device), **_where()}
 
     def rank(self, request: dict, generated: dict) -> dict:
-        from pws_batch.media import png_bytes, wav_bytes
-        from pws_batch.ranking import rank_candidates
+        from pws_batch.core.media import png_bytes, wav_bytes
+        from pws_batch.batch.ranking import rank_candidates
 
         if "error" in generated:
             return generated

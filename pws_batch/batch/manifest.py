@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pws_batch.params import GenerationParams, Problem, check_guides, check_params
+from pws_batch.core.params import GenerationParams, Problem, check_guides, check_params
 
 REQUIRED = ("image_prompt", "audio_prompt")
 PARAM_COLUMNS = ("negative_image_prompt", "negative_audio_prompt", "guidance_image", "guidance_audio", "t_image",
@@ -220,8 +220,8 @@ def validate_manifest(df, defaults: RunDefaults | None = None, scheduler_config:
 
     `base` is the manifest's folder, against which relative guide paths are resolved.
     """
-    from pws_batch.pipeline import checked_timesteps
-    from pws_batch.sampler import ScheduleError
+    from pws_batch.core.pipeline import checked_timesteps
+    from pws_batch.core.sampler import ScheduleError
 
     defaults = defaults or RunDefaults()
     columns = [str(c) for c in df.columns]

@@ -1,7 +1,7 @@
 """Generation parameters of one prompt pair, with their defaults and checks.
 
 Everything here is plain Python (no torch), so the CLI and the manifest validation can check a request
-before any model is loaded. The defaults are those of the reference implementation (ALGORITHM.md).
+before any model is loaded. The defaults are those of the reference implementation (docs/algorithm.md).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ MAX_CANDIDATES = 10_000
 
 @dataclass
 class GenerationParams:
-    """One prompt pair and how to turn it into candidates (ALGORITHM.md, "One denoising step")."""
+    """One prompt pair and how to turn it into candidates (docs/algorithm.md, "One denoising step")."""
 
     image_prompt: str
     audio_prompt: str
@@ -95,7 +95,7 @@ def check_params(p: GenerationParams) -> list[Problem]:
     """Every problem of a request that can be seen without models: types, ranges, prompts.
 
     Guide files and the schedule need more context and are checked by `check_guides` and
-    `pws_batch.sampler.check_schedule`.
+    `pws_batch.core.sampler.check_schedule`.
     """
     problems: list[Problem] = []
     for name in ("image_prompt", "audio_prompt"):
@@ -155,7 +155,7 @@ def check_params(p: GenerationParams) -> list[Problem]:
 
 def check_guides(p: GenerationParams) -> list[Problem]:
     """Open the guide file, if any, and report it when it cannot be read as audio / an image."""
-    from pws_batch import codec  # numpy / soundfile / PIL only
+    from pws_batch.core import codec  # numpy / soundfile / PIL only
 
     problems: list[Problem] = []
     if p.guide_audio:

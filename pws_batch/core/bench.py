@@ -8,14 +8,14 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from pws_batch import sampler
-from pws_batch.params import GenerationParams
+from pws_batch.core import sampler
+from pws_batch.core.params import GenerationParams
 
 
 def bench_sampler(models: str = "tiny", candidates: int = 8, steps: int = 50, t_image: float = 0.9,
                   t_audio: float = 1.0, micro_batch: int = 8, device: str = "auto", dtype: str = "auto",
                   print_fn=print) -> dict:
-    from pws_batch.pipeline import ImagesThatSoundPipeline, checked_timesteps
+    from pws_batch.core.pipeline import ImagesThatSoundPipeline, checked_timesteps
 
     pipe = ImagesThatSoundPipeline.from_model_set(models, device=device, dtype=dtype, vocoder="griffin-lim")
     params = GenerationParams("a painting of police cars", "police siren", num_candidates=candidates, steps=steps,
