@@ -9,7 +9,6 @@ with their scores, and a markdown summary.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import datetime as dt
 import time
 from typing import Any, Callable
@@ -21,7 +20,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from pws_batch.batch import engine, run
-from pws_batch.batch.manifest import PairRequest
+from pws_batch.batch.config import RunConfig
+from pws_batch.batch.manifest import manifest_name
 
 SHARD_RETRIES = 2
 # Listeners in this process (the CLI's progress bar): called with (pairs_done, pairs_total).
@@ -29,23 +29,21 @@ PROGRESS_LISTENERS: list[Callable[[int, int], None]] = []
 
 
 def _flow_run_name() -> str:
-    manifest = str(flow_run.parameters.get("manifest", "manifest"))
-    stem = manifest.rstrip("/").rsplit("/", 1)[-1].split(".")[0] or "manifest"
-    return f"{stem}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    name = manifest_name(str(flow_run.parameters.get("manifest", "manifest")))
+    return f"{name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-@task(name="generate-shard", task_run_name="shard-{shard_name}", retries=SHARD_RETRIES, retry_delay_seconds=2,
+@task(name="generate-shard", task_run_name="shard-{shard.name}", retries=SHARD_RETRIES, retry_delay_seconds=2,
       cache_policy=NO_CACHE, persist_result=False)
-def generate_shard(run_key: str, config: dict, model_ids: dict, shard_name: str, requests: list[dict]) -> dict:
+def generate_shard(run_key: str, out: str, model_ids: dict, shard: run.Shard) -> dict:
     """Generate, rank, write and commit one shard on the run's Ray actors (retried if it fails)."""
     logger = get_run_logger()
     pool = engine.get_pool(run_key)
-    shard = run.Shard(shard_name, [PairRequest.from_dict(r) for r in requests])
-    stats = run.process_shard(run.RunConfig(**config), model_ids, shard, lambda reqs: engine.run_pairs(pool, reqs))
-    logger.info(f"shard {shard_name}: {stats['pairs_done']}/{stats['pairs']} pairs, {stats['kept']} kept of "
+    stats = run.process_shard(out, model_ids, shard, lambda reqs: engine.run_pairs(pool, reqs))
+    logger.info(f"shard {shard.name}: {stats['pairs_done']}/{stats['pairs']} pairs, {stats['kept']} kept of "
                 f"{stats['candidates']} candidates in {stats['seconds']:.1f} s on actor pair {stats['actor_pair']}")
     for failure in stats["failed"]:
-        logger.warning(f"shard {shard_name}: pair {failure['pair_id']} (row {failure['row']}) failed: {failure['error']}")
+        logger.warning(f"shard {shard.name}: pair {failure['pair_id']} (row {failure['row']}) failed: {failure['error']}")
     return stats
 
 
@@ -55,21 +53,18 @@ def _artifact_key(name: str, suffix: str) -> str:
 
 
 @flow(name="generate-dataset", flow_run_name=_flow_run_name, persist_result=False, log_prints=False)
-def generate_dataset(manifest: str, out: str, models: str = "sd15-auffusion", candidates: int = 8, keep: int = 1,
-                     steps: int = 100, seed: int = 0, shard_size: int = 4, actors: int | None = None,
-                     ray_address: str | None = None, overwrite: bool = False, ranking: str = "reference",
-                     top_fraction: float = 0.2, micro_batch: int = 8, device: str = "auto", dtype: str = "auto",
-                     vocoder: str = "hifigan", crop_columns: int = 32) -> dict[str, Any]:
-    """Turn a manifest of prompt pairs into a curated dataset of images that sound at `out`."""
+def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -> dict[str, Any]:
+    """Turn a manifest of prompt pairs into a curated dataset of images that sound at `out`.
+
+    `config` is the whole run config (pws_batch.batch.config.RunConfig: generation defaults, engine, plan, ranking);
+    left out, every default applies.
+    """
     logger = get_run_logger()
-    config = run.RunConfig(manifest=manifest, out=out, models=models, num_candidates=candidates, keep=keep,
-                           steps=steps, seed=seed, shard_size=shard_size, actors=actors, ray_address=ray_address,
-                           overwrite=overwrite, ranking=ranking, top_fraction=top_fraction, micro_batch=micro_batch,
-                           device=device, dtype=dtype, vocoder=vocoder, crop_columns=crop_columns)
+    config = config or RunConfig()
     t_start = time.perf_counter()
 
     # 1. Load and validate; bad rows go to rejected.parquet; plan shards; skip those already committed.
-    plan = run.prepare(config, log=logger.info)
+    plan = run.prepare(manifest, out, config, log=logger.info)
     for rejection in plan.validated.rejections:
         logger.warning(f"rejected {rejection}")
     total_pairs = len(plan.validated.requests)
@@ -89,12 +84,10 @@ def generate_dataset(manifest: str, out: str, models: str = "sd15-auffusion", ca
     run_key = str(flow_run.id or id(plan))
     started_ray, pool, actor_infos, errors = False, None, [], []
     if plan.todo:
-        started_ray = engine.connect_ray(config.ray_address)
+        started_ray = engine.connect_ray(config.engine.ray_address)
         logger.info(engine.describe_cluster(started_ray))
         try:
-            pool = engine.start_actors(engine.EngineConfig(
-                models=models, device=device, dtype=dtype, vocoder=vocoder, micro_batch=micro_batch,
-                ranking=dataclasses.asdict(plan.config.rule())), actors, logger.info)
+            pool = engine.start_actors(config, logger.info)
             actor_infos = pool.infos()
             engine.register_pool(run_key, pool)
             pending = list(plan.todo)
@@ -102,8 +95,7 @@ def generate_dataset(manifest: str, out: str, models: str = "sd15-auffusion", ca
             while pending or running:
                 while pending and len(running) < len(pool):
                     shard = pending.pop(0)
-                    future = generate_shard.submit(run_key, config.to_dict(), plan.model_ids, shard.name,
-                                                   [r.to_dict() for r in shard.requests])
+                    future = generate_shard.submit(run_key, out, plan.model_ids, shard)
                     running[future.wrapped_future] = (future, shard)
                 finished, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
                 for wrapped in finished:
@@ -115,6 +107,7 @@ def generate_dataset(manifest: str, out: str, models: str = "sd15-auffusion", ca
                         errors.append(f"shard {shard.name}: {type(exc).__name__}: {exc}")
                         logger.error(f"shard {shard.name} failed after {SHARD_RETRIES} retries: {exc}")
                     report()
+            actor_infos = pool.infos()  # again at the end: the pairs each actor served, its (single) model load
         finally:
             engine.unregister_pool(run_key)
             engine.stop_actors(pool)

@@ -14,7 +14,9 @@ import time
 from typing import Sequence
 
 from pws_batch import __version__
-from pws_batch.core.params import GenerationParams, ParamsError, check_guides, check_params
+from pws_batch.batch.config import RunConfig, RunError, add_flags, from_args
+from pws_batch.core.params import (DEVICES, DTYPES, VOCODERS, GenerationParams, ParamsError, check_guides,
+                                   check_params)
 
 DEFAULTS = GenerationParams(image_prompt="", audio_prompt="")
 
@@ -41,18 +43,12 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--candidates", type=int, default=1, help="candidates to make for the pair (default: 1)")
     s.add_argument("--seed", type=int, default=0, help="candidate i uses seed S + i (default: 0)")
     s.add_argument("--steps", type=int, default=DEFAULTS.steps, help=f"denoising steps (default: {DEFAULTS.steps})")
-    s.add_argument("--guidance-image", type=float, default=DEFAULTS.guidance_image,
-                   help=f"CFG scale of the image model (default: {DEFAULTS.guidance_image:g})")
-    s.add_argument("--guidance-audio", type=float, default=DEFAULTS.guidance_audio,
-                   help=f"CFG scale of the audio model (default: {DEFAULTS.guidance_audio:g})")
-    s.add_argument("--t-image", type=float, default=DEFAULTS.t_image,
-                   help=f"the image model joins once t <= T_IMAGE * T, in [0, 1] (default: {DEFAULTS.t_image:g})")
-    s.add_argument("--t-audio", type=float, default=DEFAULTS.t_audio,
-                   help=f"the audio model joins once t <= T_AUDIO * T, in [0, 1] (default: {DEFAULTS.t_audio:g})")
-    s.add_argument("--weight-image", type=float, default=DEFAULTS.weight_image,
-                   help=f"base weight a_image (default: {DEFAULTS.weight_image:g})")
-    s.add_argument("--weight-audio", type=float, default=DEFAULTS.weight_audio,
-                   help=f"base weight a_audio (default: {DEFAULTS.weight_audio:g})")
+    for name, what in (("guidance", "CFG scale of the {} model"),  # each model's own guidance, schedule, weight
+                       ("t", "the {} model joins once t <= T_{} * T, in [0, 1]"), ("weight", "base weight a_{}")):
+        for model in ("image", "audio"):
+            default = getattr(DEFAULTS, f"{name}_{model}")
+            s.add_argument(f"--{name}-{model}", type=float, default=default,
+                           help=f"{what.format(model, model.upper())} (default: {default:g})")
     s.add_argument("--scheduler", default=DEFAULTS.scheduler,
                    help="any diffusers scheduler class, built from SD's scheduler config (default: DDIMScheduler)")
     guide = s.add_mutually_exclusive_group()
@@ -69,8 +65,8 @@ def _add_runtime_args(p: argparse.ArgumentParser, models_default: str = "sd15-au
     r.add_argument("--models", default=models_default,
                    help=f"model set: sd15-auffusion (real hub ids), tiny (random offline weights), or a path to a "
                         f"model_set.json / a folder holding one (default: {models_default})")
-    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
-    r.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+    r.add_argument("--device", default="auto", choices=DEVICES, help="(default: auto)")
+    r.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="auto = fp16 on CUDA, fp32 on CPU (default: auto)")
     r.add_argument("--micro-batch", type=int, default=8,
                    help="candidates denoised together in one batch; lower it if memory runs out (default: 8)")
@@ -87,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "seeds, model ids, U-Net evaluation counts, timings).")
     _add_generation_args(gen)
     _add_runtime_args(gen)
-    gen.add_argument("--vocoder", default="hifigan", choices=["hifigan", "griffin-lim"],
+    gen.add_argument("--vocoder", default="hifigan", choices=VOCODERS,
                      help="Auffusion's HiFi-GAN, or weight-free Griffin-Lim (default: hifigan)")
     gen.add_argument("--out", required=True, help="output folder (local path or fsspec URI)")
 
@@ -129,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Report every bad row of a manifest (row number, field, what is wrong, how to "
                                      "fix it); exit status 1 if any row is bad.")
     val.add_argument("manifest", help="Parquet, CSV or JSON Lines manifest (path or fsspec URI)")
-    _add_defaults_args(val)
-    val.add_argument("--models", default="sd15-auffusion", help="model set whose scheduler checks the schedules")
+    add_flags(val, sections=("defaults",))
+    add_flags(val, sections=("engine",), only=("models",))
 
     insp = sub.add_parser("inspect", help="summarise a dataset written by `pws-batch run`")
     insp.add_argument("out", help="the dataset's location (path or fsspec URI)")
@@ -149,36 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_defaults_args(p: argparse.ArgumentParser) -> None:
-    d = p.add_argument_group("defaults for columns a manifest leaves out (a row's own value wins)")
-    d.add_argument("--candidates", type=int, default=8, help="candidates per pair (default: 8)")
-    d.add_argument("--keep", type=int, default=1, help="best candidates kept per pair (default: 1)")
-    d.add_argument("--steps", type=int, default=DEFAULTS.steps, help=f"denoising steps (default: {DEFAULTS.steps})")
-    d.add_argument("--seed", type=int, default=0, help="base seed; candidate i uses seed + i (default: 0)")
-
-
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    _add_defaults_args(p)
-    _add_runtime_args(p)
-    p.add_argument("--vocoder", default="hifigan", choices=["hifigan", "griffin-lim"], help="(default: hifigan)")
-    p.add_argument("--crop-columns", type=int, default=DEFAULTS.crop_columns,
-                   help=f"dark last columns dropped (default: {DEFAULTS.crop_columns})")
-    c = p.add_argument_group("cluster")
-    c.add_argument("--shard-size", type=int, default=4, help="pairs per shard = per Prefect task (default: 4)")
-    c.add_argument("--actors", type=int, default=None,
-                   help="generator actors (default: one per GPU of the cluster, or 1 without GPUs)")
-    c.add_argument("--ray-address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
-    r = p.add_argument_group("ranking")
-    r.add_argument("--ranking", default="reference", choices=["reference", "weighted", "pareto"],
-                   help="reference: top fraction by both scores first; weighted: weighted sum of min-max normalised "
-                        "scores; pareto: Pareto front first (default: reference)")
-    r.add_argument("--top-fraction", type=float, default=0.2, help="the reference rule's fraction (default: 0.2)")
-    resume = p.add_argument_group("an existing --out").add_mutually_exclusive_group()
-    resume.add_argument("--resume", dest="overwrite", action="store_false",
-                        help="keep committed shards and generate the rest (default)")
-    resume.add_argument("--overwrite", dest="overwrite", action="store_true",
-                        help="delete what an earlier run wrote to --out and start over")
-    p.set_defaults(overwrite=False)
+    """Every run option: one flag per field of the run config (pws_batch.batch.config)."""
+    add_flags(p)
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -308,40 +277,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config(args: argparse.Namespace):
-    from pws_batch.batch.run import RunConfig, RunError
+def _run_config(args: argparse.Namespace, command: str) -> RunConfig:
+    """The run config the flags describe, checked (model set name, ranges) before anything heavy is imported."""
+    from pws_batch.core.models import ModelSetError, check_model_set_spec
 
-    config = RunConfig(manifest=args.manifest, out=args.out, models=args.models, num_candidates=args.candidates,
-                       keep=args.keep, steps=args.steps, seed=args.seed, crop_columns=args.crop_columns,
-                       shard_size=args.shard_size, actors=args.actors, ray_address=args.ray_address,
-                       overwrite=args.overwrite, ranking=args.ranking, top_fraction=args.top_fraction,
-                       micro_batch=args.micro_batch, device=args.device, dtype=args.dtype, vocoder=args.vocoder)
     try:
-        config.check()
+        config = from_args(args)
+        check_model_set_spec(config.engine.models)
     except RunError as exc:
-        raise UsageError(f"pws-batch run: error: {exc}") from exc
+        raise UsageError(f"pws-batch {command}: error: {exc}") from exc
+    except ModelSetError as exc:
+        raise UsageError(f"pws-batch {command}: error: --models: {exc}") from exc
     return config
 
 
-def flow_parameters(config) -> dict:
-    """RunConfig -> the parameters of the generate_dataset flow (also those of its deployment)."""
-    return {"manifest": config.manifest, "out": config.out, "models": config.models,
-            "candidates": config.num_candidates, "keep": config.keep, "steps": config.steps, "seed": config.seed,
-            "shard_size": config.shard_size, "actors": config.actors, "ray_address": config.ray_address,
-            "overwrite": config.overwrite, "ranking": config.ranking, "top_fraction": config.top_fraction,
-            "micro_batch": config.micro_batch, "device": config.device, "dtype": config.dtype,
-            "vocoder": config.vocoder, "crop_columns": config.crop_columns}
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    _check_runtime(args)
-    config = _run_config(args)
+    config = _run_config(args, "run")
     from pws_batch.batch.manifest import ManifestError, read_manifest
-    from pws_batch.batch.run import RunError, check_output
+    from pws_batch.batch.run import check_output
 
     try:
-        read_manifest(config.manifest)
-        check_output(config)  # before any flow run is created: a refused resume costs nothing
+        read_manifest(args.manifest)
+        check_output(args.manifest, args.out, config)  # before any flow run is created: a refused resume costs nothing
     except (ManifestError, RunError) as exc:
         raise UsageError(f"pws-batch run: error: {exc}") from exc
 
@@ -360,7 +317,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     PROGRESS_LISTENERS.append(on_progress)
     failure = None
     try:
-        generate_dataset(**flow_parameters(config))
+        generate_dataset(args.manifest, args.out, config)
     except RunError as exc:
         raise UsageError(f"pws-batch run: error: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - the flow failed; report what was written all the same
@@ -368,28 +325,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         PROGRESS_LISTENERS.remove(on_progress)
         bar.close()
-    out = Output(config.out)
+    out = Output(args.out)
     if not out.exists("run.json"):
         raise failure or RuntimeError("the flow wrote no run.json")
     counts = out.read_json("run.json").get("counts", {})
-    print(f"dataset at {config.out}: {counts.get('pairs_done', 0)} pairs kept, {counts.get('pairs_failed', 0)} failed, "
+    print(f"dataset at {args.out}: {counts.get('pairs_done', 0)} pairs kept, {counts.get('pairs_failed', 0)} failed, "
           f"{counts.get('rejected', 0)} rejected" + (f" ({counts.get('pairs_missing', 0)} pairs not generated: "
                                                     f"{failure}; run again to resume)" if failure else ""))
     return 0 if failure is None and not counts.get("pairs_failed") else 1
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    _check_runtime(args)
     from pws_batch.batch.manifest import ManifestError
     from pws_batch.batch.run import validate
     from pws_batch.batch.submit import SubmitError, check_api, format_status, submit, wait
 
     args.manifest = _absolute(args.manifest)
     args.out = _absolute(args.out)
-    config = _run_config(args)
+    config = _run_config(args, "submit")
     try:
         check_api()  # an unreachable API fails in seconds, before any validation work
-        validated, _ = validate(config)
+        validated, _ = validate(args.manifest, config)
     except (ManifestError, SubmitError) as exc:
         raise UsageError(f"pws-batch submit: error: {exc}") from exc
     for r in validated.rejections:
@@ -398,9 +354,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise UsageError(f"pws-batch submit: error: {args.manifest} has no good row ({validated.num_rows} rows, "
                          f"all rejected); nothing submitted. See `pws-batch validate {args.manifest}`")
     try:
-        # Unset values (None) are left out so the deployment's own defaults (e.g. its ray_address) apply.
-        parameters = {k: v for k, v in flow_parameters(config).items() if v is not None}
-        run_id, url = submit(parameters, args.deployment)
+        run_id, url = submit({"manifest": args.manifest, "out": args.out, "config": config.to_dict()},
+                             args.deployment)
     except SubmitError as exc:
         raise UsageError(f"pws-batch submit: error: {exc}") from exc
     print(f"submitted {len(validated.requests)} pairs ({len(validated.rejections)} rows rejected) to "
@@ -432,12 +387,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from pws_batch.batch.manifest import ManifestError
     from pws_batch.core.models import ModelSetError
-    from pws_batch.batch.run import RunConfig, validate
+    from pws_batch.batch.run import validate
 
-    config = RunConfig(manifest=args.manifest, out="", models=args.models, num_candidates=args.candidates,
-                       keep=args.keep, steps=args.steps, seed=args.seed)
+    config = _run_config(args, "validate")
     try:
-        validated, _ = validate(config)
+        validated, _ = validate(args.manifest, config)
     except (ManifestError, ModelSetError) as exc:
         raise UsageError(f"pws-batch validate: error: {exc}") from exc
     for w in validated.warnings:

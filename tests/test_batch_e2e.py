@@ -160,9 +160,11 @@ def test_kept_rows_rejected_rows_sidecar_markers_and_card(first_run):
     run = json.load(open(os.path.join(out, "run.json")))
     assert run["status"] == "complete" and run["counts"]["rejected"] == 6 and run["counts"]["kept"] == 6
     assert run["versions"]["torch"].startswith("2.") and run["models"]["image"].endswith("image")
-    # Model loads equal the number of actors: each actor loaded its models once, in its constructor.
+    # Each actor's process loaded its models once (in its constructor) and then served every pair of the run:
+    # a load per pair (or per shard) would show as model_loads > 1.
     assert len(run["actors"]) == 2 and [a["model_loads"] for a in run["actors"]] == [1, 1]
     assert {a["role"] for a in run["actors"]} == {"generator", "ranker"}
+    assert [a["pairs"] for a in run["actors"]] == [5, 5]
 
 
 def test_dataset_loads_with_hugging_face_datasets(first_run):
@@ -183,7 +185,8 @@ def test_prefect_api_shows_the_flow_run_tasks_and_artifacts(first_run, server):
     run = json.load(open(os.path.join(out, "run.json")))
     flow_run = httpx_get(url, f"/flow_runs/{run['flow_run_id']}")
     assert flow_run["state_type"] == "COMPLETED" and flow_run["name"].startswith("pairs-")
-    assert flow_run["parameters"]["models"] == "tiny" and flow_run["parameters"]["shard_size"] == 2
+    config = flow_run["parameters"]["config"]  # the whole typed run config is the flow's parameter
+    assert config["engine"]["models"] == "tiny" and config["plan"]["shard_size"] == 2
     tasks = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["flow_run_id"]]}}})
     assert sorted(t["name"] for t in tasks) == ["shard-00000", "shard-00001", "shard-00002"]
     assert {t["state_type"] for t in tasks} == {"COMPLETED"}

@@ -108,7 +108,7 @@ def test_submit_wait_runs_the_deployment_on_the_ray_cluster(cluster, manifest, t
 
     flow_run = api(url, "/flow_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})[0]
     assert flow_run["state_type"] == "COMPLETED" and flow_run["name"].startswith("pairs-")
-    assert flow_run["parameters"]["models"] == "tiny" and flow_run["parameters"]["out"] == out
+    assert flow_run["parameters"]["config"]["engine"]["models"] == "tiny" and flow_run["parameters"]["out"] == out
     tasks = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
     assert sorted(t["name"] for t in tasks) == ["shard-00000", "shard-00001"]
     assert {t["state_type"] for t in tasks} == {"COMPLETED"}

@@ -15,11 +15,13 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from pws_batch.batch.dataset import (MEDIA, Output, candidates_table, committed_shards, dataset_card, kept_table,
-                               with_hf_metadata)
-from pws_batch.batch.manifest import PairRequest, Validated
+from pws_batch.batch.config import RunConfig
+from pws_batch.batch.dataset import (KNOWN_TYPES, MEDIA, Output, candidates_table, committed_shards, dataset_card,
+                                     kept_table, with_hf_metadata)
+from pws_batch.batch.manifest import Validated
+from pws_batch.batch.pair import PairRequest, PairResult, ScoredCandidate
+from pws_batch.batch.run import RunPlan, candidate_rows, finalize, kept_rows, plan_shards, process_shard
 from pws_batch.core.params import GenerationParams
-from pws_batch.batch.run import KNOWN_TYPES, RunConfig, RunPlan, finalize, kept_rows, plan_shards, process_shard
 
 MODEL_IDS = {"image": "img/model", "audio": "aud/model", "vocoder": "voc", "clip": "clip/id", "clap": "clap/id"}
 HF_DTYPES = {pa.int64(): "int64", pa.float64(): "float64", pa.string(): "string", pa.bool_(): "bool",
@@ -37,17 +39,16 @@ def request(i: int, keep: int = 2, extra: dict | None = None, pair_id: str | Non
     return PairRequest(row=i, pair_id=pair_id or f"p{i}", params=params, keep=keep, extra=extra or {})
 
 
-def fake_result(req: PairRequest) -> dict:
-    """What a worker returns for one pair: every candidate's scores, the kept ones with their media."""
+def fake_result(req: PairRequest) -> PairResult:
+    """What the actors return for one pair: every candidate's scores, the kept ones with their media."""
     n = req.params.num_candidates
-    scores = [{"pair_id": req.pair_id, "candidate_index": c, "seed": req.params.seed + c, "clip_score": 0.1 * c,
-               "clap_score": 0.2 * c, "rank": n - c, "kept": n - c <= req.keep} for c in range(n)]
-    kept = [{"candidate_index": s["candidate_index"], "seed": s["seed"], "rank": s["rank"],
-             "clip_score": s["clip_score"], "clap_score": s["clap_score"],
-             "image_png": f"png-{req.pair_id}-{s['candidate_index']}".encode(),
-             "audio_wav": f"wav-{req.pair_id}-{s['candidate_index']}".encode()}
-            for s in sorted(scores, key=lambda s: s["rank"]) if s["kept"]]
-    return {"kept": kept, "scores": scores, "generate_s": 1.5, "rank_s": 0.25, "unet_evals": 40 * n}
+    candidates = []
+    for c in range(n):
+        kept = n - c <= req.keep
+        candidates.append(ScoredCandidate(c, req.params.seed + c, 0.1 * c, 0.2 * c, n - c, kept,
+                                          f"png-{req.pair_id}-{c}".encode() if kept else None,
+                                          f"wav-{req.pair_id}-{c}".encode() if kept else None))
+    return PairResult(req, candidates, generate_s=1.5, rank_s=0.25, unet_evals=40 * n)
 
 
 # ------------------------------------------------------------------------------------------------ Output
@@ -91,7 +92,7 @@ def test_output_clear_removes_only_its_own_entries(uri):
 
 # ------------------------------------------------------------------------------------------------ kept table
 def kept_rows_of(*requests: PairRequest) -> list[dict]:
-    return [r for req in requests for r in kept_rows(req, fake_result(req), "00000", MODEL_IDS)]
+    return [r for req in requests for r in kept_rows(fake_result(req), "00000", MODEL_IDS)]
 
 
 def test_kept_rows_hold_one_row_per_kept_candidate_with_media_and_parameters():
@@ -205,7 +206,7 @@ def test_datasets_reads_image_and_audio_features(tmp_path):
 
 
 def test_candidates_table_schema():
-    table = candidates_table(fake_result(request(0))["scores"])
+    table = candidates_table(candidate_rows(fake_result(request(0))))
     assert table.schema.names == ["pair_id", "candidate_index", "seed", "clip_score", "clap_score", "rank", "kept"]
     assert table.num_rows == 3 and table["kept"].to_pylist() == [False, True, True]
 
@@ -274,15 +275,15 @@ def test_plan_shards_sizes_and_names(n, size):
 # ------------------------------------------------------------------------------------------------ a whole run
 def fake_run_pairs(fail: set[str]):
     def run_pairs(requests):
-        results = [{"error": f"boom {r.pair_id}"} if r.pair_id in fail else fake_result(r) for r in requests]
+        results = [PairResult.failed(r, f"boom {r.pair_id}") if r.pair_id in fail else fake_result(r)
+                   for r in requests]
         return results, {"host": "test", "actor": 0}
     return run_pairs
 
 
 def test_process_shard_writes_parts_and_commits(uri):
-    config = RunConfig(manifest="memory://pws-test/pairs.parquet", out=uri, shard_size=2)
     shard = plan_shards([request(0, extra={"notes": "n0"}), request(1)], 2)[0]
-    stats = process_shard(config, MODEL_IDS, shard, fake_run_pairs(fail={"p1"}))
+    stats = process_shard(uri, MODEL_IDS, shard, fake_run_pairs(fail={"p1"}))
     out = Output(uri)
     assert stats["shard"] == "00000" and stats["pair_ids"] == ["p0", "p1"]
     assert (stats["pairs"], stats["pairs_done"], stats["pairs_failed"]) == (2, 1, 1)
@@ -298,11 +299,10 @@ def test_process_shard_writes_parts_and_commits(uri):
 
 
 def test_process_shard_with_every_pair_failed_removes_a_stale_part(uri):
-    config = RunConfig(manifest="memory://pws-test/pairs.parquet", out=uri, shard_size=1)
     out = Output(uri)
     out.write_table("data/part-00000.parquet", pa.table({"stale": [1]}))
     shard = plan_shards([request(0)], 1)[0]
-    stats = process_shard(config, MODEL_IDS, shard, fake_run_pairs(fail={"p0"}))
+    stats = process_shard(uri, MODEL_IDS, shard, fake_run_pairs(fail={"p0"}))
     assert stats["kept"] == 0 and stats["pairs_failed"] == 1
     assert not out.exists("data/part-00000.parquet")
     assert out.read_table("candidates/part-00000.parquet").num_rows == 0
@@ -311,13 +311,14 @@ def test_process_shard_with_every_pair_failed_removes_a_stale_part(uri):
 
 def test_finalize_counts_committed_shards_and_writes_the_card(uri):
     requests = [request(i) for i in range(5)]
-    config = RunConfig(manifest="memory://pws-test/my-pairs.csv", out=uri, shard_size=2, keep=2)
+    config = RunConfig().replace(plan={"shard_size": 2}, defaults={"keep": 2})
     shards = plan_shards(requests, 2)  # 00000: p0 p1, 00001: p2 p3, 00002: p4
     validated = Validated(requests, [], [], ["image_prompt", "audio_prompt"], num_rows=6)
-    plan = RunPlan(config, validated, shards, {}, {"manifest_sha256": "x"}, MODEL_IDS)
+    plan = RunPlan("memory://pws-test/my-pairs.csv", uri, config, validated, shards, {}, {"manifest_sha256": "x"},
+                   MODEL_IDS)
     run_pairs = fake_run_pairs(fail={"p3"})
     for shard in shards[:2]:  # the last shard never runs
-        process_shard(config, MODEL_IDS, shard, run_pairs)
+        process_shard(uri, MODEL_IDS, shard, run_pairs)
     summary = finalize(plan)
     counts = summary["counts"]
     assert summary["name"] == "my-pairs" and summary["complete"] is False
@@ -334,7 +335,7 @@ def test_finalize_counts_committed_shards_and_writes_the_card(uri):
     card = out.fs.cat(out.path("README.md")).decode()
     assert card.startswith("---\n") and "# my-pairs" in card
 
-    process_shard(config, MODEL_IDS, shards[2], run_pairs)
+    process_shard(uri, MODEL_IDS, shards[2], run_pairs)
     summary = finalize(plan)
     assert summary["complete"] is True and summary["counts"]["pairs_missing"] == 0
     assert Output(uri).read_json("run.json")["status"] == "complete"

@@ -9,6 +9,7 @@ an output column); ids are stable; Parquet / CSV / JSON Lines read the same.
 from __future__ import annotations
 
 import json
+import pickle
 import math
 import uuid
 
@@ -19,15 +20,16 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from pws_batch.batch.manifest import (ManifestError, PairRequest, Rejection, RunDefaults, default_pair_id, read_manifest,
+from pws_batch.batch.config import GenerationDefaults
+from pws_batch.batch.manifest import (ManifestError, PairRequest, Rejection, default_pair_id, read_manifest,
                                 rejections_table, validate_manifest)
 from pws_batch.core.models import SD15_SCHEDULER_CONFIG
 from pws_batch.core.params import MAX_PROMPT_CHARS, GenerationParams
 
-DEFAULTS = RunDefaults(num_candidates=4, keep=2, steps=10, seed=7, crop_columns=16, grayscale_suffix=False)
+DEFAULTS = GenerationDefaults(num_candidates=4, keep=2, steps=10, seed=7, crop_columns=16, grayscale_suffix=False)
 
 
-def validate(df, defaults: RunDefaults = DEFAULTS, **kw):
+def validate(df, defaults: GenerationDefaults = DEFAULTS, **kw):
     return validate_manifest(df, defaults, scheduler_config=SD15_SCHEDULER_CONFIG, **kw)
 
 
@@ -121,11 +123,12 @@ def test_a_prompt_of_exactly_the_maximum_length_is_accepted():
     assert v.rejections == [] and len(v.requests) == 1
 
 
-def test_pair_request_round_trips_through_a_dict():
+def test_pair_request_round_trips_as_ray_and_prefect_carry_it():
+    """Requests travel to the actors as they are (pickled), never as hand-made dicts."""
     v = validate(pd.DataFrame([row(pair_id="p1", notes="n", keep=1)]))
     req = v.requests[0]
-    again = PairRequest.from_dict(json.loads(json.dumps(req.to_dict())))
-    assert again == req
+    again = pickle.loads(pickle.dumps(req))
+    assert again == req and isinstance(again, PairRequest)
 
 
 # ------------------------------------------------------------------------------------------------ bad rows
@@ -355,13 +358,14 @@ def test_near_miss_column_name_warns_did_you_mean_and_is_not_used():
 
 @pytest.mark.parametrize("column", ["base_seed", "unet_evals"])
 def test_pass_through_column_named_like_a_kept_row_column_is_renamed(column):
+    from pws_batch.batch.pair import PairResult, ScoredCandidate
     from pws_batch.batch.run import kept_rows
 
     v = validate(pd.DataFrame([row(seed=5, **{column: -123})]))
     (req,) = v.requests
-    result = {"kept": [{"candidate_index": 0, "seed": 5, "rank": 1, "clip_score": 0.1, "clap_score": 0.2,
-                        "image_png": b"", "audio_wav": b""}], "generate_s": 1.0, "rank_s": 0.1, "unet_evals": 40}
-    (out,) = kept_rows(req, result, "00000", {})
+    result = PairResult(req, [ScoredCandidate(0, 5, 0.1, 0.2, 1, True, b"", b"")], generate_s=1.0, rank_s=0.1,
+                        unet_evals=40)
+    (out,) = kept_rows(result, "00000", {})
     assert out["base_seed"] == 5 and out["unet_evals"] == 40
     assert out[f"manifest_{column}"] == -123
 

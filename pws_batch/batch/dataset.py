@@ -10,15 +10,47 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
+import typing
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pws_batch.core.params import GenerationParams
+
 MEDIA = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+MODEL_COMPONENTS = ("image", "audio", "vocoder", "clip", "clap")
+_ARROW = {str: pa.string(), float: pa.float64(), int: pa.int64(), bool: pa.bool_()}
+
+
+def _generation_fields() -> list[pa.Field]:
+    """Every generation parameter as a column, typed from GenerationParams' own annotations (seed -> base_seed)."""
+    hints = typing.get_type_hints(GenerationParams)
+    columns = []
+    for f in dataclasses.fields(GenerationParams):
+        python_type = next(t for t in (*typing.get_args(hints[f.name]), hints[f.name]) if t in _ARROW)
+        columns.append(pa.field("base_seed" if f.name == "seed" else f.name, _ARROW[python_type]))
+    return columns
+
+
+# The data parts' columns, declared once; the manifest's pass-through columns follow them.
+KEPT_SCHEMA = pa.schema([
+    ("pair_id", pa.string()), ("image", MEDIA), ("audio", MEDIA),
+    ("candidate_index", pa.int64()), ("seed", pa.int64()), ("rank", pa.int64()),
+    ("clip_score", pa.float64()), ("clap_score", pa.float64()), ("effective_image_prompt", pa.string()),
+    *_generation_fields(), ("keep", pa.int64()),
+    *[(f"model_{c}", pa.string()) for c in MODEL_COMPONENTS],
+    ("generate_s", pa.float64()), ("rank_s", pa.float64()), ("unet_evals", pa.int64()),
+    ("shard", pa.string()), ("manifest_row", pa.int64()),
+])
+KNOWN_TYPES: dict[str, pa.DataType] = {f.name: f.type for f in KEPT_SCHEMA}
+CANDIDATES_SCHEMA = pa.schema([("pair_id", pa.string()), ("candidate_index", pa.int64()), ("seed", pa.int64()),
+                               ("clip_score", pa.float64()), ("clap_score", pa.float64()), ("rank", pa.int64()),
+                               ("kept", pa.bool_())])
 CARD_TAGS = ["images-that-sound", "audio", "image", "spectrogram", "synthetic"]
 
 
@@ -55,9 +87,9 @@ class Output:
         pq.write_table(table, buffer)
         self.write_bytes(rel, buffer.getvalue())
 
-    def read_table(self, rel: str) -> pa.Table:
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         with self.fs.open(self.path(rel), "rb") as f:
-            return pq.read_table(io.BytesIO(f.read()))
+            return pq.read_table(f, columns=columns)
 
     def list(self, rel: str) -> list[str]:
         if not self.exists(rel):
@@ -122,7 +154,7 @@ def with_hf_metadata(table: pa.Table) -> pa.Table:
     return table.replace_schema_metadata(meta)
 
 
-def kept_table(rows: list[dict[str, Any]], types: dict[str, pa.DataType]) -> pa.Table:
+def kept_table(rows: list[dict[str, Any]], types: dict[str, pa.DataType] = KNOWN_TYPES) -> pa.Table:
     """data/part-*.parquet: `image` / `audio` as {"bytes", "path"}; known columns typed by `types`, the
     manifest's pass-through columns as Arrow infers them."""
     columns: dict[str, list] = {}
@@ -151,14 +183,12 @@ def _column(values: list) -> pa.Array:
 
 
 def candidates_table(rows: list[dict[str, Any]]) -> pa.Table:
-    schema = pa.schema([("pair_id", pa.string()), ("candidate_index", pa.int64()), ("seed", pa.int64()),
-                        ("clip_score", pa.float64()), ("clap_score", pa.float64()), ("rank", pa.int64()),
-                        ("kept", pa.bool_())])
-    return pa.Table.from_pylist(rows, schema=schema)
+    return pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------- the card
-def _summary(values: list[float]) -> str:
+def describe_scores(values: list[float]) -> str:
+    """"mean M, min A, max B" of the scores that are numbers (the card's and `inspect`'s wording), or "n/a"."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return "n/a"
@@ -190,8 +220,8 @@ def dataset_card(name: str, run: dict[str, Any], kept_rows: list[dict[str, Any]]
         f"rejected rows: {counts.get('rejected', 0)} (see `rejected.parquet`)",
         f"- candidates generated: {counts.get('candidates', 'n/a')}, rows kept: {counts.get('kept', 'n/a')}",
         "", "## Scores of the kept rows", "",
-        f"- CLIP (picture vs image prompt): {_summary([r.get('clip_score') for r in kept_rows])}",
-        f"- CLAP (sound vs audio prompt): {_summary([r.get('clap_score') for r in kept_rows])}",
+        f"- CLIP (picture vs image prompt): {describe_scores([r.get('clip_score') for r in kept_rows])}",
+        f"- CLAP (sound vs audio prompt): {describe_scores([r.get('clap_score') for r in kept_rows])}",
         f"- ranking rule: `{run.get('config', {}).get('ranking', {})}`",
         "", "## Models", "",
         *[f"- {k}: `{v}`" for k, v in models.items()],

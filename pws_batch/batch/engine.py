@@ -11,30 +11,23 @@ torch is imported only inside the actors: the driver (the Prefect flow) needs ra
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import socket
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
-from pws_batch.batch.manifest import PairRequest
-from pws_batch.batch.ranking import RankingRule
+from pws_batch.batch.config import RunConfig
+from pws_batch.batch.pair import PairRequest, PairResult, ScoredCandidate
 
 MAX_RESTARTS = 2
 MAX_TASK_RETRIES = 2
-
-
-@dataclass
-class EngineConfig:
-    models: str = "sd15-auffusion"
-    device: str = "auto"
-    dtype: str = "auto"
-    vocoder: str = "hifigan"
-    micro_batch: int = 8
-    ranking: dict = field(default_factory=lambda: asdict(RankingRule()))
+# Scorer loads in this process: an actor loads its models once, in its constructor, never per pair.
+MODEL_LOADS: Counter = Counter()
 
 
 def _where() -> dict[str, Any]:
@@ -61,88 +54,86 @@ def _device_info(device) -> str:
 class Generator:
     """Holds both diffusion models and the vocoder; makes one pair's candidates per call."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: RunConfig):
         from pws_batch.core.pipeline import ImagesThatSoundPipeline
 
-        self.config = EngineConfig(**config)
-        self.model_loads = 0
+        self.config = config
+        engine = config.engine
         t0 = time.perf_counter()
-        self.pipe = ImagesThatSoundPipeline.from_model_set(self.config.models, device=self.config.device,
-                                                           dtype=self.config.dtype, vocoder=self.config.vocoder)
-        self.model_loads += 1
+        self.pipe = ImagesThatSoundPipeline.from_model_set(engine.models, device=engine.device, dtype=engine.dtype,
+                                                           vocoder=engine.vocoder)
         self.load_s = time.perf_counter() - t0
+        self.pairs = 0
 
     def info(self) -> dict[str, Any]:
-        return {"role": "generator", "model_loads": self.model_loads, "load_s": round(self.load_s, 3),
-                "device": _device_info(self.pipe.device), "dtype": str(self.pipe.dtype)[6:],
-                "models": self.pipe.model_set.to_dict(), **_where()}
+        from pws_batch.core.device import dtype_name
+        from pws_batch.core.pipeline import ImagesThatSoundPipeline
 
-    def generate(self, request: dict) -> dict:
-        """A pair's candidates as arrays, or the error that stopped it (the shard goes on)."""
-        req = PairRequest.from_dict(request)
+        return {"role": "generator", "model_loads": ImagesThatSoundPipeline.loads, "pairs": self.pairs,
+                "load_s": round(self.load_s, 3), "device": _device_info(self.pipe.device),
+                "dtype": dtype_name(self.pipe.dtype), "models": self.pipe.model_set.to_dict(),
+                **_where()}
+
+    def generate(self, request: PairRequest) -> PairResult:
+        """A pair's candidates as arrays (in `generated`), or the error that stopped it (the shard goes on)."""
         t0 = time.perf_counter()
+        self.pairs += 1
         try:
-            result = self.pipe(req.params, micro_batch=self.config.micro_batch)
+            result = self.pipe(request.params, micro_batch=self.config.engine.micro_batch)
         except Exception as exc:  # noqa: BLE001 - one bad pair must not sink the shard
-            return {"pair_id": req.pair_id, "error": f"{type(exc).__name__}: {exc}"}
-        return {
-            "pair_id": req.pair_id,
-            "candidates": [{"index": c.index, "seed": c.seed, "image": c.image, "audio": c.audio}
-                           for c in result.candidates],
-            "unet_evals": sum(result.unet_evals.values()), "unet_evals_minimum": result.unet_evals_minimum,
-            "generate_s": round(time.perf_counter() - t0, 4), "generator": _where(),
-        }
+            return PairResult.failed(request, f"{type(exc).__name__}: {exc}", generator=_where())
+        return PairResult(request, generated=result, unet_evals=sum(result.unet_evals.values()),
+                          unet_evals_minimum=result.unet_evals_minimum,
+                          generate_s=round(time.perf_counter() - t0, 4), generator=_where())
 
 
 class Ranker:
     """Holds CLIP and CLAP; scores a pair's candidates, ranks them and returns only the kept ones' media."""
 
-    def __init__(self, config: dict):
-        from pws_batch.core.models import resolve_model_set
+    def __init__(self, config: RunConfig):
         from pws_batch.core.device import resolve_device
+        from pws_batch.core.models import resolve_model_set
         from pws_batch.core.scorers import ClapScorer, ClipScorer
 
-        self.config = EngineConfig(**config)
-        self.rule = RankingRule(**self.config.ranking)
-        self.model_loads = 0
-        device = resolve_device(self.config.device)
-        model_set = resolve_model_set(self.config.models)
+        self.config = config
+        device = resolve_device(config.engine.device)
+        model_set = resolve_model_set(config.engine.models)
         t0 = time.perf_counter()
         self.clip = ClipScorer(model_set.clip, device=device)
         self.clap = ClapScorer(model_set.clap, device=device)
-        self.model_loads += 1
+        MODEL_LOADS["ranker"] += 1
         self.load_s = time.perf_counter() - t0
         self.device = device
+        self.pairs = 0
 
     def info(self) -> dict[str, Any]:
-        return {"role": "ranker", "model_loads": self.model_loads, "load_s": round(self.load_s, 3),
-                "device": _device_info(self.device), **_where()}
+        return {"role": "ranker", "model_loads": MODEL_LOADS["ranker"], "pairs": self.pairs,
+                "load_s": round(self.load_s, 3), "device": _device_info(self.device), **_where()}
 
-    def rank(self, request: dict, generated: dict) -> dict:
-        from pws_batch.core.media import png_bytes, wav_bytes
+    def rank(self, pair: PairResult) -> PairResult:
+        """Score every candidate, rank them, keep the best `keep` with their media; drop the arrays."""
         from pws_batch.batch.ranking import rank_candidates
+        from pws_batch.core.media import png_bytes, wav_bytes
 
-        if "error" in generated:
-            return generated
-        req = PairRequest.from_dict(request)
+        if not pair.ok:  # the generator failed: pass its error on
+            return pair
+        self.pairs += 1
         t0 = time.perf_counter()
-        candidates = generated["candidates"]
+        request, candidates = pair.request, pair.generated.candidates
         try:
-            clip = self.clip([c["image"] for c in candidates], req.params.effective_image_prompt)
-            clap = self.clap([c["audio"] for c in candidates], req.params.audio_prompt)
+            clip = self.clip([c.image for c in candidates], request.params.effective_image_prompt)
+            clap = self.clap([c.audio for c in candidates], request.params.audio_prompt)
         except Exception as exc:  # noqa: BLE001
-            return {"pair_id": req.pair_id, "error": f"ranking failed: {type(exc).__name__}: {exc}"}
-        ranks = rank_candidates(clip, clap, self.rule)
-        scores = [{"pair_id": req.pair_id, "candidate_index": c["index"], "seed": c["seed"],
-                   "clip_score": float(clip[i]), "clap_score": float(clap[i]), "rank": int(ranks[i]),
-                   "kept": bool(ranks[i] <= req.keep)} for i, c in enumerate(candidates)]
-        kept = [{**scores[i], "image_png": png_bytes(c["image"]), "audio_wav": wav_bytes(c["audio"])}
-                for i, c in enumerate(candidates) if ranks[i] <= req.keep]
-        kept.sort(key=lambda k: k["rank"])
-        return {"pair_id": req.pair_id, "scores": scores, "kept": kept,
-                "unet_evals": generated["unet_evals"], "unet_evals_minimum": generated["unet_evals_minimum"],
-                "generate_s": generated["generate_s"], "rank_s": round(time.perf_counter() - t0, 4),
-                "generator": generated["generator"], "ranker": _where()}
+            return dataclasses.replace(pair, generated=None, ranker=_where(),
+                                       error=f"ranking failed: {type(exc).__name__}: {exc}")
+        ranks = rank_candidates(clip, clap, self.config.ranking)
+        scored = []
+        for i, c in enumerate(candidates):
+            kept = bool(ranks[i] <= request.keep)
+            scored.append(ScoredCandidate(c.index, c.seed, float(clip[i]), float(clap[i]), int(ranks[i]), kept,
+                                          png_bytes(c.image) if kept else None, wav_bytes(c.audio) if kept else None))
+        return dataclasses.replace(pair, candidates=scored, generated=None, rank_s=round(time.perf_counter() - t0, 4),
+                                   ranker=_where())
 
 
 # ---------------------------------------------------------------------------------------------- the pool
@@ -211,14 +202,20 @@ def describe_cluster(started_here: bool) -> str:
             f"{resources.get('GPU', 0):g} GPUs")
 
 
-def start_actors(config: EngineConfig, actors: int | None, log: Callable[[str], None]) -> ActorPool:
-    """One generator per GPU (or `actors`), each with its ranker; on a machine without GPUs, CPU actors."""
+def start_actors(config: RunConfig, log: Callable[[str], None], generator_cls: type | None = None,
+                 ranker_cls: type | None = None, actor_kwargs: dict | None = None) -> ActorPool:
+    """One generator per GPU (or `--actors`), each with its ranker; on a machine without GPUs, CPU actors.
+
+    `generator_cls` / `ranker_cls` (with `actor_kwargs` for their constructors) replace the model-holding actors:
+    `pws_batch.batch.standins` for benchmarks and tests of the orchestration.
+    """
     import ray
 
+    actors = config.engine.actors
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
-    use_gpu = gpus > 0 and config.device != "cpu"
+    use_gpu = gpus > 0 and config.engine.device != "cpu"
     n = actors or (gpus if use_gpu else 1)
     if not use_gpu and cpus < 1:  # e.g. a GPU cluster whose GPU workers are not up yet: CPU actors would wait forever
         raise ValueError("the Ray cluster has no GPU and no CPU free for actors (are its GPU workers up? "
@@ -232,9 +229,11 @@ def start_actors(config: EngineConfig, actors: int | None, log: Callable[[str], 
     gen_opts = dict(num_gpus=0.8, num_cpus=1) if use_gpu else dict(num_gpus=0, num_cpus=max(1, cpus // n))
     rank_opts = dict(num_gpus=0.2, num_cpus=0) if use_gpu else dict(num_gpus=0, num_cpus=0)
     common = dict(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
-    cfg = asdict(config)
-    generators = [ray.remote(Generator).options(**gen_opts, **common).remote(cfg) for _ in range(n)]
-    rankers = [ray.remote(Ranker).options(**rank_opts, **common).remote(cfg) for _ in range(n)]
+    kwargs = actor_kwargs or {}
+    generators = [ray.remote(generator_cls or Generator).options(**gen_opts, **common).remote(config, **kwargs)
+                  for _ in range(n)]
+    rankers = [ray.remote(ranker_cls or Ranker).options(**rank_opts, **common).remote(config, **kwargs)
+               for _ in range(n)]
     pool = ActorPool(generators, rankers)
     for info in pool.infos():  # waits until every actor has loaded its models
         log(f"{info['role']} actor {info.get('actor_id')} on {info['host']} pid {info['pid']}: device "
@@ -255,14 +254,13 @@ def stop_actors(pool: ActorPool | None) -> None:
             pass
 
 
-def run_pairs(pool: ActorPool, requests: list[PairRequest]) -> tuple[list[dict], dict]:
+def run_pairs(pool: ActorPool, requests: list[PairRequest]) -> tuple[list[PairResult], dict]:
     """Generate and rank a shard's pairs on one borrowed actor pair; results in request order."""
     import ray
 
     with pool.borrow() as (i, generator, ranker):
-        payloads = [r.to_dict() for r in requests]
-        generated = [generator.generate.remote(p) for p in payloads]  # queued: run one after another
-        ranked = [ranker.rank.remote(p, g) for p, g in zip(payloads, generated)]  # each starts when its pair is made
+        generated = [generator.generate.remote(r) for r in requests]  # queued: run one after another
+        ranked = [ranker.rank.remote(g) for g in generated]  # each starts when its pair is made
         return ray.get(ranked), {"actor_pair": i}
 
 

@@ -6,14 +6,17 @@ how to fix it. Validation never raises for a bad row: a run generates the good r
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from typing import Any
 
+from pws_batch.batch.config import GenerationDefaults
+from pws_batch.batch.dataset import CANDIDATES_SCHEMA, KEPT_SCHEMA
+from pws_batch.batch.pair import PairRequest
 from pws_batch.core.params import GenerationParams, Problem, check_guides, check_params
 
 REQUIRED = ("image_prompt", "audio_prompt")
@@ -26,31 +29,9 @@ TEXT = {"image_prompt", "audio_prompt", "negative_image_prompt", "negative_audio
         "guide_image", "pair_id", "scheduler"}
 INTEGER = {"num_candidates", "seed", "steps", "keep"}
 # Columns the output dataset writes itself: a manifest column of the same name is carried as manifest_<name>.
-# (run.kept_rows writes exactly these besides the known fields; a test keeps the two in step.)
-RESERVED = {"image", "audio", "candidate_index", "clip_score", "clap_score", "rank", "kept", "effective_image_prompt",
-            "model_image", "model_audio", "model_vocoder", "model_clip", "model_clap", "generate_s", "rank_s",
-            "shard", "crop_columns", "grayscale_suffix", "base_seed", "unet_evals", "manifest_row"}
+RESERVED = (set(KEPT_SCHEMA.names) | set(CANDIDATES_SCHEMA.names)) - set(KNOWN)
 MAX_PAIR_ID = 200
 PASS_PREFIX = "manifest_"
-
-
-@dataclass
-class PairRequest:
-    """One good manifest row: what to generate, how many to keep, and the columns carried through."""
-
-    row: int
-    pair_id: str
-    params: GenerationParams
-    keep: int
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"row": self.row, "pair_id": self.pair_id, "params": self.params.to_dict(), "keep": self.keep,
-                "extra": self.extra}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PairRequest":
-        return cls(d["row"], d["pair_id"], GenerationParams(**d["params"]), d["keep"], d.get("extra", {}))
 
 
 @dataclass
@@ -65,21 +46,6 @@ class Rejection:
     def __str__(self) -> str:
         who = f" (pair_id {self.pair_id!r})" if self.pair_id else ""
         return f"row {self.row}{who}: {self.field}: {self.reason}" + (f"; fix: {self.fix}" if self.fix else "")
-
-
-@dataclass
-class RunDefaults:
-    """Values for columns a manifest leaves out (the run's flags); a row's own value always wins."""
-
-    num_candidates: int = 8
-    keep: int = 1
-    steps: int = 100
-    seed: int = 0
-    crop_columns: int = 32
-    grayscale_suffix: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -116,6 +82,15 @@ def read_manifest(uri: str):
     except Exception as exc:  # noqa: BLE001 - any parse failure: say which file and what format was expected
         raise ManifestError(f"cannot read manifest {uri} as {'CSV' if '.csv' in lower else 'JSON Lines' if '.json' in lower else 'Parquet'}: "
                             f"{type(exc).__name__}: {exc}") from exc
+
+
+def manifest_name(uri: str) -> str:
+    """The manifest's name (its file name without the manifest extensions): names the run, the flow run, the card.
+
+    `s3://b/my.pairs.parquet` -> `my.pairs`; `pairs.csv.gz` -> `pairs`.
+    """
+    stem = re.sub(r"\.(parquet|csv|jsonl|ndjson|json)(\.gz)?$", "", uri.split("?")[0].rstrip("/").rsplit("/", 1)[-1])
+    return stem or "manifest"
 
 
 def manifest_fingerprint(uri: str) -> str:
@@ -214,7 +189,7 @@ def resolve_guide(value: str, base: str | None) -> str:
     return base.rstrip("/") + "/" + value
 
 
-def validate_manifest(df, defaults: RunDefaults | None = None, scheduler_config: dict | None = None,
+def validate_manifest(df, defaults: GenerationDefaults | None = None, scheduler_config: dict | None = None,
                       check_files: bool = True, base: str | None = None) -> Validated:
     """Split a manifest into good requests and rejected rows; never raises for a bad row.
 
@@ -223,7 +198,7 @@ def validate_manifest(df, defaults: RunDefaults | None = None, scheduler_config:
     from pws_batch.core.pipeline import checked_timesteps
     from pws_batch.core.sampler import ScheduleError
 
-    defaults = defaults or RunDefaults()
+    defaults = defaults or GenerationDefaults()
     columns = [str(c) for c in df.columns]
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
@@ -279,9 +254,7 @@ def validate_manifest(df, defaults: RunDefaults | None = None, scheduler_config:
                    p.fix, explicit_id)
             continue
         keep = values.pop("keep", defaults.keep)
-        params = GenerationParams(
-            **{"num_candidates": defaults.num_candidates, "steps": defaults.steps, "seed": defaults.seed,
-               "crop_columns": defaults.crop_columns, "grayscale_suffix": defaults.grayscale_suffix, **values})
+        params = defaults.params(**values)
         problems = check_params(params)
         if not problems and check_files:
             problems = check_guides(params)

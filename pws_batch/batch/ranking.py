@@ -8,7 +8,7 @@ themselves live in `pws_batch.core.scorers`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,10 +20,15 @@ RULES = ("reference", "weighted", "pareto")
 class RankingRule:
     """How two scores become one order. `top_fraction` is the reference rule's; weights the weighted sum's."""
 
-    name: str = "reference"
-    top_fraction: float = 0.2
-    clip_weight: float = 0.5
-    clap_weight: float = 0.5
+    name: str = field(default="reference", metadata={
+        "flag": "--ranking", "choices": RULES,
+        "help": "reference: top fraction by both scores first; weighted: weighted sum of min-max normalised "
+                "scores; pareto: Pareto front first"})
+    top_fraction: float = field(default=0.2, metadata={"flag": "--top-fraction", "help": "the reference rule's fraction"})
+    clip_weight: float = field(default=0.5, metadata={"flag": "--clip-weight",
+                                                      "help": "weight of the CLIP score in the weighted sum"})
+    clap_weight: float = field(default=0.5, metadata={"flag": "--clap-weight",
+                                                      "help": "weight of the CLAP score in the weighted sum"})
 
     def __post_init__(self):
         if self.name not in RULES:

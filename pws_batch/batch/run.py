@@ -17,66 +17,12 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pws_batch import __version__
-from pws_batch.batch.dataset import (Output, candidates_table, committed_shards, dataset_card, kept_table,
-                               shard_name)
-from pws_batch.batch.manifest import (PairRequest, RunDefaults, Validated, manifest_fingerprint, read_manifest,
-                                rejections_table, validate_manifest)
-from pws_batch.core.params import GenerationParams
-from pws_batch.batch.ranking import RankingRule
-
-
-class RunError(ValueError):
-    """A run that cannot start: says why and what to do."""
-
-
-@dataclass
-class RunConfig:
-    manifest: str
-    out: str
-    models: str = "sd15-auffusion"
-    num_candidates: int = 8
-    keep: int = 1
-    steps: int = 100
-    seed: int = 0
-    crop_columns: int = 32
-    shard_size: int = 4
-    actors: int | None = None
-    ray_address: str | None = None
-    overwrite: bool = False
-    ranking: str = "reference"
-    top_fraction: float = 0.2
-    clip_weight: float = 0.5
-    clap_weight: float = 0.5
-    micro_batch: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    vocoder: str = "hifigan"
-
-    def defaults(self) -> RunDefaults:
-        return RunDefaults(num_candidates=self.num_candidates, keep=self.keep, steps=self.steps, seed=self.seed,
-                           crop_columns=self.crop_columns)
-
-    def rule(self) -> RankingRule:
-        return RankingRule(self.ranking, self.top_fraction, self.clip_weight, self.clap_weight)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def check(self) -> None:
-        for name in ("num_candidates", "keep", "steps", "shard_size", "micro_batch"):
-            if getattr(self, name) < 1:
-                raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.actors is not None and self.actors < 1:
-            raise RunError(f"--actors must be >= 1, got {self.actors}")
-        try:
-            self.rule()
-        except ValueError as exc:
-            raise RunError(f"ranking: {exc}") from exc
-
-
-# What makes two runs produce the same dataset: a resumed run must agree on all of it.
-PLAN_KEYS = ("models", "num_candidates", "keep", "steps", "seed", "crop_columns", "shard_size", "ranking",
-             "top_fraction", "clip_weight", "clap_weight", "vocoder", "dtype")
+from pws_batch.batch.config import RunConfig, RunError
+from pws_batch.batch.dataset import (MODEL_COMPONENTS, Output, candidates_table, committed_shards, dataset_card,
+                                     kept_table, shard_name)
+from pws_batch.batch.manifest import (Validated, manifest_fingerprint, manifest_name, read_manifest,
+                                      rejections_table, validate_manifest)
+from pws_batch.batch.pair import PairRequest, PairResult
 
 
 @dataclass
@@ -91,6 +37,8 @@ class Shard:
 
 @dataclass
 class RunPlan:
+    manifest: str
+    out: str
     config: RunConfig
     validated: Validated
     shards: list[Shard]
@@ -105,8 +53,7 @@ class RunPlan:
 
     @property
     def name(self) -> str:
-        stem = re.sub(r"\.(parquet|csv|jsonl|ndjson|json)(\.gz)?$", "", self.config.manifest.rstrip("/").rsplit("/", 1)[-1])
-        return stem or "manifest"
+        return manifest_name(self.manifest)
 
 
 def versions() -> dict[str, str]:
@@ -130,11 +77,11 @@ def scheduler_config_for(models: str) -> tuple[dict, dict[str, str]]:
     return load_scheduler_config(model_set.image, fallback=True), model_set.ids()
 
 
-def validate(config: RunConfig, check_files: bool = True) -> tuple[Validated, dict[str, str]]:
-    scheduler_config, model_ids = scheduler_config_for(config.models)
-    df = read_manifest(config.manifest)
-    base = config.manifest.rsplit("/", 1)[0] if "/" in config.manifest else "."
-    return validate_manifest(df, config.defaults(), scheduler_config, check_files=check_files, base=base), model_ids
+def validate(manifest: str, config: RunConfig, check_files: bool = True) -> tuple[Validated, dict[str, str]]:
+    scheduler_config, model_ids = scheduler_config_for(config.engine.models)
+    df = read_manifest(manifest)
+    base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
+    return validate_manifest(df, config.defaults, scheduler_config, check_files=check_files, base=base), model_ids
 
 
 def plan_shards(requests: list[PairRequest], shard_size: int) -> list[Shard]:
@@ -142,57 +89,57 @@ def plan_shards(requests: list[PairRequest], shard_size: int) -> list[Shard]:
     return [Shard(shard_name(i // shard_size), requests[i:i + shard_size]) for i in range(0, len(requests), shard_size)]
 
 
-def check_output(config: RunConfig) -> dict[str, Any]:
+def check_output(manifest: str, out: str, config: RunConfig) -> dict[str, Any]:
     """Refuse to resume into an output made from another manifest or other settings (unless --overwrite).
 
-    Returns the run's fingerprint: the manifest's sha256 and every setting that changes the dataset.
+    Returns the run's fingerprint: the manifest's sha256 and every config field that changes the dataset.
     """
-    out = Output(config.out)
-    fingerprint = {"manifest_sha256": manifest_fingerprint(config.manifest),
-                   **{k: getattr(config, k) for k in PLAN_KEYS}}
-    if config.overwrite:
+    output = Output(out)
+    fingerprint = {"manifest_sha256": manifest_fingerprint(manifest), **config.fingerprint()}
+    if config.plan.overwrite:
         return fingerprint
-    if out.exists("run.json"):
-        previous = out.read_json("run.json").get("fingerprint", {})
+    if output.exists("run.json"):
+        previous = output.read_json("run.json").get("fingerprint", {})
         differs = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
         if differs:
-            raise RunError(f"{config.out} already holds a dataset made from another manifest or with other settings "
+            raise RunError(f"{out} already holds a dataset made from another manifest or with other settings "
                            f"(different: {', '.join(differs)}); pass --overwrite to replace it, or choose another --out")
-    elif out.list("_shards"):
-        raise RunError(f"{config.out} holds shards but no run.json; pass --overwrite to replace them, "
+    elif output.list("_shards"):
+        raise RunError(f"{out} holds shards but no run.json; pass --overwrite to replace them, "
                        f"or choose another --out")
     return fingerprint
 
 
-def prepare(config: RunConfig, log: Callable[[str], None] = print) -> RunPlan:
+def prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], None] = print) -> RunPlan:
     """Validate the manifest, write rejected.parquet, plan the shards and find those already committed."""
     config.check()
-    out = Output(config.out)
-    fingerprint = check_output(config)
-    validated, model_ids = validate(config)
-    if config.overwrite:
-        out.clear()
-    shards = plan_shards(validated.requests, config.shard_size)
+    output = Output(out)
+    fingerprint = check_output(manifest, out, config)
+    validated, model_ids = validate(manifest, config)
+    if config.plan.overwrite:
+        output.clear()
+    shards = plan_shards(validated.requests, config.plan.shard_size)
     planned = {s.name: s.pair_ids for s in shards}
-    done = {name: stats for name, stats in committed_shards(out).items() if stats.get("pair_ids") == planned.get(name)}
-    out.write_table("rejected.parquet", rejections_table(validated.rejections))
-    plan = RunPlan(config, validated, shards, done, fingerprint, model_ids)
+    done = {name: stats for name, stats in committed_shards(output).items() if stats.get("pair_ids") == planned.get(name)}
+    output.write_table("rejected.parquet", rejections_table(validated.rejections))
+    plan = RunPlan(manifest, out, config, validated, shards, done, fingerprint, model_ids)
     write_run_json(plan, status="running")
     for w in validated.warnings:
         log(f"manifest: {w}")
-    log(f"manifest {config.manifest}: {validated.num_rows} rows, {len(validated.requests)} good, "
-        f"{len(validated.rejections)} rejected; {len(shards)} shards of up to {config.shard_size} pairs, "
-        f"{len(done)} already committed in {config.out}")
+    log(f"manifest {manifest}: {validated.num_rows} rows, {len(validated.requests)} good, "
+        f"{len(validated.rejections)} rejected; {len(shards)} shards of up to {config.plan.shard_size} pairs, "
+        f"{len(done)} already committed in {out}")
     return plan
 
 
 def write_run_json(plan: RunPlan, status: str, counts: dict | None = None, actors: list | None = None,
                    extra: dict | None = None) -> None:
-    Output(plan.config.out).write_json("run.json", {
+    Output(plan.out).write_json("run.json", {
         "status": status,
         "name": plan.name,
-        "manifest": plan.config.manifest,
-        "config": {**plan.config.to_dict(), "ranking": dataclasses.asdict(plan.config.rule())},
+        "manifest": plan.manifest,
+        "out": plan.out,
+        "config": plan.config.to_dict(),
         "fingerprint": plan.fingerprint,
         "models": plan.model_ids,
         "versions": versions(),
@@ -206,85 +153,83 @@ def write_run_json(plan: RunPlan, status: str, counts: dict | None = None, actor
 
 
 # ---------------------------------------------------------------------------------------------- a shard
-KNOWN_TYPES: dict[str, pa.DataType] = {
-    "pair_id": pa.string(), "candidate_index": pa.int64(), "seed": pa.int64(), "rank": pa.int64(),
-    "clip_score": pa.float64(), "clap_score": pa.float64(), "keep": pa.int64(),
-    "effective_image_prompt": pa.string(), "base_seed": pa.int64(), "generate_s": pa.float64(),
-    "rank_s": pa.float64(), "unet_evals": pa.int64(), "shard": pa.string(), "manifest_row": pa.int64(),
-    **{f"model_{c}": pa.string() for c in ("image", "audio", "vocoder", "clip", "clap")},
-}
-for _f in dataclasses.fields(GenerationParams):
-    if _f.name != "seed":
-        KNOWN_TYPES[_f.name] = {"str": pa.string(), "str | None": pa.string(), "float": pa.float64(),
-                                "int": pa.int64(), "bool": pa.bool_()}[str(_f.type)]
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:120]
 
 
-def kept_rows(request: PairRequest, result: dict, shard: str, model_ids: dict[str, str]) -> list[dict[str, Any]]:
-    params = request.params.to_dict()
+def kept_rows(result: PairResult, shard: str, model_ids: dict[str, str]) -> list[dict[str, Any]]:
+    """One data row per kept candidate: media, scores, every generation parameter, models, timings, extras."""
+    request = result.request
+    params = dataclasses.asdict(request.params)
     base_seed = params.pop("seed")
     rows = []
-    for k in result["kept"]:
-        stem = f"{_safe(request.pair_id)}-{k['candidate_index']:03d}"
+    for c in result.kept:
+        stem = f"{_safe(request.pair_id)}-{c.candidate_index:03d}"
         rows.append({
             "pair_id": request.pair_id,
-            "image": {"bytes": k["image_png"], "path": stem + ".png"},
-            "audio": {"bytes": k["audio_wav"], "path": stem + ".wav"},
-            "candidate_index": k["candidate_index"], "seed": k["seed"], "rank": k["rank"],
-            "clip_score": k["clip_score"], "clap_score": k["clap_score"],
+            "image": {"bytes": c.image_png, "path": stem + ".png"},
+            "audio": {"bytes": c.audio_wav, "path": stem + ".wav"},
+            "candidate_index": c.candidate_index, "seed": c.seed, "rank": c.rank,
+            "clip_score": c.clip_score, "clap_score": c.clap_score,
             "effective_image_prompt": request.params.effective_image_prompt,
             **params, "base_seed": base_seed, "keep": request.keep,
-            **{f"model_{c}": v for c, v in model_ids.items()},
-            "generate_s": result["generate_s"], "rank_s": result["rank_s"], "unet_evals": result["unet_evals"],
+            **{f"model_{c}": model_ids.get(c) for c in MODEL_COMPONENTS},
+            "generate_s": result.generate_s, "rank_s": result.rank_s, "unet_evals": result.unet_evals,
             "shard": shard, "manifest_row": request.row,
             **request.extra,
         })
     return rows
 
 
-def process_shard(config: RunConfig, model_ids: dict[str, str], shard: Shard, run_pairs: Callable) -> dict:
+def candidate_rows(result: PairResult) -> list[dict[str, Any]]:
+    """The candidates sidecar's rows: every candidate's seed, scores, rank and kept flag (no media)."""
+    return [{"pair_id": result.pair_id, "candidate_index": c.candidate_index, "seed": c.seed,
+             "clip_score": c.clip_score, "clap_score": c.clap_score, "rank": c.rank, "kept": c.kept}
+            for c in result.candidates]
+
+
+def process_shard(out: str, model_ids: dict[str, str], shard: Shard,
+                  run_pairs: Callable[[list[PairRequest]], tuple[list[PairResult], dict]]) -> dict:
     """Generate and rank a shard's pairs, write its parts, and commit it by writing its stats LAST."""
-    out = Output(config.out)
+    output = Output(out)
     t0 = time.perf_counter()
     results, where = run_pairs(shard.requests)
     rows, scores, failed = [], [], []
-    for request, result in zip(shard.requests, results):
-        if "error" in result:
-            failed.append({"pair_id": request.pair_id, "row": request.row, "error": result["error"]})
+    for result in results:
+        if not result.ok:
+            failed.append({"pair_id": result.pair_id, "row": result.request.row, "error": result.error})
             continue
-        rows.extend(kept_rows(request, result, shard.name, model_ids))
-        scores.extend(result["scores"])
+        rows.extend(kept_rows(result, shard.name, model_ids))
+        scores.extend(candidate_rows(result))
     if rows:
-        out.write_table(f"data/part-{shard.name}.parquet", kept_table(rows, KNOWN_TYPES))
-    elif out.exists(f"data/part-{shard.name}.parquet"):
-        out.fs.rm(out.path(f"data/part-{shard.name}.parquet"))  # a stale part of an earlier attempt
-    out.write_table(f"candidates/part-{shard.name}.parquet", candidates_table(scores))
+        output.write_table(f"data/part-{shard.name}.parquet", kept_table(rows))
+    elif output.exists(f"data/part-{shard.name}.parquet"):
+        output.fs.rm(output.path(f"data/part-{shard.name}.parquet"))  # a stale part of an earlier attempt
+    output.write_table(f"candidates/part-{shard.name}.parquet", candidates_table(scores))
     stats = {
         "shard": shard.name, "pair_ids": shard.pair_ids, "pairs": len(shard.requests),
         "pairs_done": len(shard.requests) - len(failed), "pairs_failed": len(failed), "failed": failed,
         "candidates": len(scores), "kept": len(rows), "seconds": round(time.perf_counter() - t0, 3),
-        "unet_evals": sum(r.get("unet_evals", 0) for r in results if "error" not in r),
+        "unet_evals": sum(r.unet_evals for r in results if r.ok),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **where,
     }
-    out.write_json(f"_shards/{shard.name}.json", stats)  # the commit marker: written last
+    output.write_json(f"_shards/{shard.name}.json", stats)  # the commit marker: written last
     return stats
 
 
 # ---------------------------------------------------------------------------------------------- the end
-def read_kept(out: Output) -> pa.Table | None:
+def read_kept(out: Output, columns: list[str] | None = None) -> pa.Table | None:
+    """The kept rows of every data part (only `columns`, when given: the media need not be read)."""
     parts = [p for p in out.list("data") if p.endswith(".parquet")]
     if not parts:
         return None
-    tables = [out.read_table(f"data/{p}") for p in parts]
+    tables = [out.read_table(f"data/{p}", columns=columns) for p in parts]
     return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
 
 
 def finalize(plan: RunPlan, actors: list | None = None, extra: dict | None = None) -> dict[str, Any]:
     """Counts from the committed shards' stats, run.json, and the dataset card. Returns the summary."""
-    out = Output(plan.config.out)
+    out = Output(plan.out)
     stats = {name: s for name, s in committed_shards(out).items() if name in {sh.name for sh in plan.shards}}
     counts = {
         "rows": plan.validated.num_rows, "good": len(plan.validated.requests),
@@ -301,5 +246,5 @@ def finalize(plan: RunPlan, actors: list | None = None, extra: dict | None = Non
     kept = table.drop_columns([c for c in ("image", "audio") if c in table.column_names]).to_pylist() if table else []
     out.write_bytes("README.md", dataset_card(plan.name, out.read_json("run.json"), kept).encode())
     failed = [f for s in stats.values() for f in s.get("failed", [])]
-    return {"out": plan.config.out, "name": plan.name, "complete": complete, "counts": counts, "failed": failed,
+    return {"out": plan.out, "name": plan.name, "complete": complete, "counts": counts, "failed": failed,
             "kept_rows": kept}

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-from pws_batch.batch.dataset import Output, committed_shards
-
-
-def _stats(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    return f"mean {sum(values) / len(values):.4f}  min {min(values):.4f}  max {max(values):.4f}"
+from pws_batch.batch.dataset import Output, committed_shards, describe_scores
 
 
 def summarize(uri: str) -> str:
@@ -31,10 +24,10 @@ def summarize(uri: str) -> str:
     ]
     from pws_batch.batch.run import read_kept
 
-    table = read_kept(out)
+    table = read_kept(out, columns=["clip_score", "clap_score"])
     if table is not None:
-        lines.append(f"  CLIP (kept)  {_stats(table.column('clip_score').to_pylist())}")
-        lines.append(f"  CLAP (kept)  {_stats(table.column('clap_score').to_pylist())}")
+        lines.append(f"  CLIP (kept)  {describe_scores(table.column('clip_score').to_pylist())}")
+        lines.append(f"  CLAP (kept)  {describe_scores(table.column('clap_score').to_pylist())}")
     if out.exists("rejected.parquet"):
         rejected = out.read_table("rejected.parquet").to_pylist()
         for r in rejected[:10]:

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 
 from pws_batch.core import sampler
+from pws_batch.core.device import dtype_name
 from pws_batch.core.params import GenerationParams
 
 
@@ -43,7 +44,7 @@ def bench_sampler(models: str = "tiny", candidates: int = 8, steps: int = 50, t_
     naive_s = timed(lambda: [pipe.denoise_latents(params, [s], micro_batch=1, branches=branches,
                                                   skip_inactive=False, evals=naive_evals) for s in seeds])
     rows = [("batched", batched_s, sum(batched_evals.values())), ("naive", naive_s, sum(naive_evals.values()))]
-    print_fn(f"pws-batch bench sampler: models={models} device={pipe.device} dtype={str(pipe.dtype)[6:]} "
+    print_fn(f"pws-batch bench sampler: models={models} device={pipe.device} dtype={dtype_name(pipe.dtype)} "
              f"candidates={candidates} steps={steps} micro_batch={micro_batch} t_image={t_image:g} t_audio={t_audio:g}")
     print_fn(f"{'way':<8} {'total_s':>9} {'s/candidate':>12} {'unet_evals/candidate':>21}")
     for name, secs, evals in rows:

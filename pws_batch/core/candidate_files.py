@@ -8,6 +8,7 @@ import platform
 from typing import Any
 
 from pws_batch import __version__
+from pws_batch.core.device import dtype_name
 from pws_batch.core.media import png_bytes, wav_bytes
 
 
@@ -23,7 +24,7 @@ def generation_record(result, pipe, **extra: Any) -> dict[str, Any]:
         "effective_image_prompt": result.params.effective_image_prompt,
         "models": pipe.model_set.to_dict(),
         "device": str(pipe.device),
-        "dtype": str(pipe.dtype).replace("torch.", ""),
+        "dtype": dtype_name(pipe.dtype),
         "host": platform.node(),
         **extra,
         "unet_evals": {**evals, "total": total, "minimum": result.unet_evals_minimum,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from pws_batch.core.params import DTYPES
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+assert set(TORCH_DTYPES) == set(DTYPES) - {"auto"}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -19,6 +22,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """auto = fp16 on CUDA (half precision), fp32 on CPU."""
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return TORCH_DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float16 -> "float16" (how run metadata names a dtype)."""
+    return str(dtype).removeprefix("torch.")

@@ -1,7 +1,7 @@
 """Generation parameters of one prompt pair, with their defaults and checks.
 
 Everything here is plain Python (no torch), so the CLI and the manifest validation can check a request
-before any model is loaded. The defaults are those of the reference implementation (docs/algorithm.md).
+before any model is loaded (guide files are opened through `pws_batch.core.codec`, which does use torch). The defaults are those of the reference implementation (docs/algorithm.md).
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ GRAYSCALE_SUFFIX = ", grayscale"
 MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens; anything this long is a mistake, not a prompt
 MAX_STEPS = 1000
 MAX_CANDIDATES = 10_000
+# Run-time choices (plain names here, so the CLI can list them without importing torch).
+VOCODERS = ("hifigan", "griffin-lim")  # Auffusion's HiFi-GAN, or the weight-free Griffin-Lim
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "fp16", "bf16")  # auto = fp16 on CUDA, fp32 on CPU
 
 
 @dataclass
@@ -61,10 +65,6 @@ class GenerationParams:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
 
 
 @dataclass
@@ -155,7 +155,7 @@ def check_params(p: GenerationParams) -> list[Problem]:
 
 def check_guides(p: GenerationParams) -> list[Problem]:
     """Open the guide file, if any, and report it when it cannot be read as audio / an image."""
-    from pws_batch.core import codec  # numpy / soundfile / PIL only
+    from pws_batch.core import codec
 
     problems: list[Problem] = []
     if p.guide_audio:

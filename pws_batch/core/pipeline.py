@@ -19,7 +19,7 @@ from pws_batch.core import codec, sampler
 from pws_batch.core.models import (ModelSet, load_diffusion_pipeline, load_vocoder,
                               resolve_model_set)
 from pws_batch.core.device import resolve_device, resolve_dtype
-from pws_batch.core.params import GenerationParams, check_guides, check_params, raise_for_problems
+from pws_batch.core.params import VOCODERS, GenerationParams, check_guides, check_params, raise_for_problems
 
 def make_scheduler(name: str, config: dict):
     """Any diffusers scheduler class by name, built from the image model's scheduler config."""
@@ -60,7 +60,6 @@ class Candidate:
     index: int
     seed: int
     image: np.ndarray  # uint8 [256, W]: the picture, decoded by the image model's VAE, grayscale
-    spectrogram: np.ndarray  # uint8 [256, W]: the canvas decoded by the audio model's VAE
     audio: np.ndarray  # float32 [W * 160] at 16 kHz
 
 
@@ -75,6 +74,8 @@ class GenerationResult:
 
 class ImagesThatSoundPipeline:
     """Holds both diffusion models, the vocoder and the scheduler config; makes candidates for one pair."""
+
+    loads = 0  # model sets loaded by `from_model_set` in this process (an actor must load once, not per pair)
 
     def __init__(self, image_pipe: Any, audio_pipe: Any, vocoder: torch.nn.Module | None, model_set: ModelSet,
                  device: torch.device, dtype: torch.dtype, scheduler_config: dict):
@@ -93,11 +94,14 @@ class ImagesThatSoundPipeline:
                        vocoder: str = "hifigan") -> "ImagesThatSoundPipeline":
         if isinstance(model_set, str):
             model_set = resolve_model_set(model_set)
+        if vocoder not in VOCODERS:
+            raise ValueError(f"unknown vocoder {vocoder!r}: use one of {', '.join(VOCODERS)}")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         image_pipe = load_diffusion_pipeline("image", model_set.image, dev, dt)
         audio_pipe = load_diffusion_pipeline("audio", model_set.audio, dev, dt)
         voc = load_vocoder(model_set, dev, torch.float32) if vocoder == "hifigan" else None
+        cls.loads += 1
         return cls(image_pipe, audio_pipe, voc, model_set, dev, dt, dict(image_pipe.scheduler.config))
 
     # -------------------------------------------------------------------------------- building blocks
@@ -207,9 +211,9 @@ class ImagesThatSoundPipeline:
             audio = self.vocode(spectrogram).cpu().numpy()
             timings["decode_s"] += t1 - t0
             timings["vocode_s"] += time.perf_counter() - t1
-            images, specs = codec.to_uint8(picture), codec.to_uint8(spectrogram.mean(dim=1))
+            images = codec.to_uint8(picture)
             for j, seed in enumerate(batch_seeds):
-                candidates.append(Candidate(len(candidates), seed, images[j], specs[j], audio[j]))
+                candidates.append(Candidate(len(candidates), seed, images[j], audio[j]))
 
         t_denoise = time.perf_counter()
         self.denoise_latents(params, seeds, micro_batch=micro_batch, skip_inactive=skip_inactive, evals=evals,

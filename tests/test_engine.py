@@ -1,0 +1,111 @@
+"""The engine's dispatch (pws_batch.batch.engine) without models: a real local Ray, stand-in actors.
+
+The stand-ins (pws_batch.batch.standins) have the real actors' interface (`generate(request) -> PairResult`,
+`rank(PairResult) -> PairResult`, `info()`), so what is tested is the engine's own work: creating actor pairs,
+lending one pair per shard, queuing a shard's pairs, keeping request order and passing failures through.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import pytest
+
+from pws_batch.batch import engine
+from pws_batch.batch.config import RunConfig
+from pws_batch.batch.pair import PairRequest
+from pws_batch.batch.standins import FAIL_MARK, StandInGenerator, StandInRanker
+from pws_batch.core.params import GenerationParams
+
+
+def request(i: int, pair_id: str | None = None) -> PairRequest:
+    return PairRequest(i, pair_id or f"p{i}", GenerationParams(f"picture {i}", f"sound {i}", num_candidates=3,
+                                                               seed=10 * i), keep=1)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    started = engine.connect_ray(None, num_cpus=2)
+    yield
+    if started:
+        import ray
+
+        ray.shutdown()
+
+
+def test_actor_pool_lends_each_pair_to_one_shard_at_a_time():
+    pool = engine.ActorPool(["g0", "g1"], ["r0", "r1"])
+    in_use: list[int] = []
+    peak, lock, seen = [0], threading.Lock(), []
+
+    def shard():
+        with pool.borrow() as (i, generator, ranker):
+            with lock:
+                assert i not in in_use and generator == f"g{i}" and ranker == f"r{i}"
+                in_use.append(i)
+                peak[0] = max(peak[0], len(in_use))
+                seen.append(i)
+            time.sleep(0.02)
+            with lock:
+                in_use.remove(i)
+
+    threads = [threading.Thread(target=shard) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 8 and peak[0] == 2 and set(seen) == {0, 1}
+
+
+def test_run_pairs_keeps_request_order_and_passes_failures_through(local_ray):
+    config = RunConfig().replace(engine={"actors": 2, "device": "cpu"})
+    pool = engine.start_actors(config, log=lambda line: None, generator_cls=StandInGenerator,
+                               ranker_cls=StandInRanker)
+    try:
+        assert len(pool) == 2
+        requests = [request(0), request(1), request(2, f"{FAIL_MARK}-2"), request(3), request(4)]
+        results, where = engine.run_pairs(pool, requests)
+        assert [r.pair_id for r in results] == ["p0", "p1", f"{FAIL_MARK}-2", "p3", "p4"]
+        assert [r.ok for r in results] == [True, True, False, True, True]
+        assert "asked to fail" in results[2].error and results[2].candidates == []
+        good = results[0]
+        assert good.generated is None  # the arrays stay between generator and ranker
+        assert [c.seed for c in good.candidates] == [0, 1, 2] and len(good.kept) == 1
+        assert good.kept[0].image_png.startswith(b"\x89PNG") and good.kept[0].audio_wav.startswith(b"RIFF")
+        assert all(c.image_png is None for c in good.candidates if not c.kept)
+        assert good.unet_evals == 6 and good.ranker["pid"] != os.getpid()
+        assert where["actor_pair"] in (0, 1)
+        infos = pool.infos()
+        served = {i["role"]: i["pairs"] for i in infos if i["pairs"]}
+        assert served == {"generator": 5, "ranker": 4}  # one pair of actors served the whole shard
+    finally:
+        engine.stop_actors(pool)
+
+
+def test_two_shards_at_once_run_on_different_actor_pairs(local_ray):
+    config = RunConfig().replace(engine={"actors": 2, "device": "cpu"})
+    pool = engine.start_actors(config, log=lambda line: None, generator_cls=StandInGenerator,
+                               ranker_cls=StandInRanker)
+    try:
+        outcomes = {}
+
+        def shard(name, reqs):
+            outcomes[name] = engine.run_pairs(pool, reqs)
+
+        threads = [threading.Thread(target=shard, args=(n, [request(10 * n + i) for i in range(3)])) for n in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert {outcomes[1][1]["actor_pair"], outcomes[2][1]["actor_pair"]} == {0, 1}
+        assert [r.pair_id for r in outcomes[2][0]] == ["p20", "p21", "p22"]
+    finally:
+        engine.stop_actors(pool)
+
+
+def test_too_many_actors_for_the_cluster_is_refused(local_ray):
+    with pytest.raises(ValueError, match="--actors 5: the cluster has 2 CPU"):
+        engine.start_actors(RunConfig().replace(engine={"actors": 5, "device": "cpu"}), log=print,
+                            generator_cls=StandInGenerator, ranker_cls=StandInRanker)
