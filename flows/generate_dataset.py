@@ -92,12 +92,17 @@ def generate_dataset(manifest: str, out: str, models: str = "sd15-auffusion", ca
         started_ray = engine.connect_ray(config.ray_address)
         logger.info(engine.describe_cluster(started_ray))
         try:
-            pool = engine.start_actors(engine.EngineConfig(
-                models=models, device=device, dtype=dtype, vocoder=vocoder, micro_batch=micro_batch,
-                ranking=dataclasses.asdict(plan.config.rule())), actors, logger.info)
-            actor_infos = pool.infos()
-            engine.register_pool(run_key, pool)
-            pending = list(plan.todo)
+            try:
+                pool = engine.start_actors(engine.EngineConfig(
+                    models=models, device=device, dtype=dtype, vocoder=vocoder, micro_batch=micro_batch,
+                    ranking=dataclasses.asdict(plan.config.rule())), actors, logger.info)
+            except engine.ModelsUnavailable as exc:  # one line, not a traceback per actor restart
+                errors.append(f"models not loaded: {exc}")
+                logger.error(f"the actors could not load their models: {exc}")
+            if pool is not None:
+                actor_infos = pool.infos()
+                engine.register_pool(run_key, pool)
+            pending = list(plan.todo) if pool is not None else []
             running: dict[concurrent.futures.Future, Any] = {}
             while pending or running:
                 while pending and len(running) < len(pool):
@@ -126,7 +131,7 @@ def generate_dataset(manifest: str, out: str, models: str = "sd15-auffusion", ca
     # 3. Finalize: run.json, dataset card, artifacts.
     elapsed = time.perf_counter() - t_start
     summary = run.finalize(plan, actors=actor_infos, extra={"flow_run_id": str(flow_run.id) if flow_run.id else None,
-                                                            "seconds": round(elapsed, 2)})
+                                                            "seconds": round(elapsed, 2), "errors": errors})
     counts = summary["counts"]
     kept_rows = summary.pop("kept_rows")
     create_table_artifact(
@@ -156,6 +161,6 @@ def generate_dataset(manifest: str, out: str, models: str = "sd15-auffusion", ca
                 f"{counts['rejected']} rejected")
     summary["errors"] = errors
     if errors:
-        raise RuntimeError(f"{len(errors)} shard(s) failed; what was committed is kept, re-run to resume: "
+        raise RuntimeError(f"{len(errors)} error(s); what was committed is kept, re-run to resume: "
                            + "; ".join(errors))
     return summary

@@ -37,6 +37,18 @@ class EngineConfig:
     ranking: dict = field(default_factory=lambda: asdict(RankingRule()))
 
 
+class ModelsUnavailable(RuntimeError):
+    """An actor could not load its models: the one-line reason, the same on every retry."""
+
+
+def load_error_line(exc: BaseException) -> str:
+    """A load failure as one line: ModelLoadError / ModelSetError already name the component and the fix."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    from pws_batch.core.models import ModelLoadError, ModelSetError
+
+    return text if isinstance(exc, (ModelLoadError, ModelSetError)) else f"loading the models failed: {type(exc).__name__}: {text}"
+
+
 def _where() -> dict[str, Any]:
     import ray
 
@@ -66,13 +78,20 @@ class Generator:
 
         self.config = EngineConfig(**config)
         self.model_loads = 0
+        self.pipe, self.load_error = None, None
         t0 = time.perf_counter()
-        self.pipe = ImagesThatSoundPipeline.from_model_set(self.config.models, device=self.config.device,
-                                                           dtype=self.config.dtype, vocoder=self.config.vocoder)
-        self.model_loads += 1
+        try:
+            self.pipe = ImagesThatSoundPipeline.from_model_set(self.config.models, device=self.config.device,
+                                                               dtype=self.config.dtype, vocoder=self.config.vocoder)
+            self.model_loads += 1
+        except Exception as exc:  # noqa: BLE001 - kept as one line: a restart would fail the same way
+            self.load_error = load_error_line(exc)
         self.load_s = time.perf_counter() - t0
 
     def info(self) -> dict[str, Any]:
+        if self.pipe is None:
+            return {"role": "generator", "model_loads": 0, "load_s": round(self.load_s, 3), "device": "none",
+                    "load_error": self.load_error, **_where()}
         return {"role": "generator", "model_loads": self.model_loads, "load_s": round(self.load_s, 3),
                 "device": _device_info(self.pipe.device), "dtype": str(self.pipe.dtype)[6:],
                 "models": self.pipe.model_set.to_dict(), **_where()}
@@ -80,6 +99,8 @@ class Generator:
     def generate(self, request: dict) -> dict:
         """A pair's candidates as arrays, or the error that stopped it (the shard goes on)."""
         req = PairRequest.from_dict(request)
+        if self.load_error:
+            return {"pair_id": req.pair_id, "error": self.load_error}
         t0 = time.perf_counter()
         try:
             result = self.pipe(req.params, micro_batch=self.config.micro_batch)
@@ -98,25 +119,29 @@ class Ranker:
     """Holds CLIP and CLAP; scores a pair's candidates, ranks them and returns only the kept ones' media."""
 
     def __init__(self, config: dict):
-        from pws_batch.core.models import resolve_model_set
         from pws_batch.core.device import resolve_device
-        from pws_batch.core.scorers import ClapScorer, ClipScorer
+        from pws_batch.core.models import load_scorer, resolve_model_set
 
         self.config = EngineConfig(**config)
         self.rule = RankingRule(**self.config.ranking)
         self.model_loads = 0
-        device = resolve_device(self.config.device)
-        model_set = resolve_model_set(self.config.models)
+        self.load_error = None
         t0 = time.perf_counter()
-        self.clip = ClipScorer(model_set.clip, device=device)
-        self.clap = ClapScorer(model_set.clap, device=device)
-        self.model_loads += 1
+        try:  # through the friendly loader: a missing model is one line naming it, never a traceback per retry
+            device = resolve_device(self.config.device)
+            model_set = resolve_model_set(self.config.models)
+            self.clip = load_scorer("clip", model_set.clip, device)
+            self.clap = load_scorer("clap", model_set.clap, device)
+            self.model_loads += 1
+        except Exception as exc:  # noqa: BLE001
+            device, self.load_error = "cpu", load_error_line(exc)
         self.load_s = time.perf_counter() - t0
         self.device = device
 
     def info(self) -> dict[str, Any]:
         return {"role": "ranker", "model_loads": self.model_loads, "load_s": round(self.load_s, 3),
-                "device": _device_info(self.device), **_where()}
+                "device": _device_info(self.device) if not self.load_error else "none",
+                **({"load_error": self.load_error} if self.load_error else {}), **_where()}
 
     def rank(self, request: dict, generated: dict) -> dict:
         from pws_batch.core.media import png_bytes, wav_bytes
@@ -125,6 +150,8 @@ class Ranker:
         if "error" in generated:
             return generated
         req = PairRequest.from_dict(request)
+        if self.load_error:
+            return {"pair_id": req.pair_id, "error": self.load_error}
         t0 = time.perf_counter()
         candidates = generated["candidates"]
         try:
@@ -236,7 +263,12 @@ def start_actors(config: EngineConfig, actors: int | None, log: Callable[[str], 
     generators = [ray.remote(Generator).options(**gen_opts, **common).remote(cfg) for _ in range(n)]
     rankers = [ray.remote(Ranker).options(**rank_opts, **common).remote(cfg) for _ in range(n)]
     pool = ActorPool(generators, rankers)
-    for info in pool.infos():  # waits until every actor has loaded its models
+    infos = pool.infos()  # waits until every actor has loaded its models
+    errors = sorted({info["load_error"] for info in infos if info.get("load_error")})
+    if errors:
+        stop_actors(pool)
+        raise ModelsUnavailable("; ".join(errors))
+    for info in infos:
         log(f"{info['role']} actor {info.get('actor_id')} on {info['host']} pid {info['pid']}: device "
             f"{info['device']}, GPUs {info.get('gpu_ids') or 'none'}, models loaded {info['model_loads']}x "
             f"in {info['load_s']:.1f} s")

@@ -137,6 +137,16 @@ def validate(config: RunConfig, check_files: bool = True) -> tuple[Validated, di
     return validate_manifest(df, config.defaults(), scheduler_config, check_files=check_files, base=base), model_ids
 
 
+def check_models(config: RunConfig) -> None:
+    """Every file the run's actors will load is there (offline, no weights loaded); else RunError, one line."""
+    from pws_batch.core.model_files import check_model_set, needed_components, summary_line
+    from pws_batch.core.models import resolve_model_set
+
+    problems = check_model_set(resolve_model_set(config.models), config.models, needed_components(config.vocoder))
+    if problems:
+        raise RunError(summary_line(problems, config.models))
+
+
 def plan_shards(requests: list[PairRequest], shard_size: int) -> list[Shard]:
     """Deterministic shards: manifest order, `shard_size` pairs each, named 00000, 00001, ..."""
     return [Shard(shard_name(i // shard_size), requests[i:i + shard_size]) for i in range(0, len(requests), shard_size)]
@@ -170,6 +180,7 @@ def prepare(config: RunConfig, log: Callable[[str], None] = print) -> RunPlan:
     out = Output(config.out)
     fingerprint = check_output(config)
     validated, model_ids = validate(config)
+    check_models(config)  # before run.json says "running" and before Ray: a missing model is one line
     if config.overwrite:
         out.clear()
     shards = plan_shards(validated.requests, config.shard_size)
