@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
     bs.add_argument("--t-image", type=float, default=DEFAULTS.t_image, help=f"(default: {DEFAULTS.t_image:g})")
     bs.add_argument("--t-audio", type=float, default=DEFAULTS.t_audio, help=f"(default: {DEFAULTS.t_audio:g})")
+    bs.add_argument("--architecture", choices=["sd15"], default=None,
+                    help="instead of --models: random-weight U-Nets and VAEs in the real SD 1.5 / Auffusion "
+                         "architecture (nothing downloaded), to time the real cost on a GPU")
     _add_runtime_args(bs, models_default="tiny")
     return parser
 
@@ -362,7 +365,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pws_batch.core.bench import bench_sampler
 
     bench_sampler(models=args.models, candidates=args.candidates, steps=args.steps, t_image=args.t_image,
-                  t_audio=args.t_audio, micro_batch=args.micro_batch, device=args.device, dtype=args.dtype)
+                  t_audio=args.t_audio, micro_batch=args.micro_batch, device=args.device, dtype=args.dtype,
+                  architecture=args.architecture)
     return 0
 
 

@@ -136,6 +136,11 @@ def build_sd_folder(folder: str, seed: int, bin_weights: bool = False, safety_ch
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=not bin_weights)
     write_tokenizer_files(tokenizer, os.path.join(folder, "tokenizer"))
+    # SD 1.5's scheduler_config.json as published: it also holds keys PNDM ignores but DDIM reads (clip_sample).
+    from pws_batch.core.model_files import reference_config
+
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(reference_config("sd15")["scheduler"], f, indent=2, sort_keys=True)
     if safety_checker:
         with open(os.path.join(folder, "model_index.json")) as f:
             index = json.load(f)
