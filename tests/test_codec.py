@@ -212,7 +212,7 @@ def test_griffin_lim_phase_comes_from_each_rows_seed_whatever_the_batch():
     logmel = codec.waveform_to_logmel(torch.from_numpy(np.stack(waves)))
     batch = codec.griffin_lim(logmel, seeds=[7, 8, 9])
     alone = codec.griffin_lim(logmel[1:2], seeds=[8])
-    np.testing.assert_allclose(batch[1].numpy(), alone[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(batch[1].numpy(), alone[0].numpy(), atol=1e-6)
     other_seed = codec.griffin_lim(logmel[1:2], seeds=[9])
     assert np.abs(other_seed[0].numpy() - alone[0].numpy()).max() > 1e-2  # the seed matters
     with pytest.raises(ValueError, match="2 seeds for 3 spectrograms"):

@@ -274,3 +274,26 @@ def test_a_load_failure_inside_an_actor_is_one_line(tmp_path, tiny_models):
     request = {"pair_id": "p", "row": 0, "keep": 1, "params": {"image_prompt": "a", "audio_prompt": "b"}}
     generated = {"pair_id": "p", "candidates": []}
     assert ranker.rank(request, generated) == {"pair_id": "p", "error": info["load_error"]}
+
+
+# ---------------------------------------------------------------------------------------------- bench
+def test_bench_architecture_is_built_from_the_real_config_without_weights():
+    """`bench sampler --architecture sd15` builds SD 1.5's U-Net and VAE from reference_configs/sd15.json (here on
+    the meta device: the architecture without allocating its 860 M parameters)."""
+    from accelerate import init_empty_weights
+
+    from pws_batch.core.bench import build_unet_vae
+
+    real = reference_config("sd15")
+    with init_empty_weights():
+        unet, vae = build_unet_vae("sd15", device="meta")
+    for key in ("block_out_channels", "down_block_types", "up_block_types", "cross_attention_dim", "in_channels",
+                "layers_per_block", "attention_head_dim", "sample_size"):
+        value = unet.config[key]
+        assert (list(value) if isinstance(value, (list, tuple)) else value) == real["unet"][key], key
+    assert list(unet.config.block_out_channels) == [320, 640, 1280, 1280]
+    assert list(vae.config.block_out_channels) == [128, 256, 512, 512] and vae.config.scaling_factor == 0.18215
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # SD 1.5's U-Net
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # SD 1.5's VAE
+    with pytest.raises(ValueError, match="unknown architecture 'sdxl'"):
+        build_unet_vae("sdxl")
