@@ -87,10 +87,15 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
         started_ray = engine.connect_ray(config.engine.ray_address)
         logger.info(engine.describe_cluster(started_ray))
         try:
-            pool = engine.start_actors(config, logger.info)
-            actor_infos = pool.infos()
-            engine.register_pool(run_key, pool)
-            pending = list(plan.todo)
+            try:
+                pool = engine.start_actors(config, logger.info)
+            except engine.ModelsUnavailable as exc:  # one line, not a traceback per actor restart
+                errors.append(f"models not loaded: {exc}")
+                logger.error(f"the actors could not load their models: {exc}")
+            if pool is not None:
+                actor_infos = pool.infos()
+                engine.register_pool(run_key, pool)
+            pending = list(plan.todo) if pool is not None else []
             running: dict[concurrent.futures.Future, Any] = {}
             while pending or running:
                 while pending and len(running) < len(pool):
@@ -107,7 +112,8 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
                         errors.append(f"shard {shard.name}: {type(exc).__name__}: {exc}")
                         logger.error(f"shard {shard.name} failed after {SHARD_RETRIES} retries: {exc}")
                     report()
-            actor_infos = pool.infos()  # again at the end: the pairs each actor served, its (single) model load
+            if pool is not None:  # again at the end: the pairs each actor served, its (single) model load
+                actor_infos = pool.infos()
         finally:
             engine.unregister_pool(run_key)
             engine.stop_actors(pool)
@@ -119,7 +125,7 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
     # 3. Finalize: run.json, dataset card, artifacts.
     elapsed = time.perf_counter() - t_start
     summary = run.finalize(plan, actors=actor_infos, extra={"flow_run_id": str(flow_run.id) if flow_run.id else None,
-                                                            "seconds": round(elapsed, 2)})
+                                                            "seconds": round(elapsed, 2), "errors": errors})
     counts = summary["counts"]
     kept_rows = summary.pop("kept_rows")
     create_table_artifact(
@@ -149,6 +155,6 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
                 f"{counts['rejected']} rejected")
     summary["errors"] = errors
     if errors:
-        raise RuntimeError(f"{len(errors)} shard(s) failed; what was committed is kept, re-run to resume: "
+        raise RuntimeError(f"{len(errors)} error(s); what was committed is kept, re-run to resume: "
                            + "; ".join(errors))
     return summary

@@ -87,12 +87,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Auffusion's HiFi-GAN, or weight-free Griffin-Lim (default: hifigan)")
     gen.add_argument("--out", required=True, help="output folder (local path or fsspec URI)")
 
-    models = sub.add_parser("models", help="model sets: build the tiny one, show one")
+    models = sub.add_parser("models", help="model sets: fetch one, check one, show one, build the tiny one")
     msub = models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
     tiny = msub.add_parser("build-tiny", help="build the tiny random model set offline (deterministic)")
     tiny.add_argument("--dir", help="where to write it (default: $PWS_BATCH_HOME/tiny-vN, ~/.cache/pws-batch)")
     show = msub.add_parser("show", help="print the components of a model set as JSON")
     show.add_argument("name", nargs="?", default="sd15-auffusion", help="a built-in name or a path")
+    fetch = msub.add_parser("fetch", help="download a model set's files from the Hugging Face hub",
+                            description="Download only the files each component reads (safetensors where a repository "
+                                        "publishes them, else its .bin files; no .ckpt, no non-EMA or fp16 variants, "
+                                        "no safety checker) with huggingface_hub.snapshot_download: resumable (run it "
+                                        "again after an interruption), with progress bars. Without --dir the files go "
+                                        "to the Hugging Face cache (HF_HOME), where `--models sd15-auffusion` finds "
+                                        "them offline; with --dir, one folder per repository and a model_set.json to "
+                                        "pass to --models. Then run `pws-batch models check`.")
+    fetch.add_argument("name", nargs="?", default="sd15-auffusion", help="a built-in name or a path (default: sd15-auffusion)")
+    fetch.add_argument("--dir", help="download into this folder instead of the Hugging Face cache")
+    check = msub.add_parser("check", help="check a model set's files offline, without loading weights",
+                            description="Offline and without loading any weights: one line per missing or "
+                                        "inconsistent file (component, id, file, problem, fix); checks that both "
+                                        "diffusion models share SD 1.5's latent space (4 channels, VAE factor 8), "
+                                        "that each U-Net takes its text encoder's width, and that the vocoder reads "
+                                        "Auffusion's mels (256 mels, hop 160). Exit status 1 if anything is wrong. "
+                                        "Hub ids are looked up in the Hugging Face cache (HF_HOME).")
+    check.add_argument("name", nargs="?", default="sd15-auffusion", help="a built-in name or a path (default: sd15-auffusion)")
 
     runp = sub.add_parser("run", help="manifest -> Prefect flow -> Ray actors -> curated dataset",
                           description="Generate a curated dataset from a manifest of prompt pairs: the Prefect flow "
@@ -116,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--deployment", default="generate-dataset/local",
                     help="FLOW/DEPLOYMENT (default: generate-dataset/local; generate-dataset/k8s on Kubernetes)")
     sb.add_argument("--wait", action="store_true", help="follow the flow run to its end; exit 1 if it failed")
+    sb.add_argument("--no-model-check", action="store_true",
+                    help="do not check the model set's files here (when they exist only on the workers, which check "
+                         "them before starting Ray)")
     _add_run_args(sb)
 
     st = sub.add_parser("status", help="state, shard progress and dataset location of a submitted flow run")
@@ -141,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
     bs.add_argument("--t-image", type=float, default=DEFAULTS.t_image, help=f"(default: {DEFAULTS.t_image:g})")
     bs.add_argument("--t-audio", type=float, default=DEFAULTS.t_audio, help=f"(default: {DEFAULTS.t_audio:g})")
+    bs.add_argument("--architecture", choices=["sd15"], default=None,
+                    help="instead of --models: random-weight U-Nets and VAEs in the real SD 1.5 / Auffusion "
+                         "architecture (nothing downloaded), to time the real cost on a GPU")
     _add_runtime_args(bs, models_default="tiny")
     return parser
 
@@ -201,11 +225,30 @@ def _prepare(args: argparse.Namespace, params: GenerationParams):
     except ValueError as exc:
         raise UsageError(f"pws-batch: error: {exc}") from exc
     model_set = resolve_model_set(args.models)
+    _require_models(model_set, args.models, "generate", vocoder=args.vocoder, scorers=False)
     try:
         check_request(params, load_scheduler_config(model_set.image))
     except (ScheduleError, ParamsError, ValueError) as exc:
         raise UsageError(f"pws-batch: error: {exc}") from exc
     return model_set
+
+
+def _require_models(model_set, spec: str, command: str, vocoder: str = "hifigan", scorers: bool = True) -> None:
+    """Fail fast, before Prefect, Ray or any model: the files the command will load must all be there."""
+    from pws_batch.core.model_files import check_model_set, needed_components, summary_line
+
+    problems = check_model_set(model_set, spec, needed_components(vocoder, scorers))
+    if problems:
+        raise UsageError(f"pws-batch {command}: error: {summary_line(problems, spec)}")
+
+
+def _resolve_models(spec: str, command: str):
+    from pws_batch.core.models import ModelSetError, resolve_model_set
+
+    try:
+        return resolve_model_set(spec)
+    except ModelSetError as exc:
+        raise UsageError(f"pws-batch {command}: error: {exc}") from exc
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -261,9 +304,27 @@ def cmd_models(args: argparse.Namespace) -> int:
     try:
         model_set = resolve_model_set(args.name)
     except ModelSetError as exc:
-        raise UsageError(f"pws-batch models show: error: {exc}") from exc
-    print(json.dumps(model_set.to_dict(), indent=2))
-    return 0
+        raise UsageError(f"pws-batch models {args.models_command}: error: {exc}") from exc
+    if args.models_command == "show":
+        print(json.dumps(model_set.to_dict(), indent=2))
+        return 0
+    from pws_batch.core.model_files import FetchError, check_model_set, fetch_model_set
+
+    spec = args.name
+    if args.models_command == "fetch":
+        try:
+            written = fetch_model_set(model_set, spec, local_dir=args.dir)
+        except FetchError as exc:
+            raise UsageError(f"pws-batch models fetch: error: {exc}") from exc
+        if written:
+            model_set, spec = resolve_model_set(written), written
+            print(f"wrote {written}: run with --models {written}")
+    problems = check_model_set(model_set, spec)
+    for problem in problems:
+        print(problem)
+    print(f"model set {spec}: " + (f"{len(problems)} problem{'s' if len(problems) != 1 else ''}" if problems else
+                                   "complete (image, audio, vocoder, clip, clap: every file there, interfaces agree)"))
+    return 1 if problems else 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -273,7 +334,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pws_batch.core.bench import bench_sampler
 
     bench_sampler(models=args.models, candidates=args.candidates, steps=args.steps, t_image=args.t_image,
-                  t_audio=args.t_audio, micro_batch=args.micro_batch, device=args.device, dtype=args.dtype)
+                  t_audio=args.t_audio, micro_batch=args.micro_batch, device=args.device, dtype=args.dtype,
+                  architecture=args.architecture)
     return 0
 
 
@@ -301,6 +363,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_output(args.manifest, args.out, config)  # before any flow run is created: a refused resume costs nothing
     except (ManifestError, RunError) as exc:
         raise UsageError(f"pws-batch run: error: {exc}") from exc
+    _require_models(_resolve_models(config.engine.models, "run"), config.engine.models, "run",
+                    vocoder=config.engine.vocoder)
 
     from tqdm.auto import tqdm
 
@@ -343,6 +407,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     args.manifest = _absolute(args.manifest)
     args.out = _absolute(args.out)
     config = _run_config(args, "submit")
+    if not args.no_model_check:
+        _require_models(_resolve_models(config.engine.models, "submit"), config.engine.models, "submit",
+                        vocoder=config.engine.vocoder)
     try:
         check_api()  # an unreachable API fails in seconds, before any validation work
         validated, _ = validate(args.manifest, config)

@@ -51,10 +51,10 @@ def test_build_tiny_is_deterministic(tmp_path, capsys):
     assert main(["models", "build-tiny", "--dir", str(b)]) == 0
     files = sorted(os.path.relpath(os.path.join(d, f), a) for d, _, fs in os.walk(a) for f in fs)
     assert "image/unet/diffusion_pytorch_model.safetensors" in files and "audio/vocoder/vocoder.pt" in files
-    assert "clap/model.safetensors" in files and "clip/model.safetensors" in files
-    for rel in files:
-        if rel.endswith((".safetensors", ".json")):
-            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    assert "audio/unet/diffusion_pytorch_model.bin" in files and "audio/text_encoder/pytorch_model.bin" in files
+    assert "clap/pytorch_model.bin" in files and "clip/model.safetensors" in files
+    for rel in files:  # every file, .bin and vocoder.pt included: the same bytes
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     import torch
 
     va = torch.load(a / "audio/vocoder/vocoder.pt", weights_only=True)["generator"]
@@ -72,14 +72,30 @@ def test_a_model_that_cannot_be_loaded_is_named_in_one_line(tmp_path, capsys, ti
     model_set.write_text(json.dumps({"name": "broken", "image": "no-such-org/no-such-model",
                                      "audio": os.path.join(tiny_models, "audio"),
                                      "vocoder": os.path.join(tiny_models, "audio")}))
-    # The scheduler config is read first (before any weights): it names the image model.
+    # The model files are checked first (offline, before any weights): the check names the image model.
+    rc = main(["generate", "--image-prompt", "x", "--audio-prompt", "y", "--models", str(model_set),
+               "--steps", "2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "image 'no-such-org/no-such-model': (all files): none of its 11 files is in the Hugging Face cache" in err
+    assert f"pws-batch models fetch {model_set}" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_that_passes_the_check_but_cannot_be_loaded_is_named_in_one_line(tmp_path, capsys, tiny_models):
+    import shutil
+
+    broken = tmp_path / "audio"
+    shutil.copytree(os.path.join(tiny_models, "audio"), broken)
+    (broken / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not a checkpoint")
+    model_set = tmp_path / "model_set.json"
+    model_set.write_text(json.dumps({"name": "broken", "image": os.path.join(tiny_models, "image"),
+                                     "audio": str(broken), "vocoder": str(broken)}))
     rc = main(["generate", "--image-prompt", "x", "--audio-prompt", "y", "--models", str(model_set),
                "--steps", "2", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1
-    assert "cannot load the image model 'no-such-org/no-such-model'" in err and "HF_HUB_OFFLINE" in err
-    assert "hf download no-such-org/no-such-model" in err
-    assert not (tmp_path / "o").exists()
+    assert f"cannot load the audio model '{broken}'" in err and "HF_HUB_OFFLINE" in err
 
 
 @pytest.mark.parametrize("component", ["audio", "vocoder"])
@@ -93,5 +109,5 @@ def test_a_missing_local_folder_is_named_with_its_component(tmp_path, capsys, ti
     rc = main(["generate", "--image-prompt", "x", "--audio-prompt", "y", "--models", str(model_set),
                "--steps", "2", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and len(err.splitlines()) == 1
-    assert f"cannot load the {component} model '{tmp_path / 'nowhere'}'" in err
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert f"{component} '{tmp_path / 'nowhere'}': (all files): none of its" in err and "is in the folder" in err

@@ -292,3 +292,36 @@ def test_clap_score_has_no_random_crop(clap_scorer, n):
     np.random.seed(12345)
     second = clap_scorer(sounds, "a dog barking")
     np.testing.assert_allclose(first, second, rtol=0, atol=1e-6)
+
+
+def test_clap_input_is_peak_normalised_at_48k_as_the_reference_scores_it(clap_scorer):
+    """The reference evaluator resamples to 48 kHz and peak-normalises to 1 (librosa.util.normalize): a sound's
+    loudness does not change its CLAP score."""
+    from scipy.signal import resample_poly
+
+    quiet, tone = noise_and_tone(N_AUDIO, seed=2)
+    up = ClapScorer.to_48k(quiet)
+    assert np.abs(up).max() == pytest.approx(1.0, abs=1e-6)
+    expected = resample_poly(quiet.astype(np.float64), 3, 1)
+    np.testing.assert_allclose(up, expected / np.abs(expected).max(), atol=1e-6)
+    np.testing.assert_allclose(ClapScorer.to_48k(0.01 * quiet), up, atol=1e-6)
+    scores = clap_scorer([quiet, 20 * quiet, tone, 0.05 * tone], "rain on a roof")
+    assert scores[0] == pytest.approx(scores[1], abs=1e-5) and scores[2] == pytest.approx(scores[3], abs=1e-5)
+    assert not np.any(ClapScorer.to_48k(np.zeros(100)))  # silence stays silent
+
+
+def test_a_prompt_longer_than_each_text_window_is_scored_on_its_start(clip_scorer, clap_scorer):
+    """CLIP takes 77 tokens, CLAP (RoBERTa, 514 positions) 512: longer texts are truncated, never fail."""
+    from pws_batch.core.scorers import text_window
+
+    assert text_window(clip_scorer.model.config.text_config, clip_scorer.processor.tokenizer) == 77
+    assert text_window(clap_scorer.model.config.text_config, clap_scorer.processor.tokenizer) == 512
+    long = "a dog barks at the mailman while rain falls on the tin roof " * 12  # ~720 byte tokens
+    assert len(clap_scorer.processor.tokenizer(long).input_ids) > 600
+    start = long[:400]  # already more than 77 tokens for CLIP
+    clip_long, clip_start = clip_scorer(canvases(1), long), clip_scorer(canvases(1), start)
+    assert np.isfinite(clip_long).all() and clip_long[0] == pytest.approx(clip_start[0], abs=1e-6)
+    clap_long = clap_scorer(noise_and_tone(N_AUDIO, seed=3), long)
+    assert clap_long.shape == (2,) and np.isfinite(clap_long).all()
+    cut = clap_scorer.processor.tokenizer.decode(clap_scorer.processor.tokenizer(long).input_ids[1:511])
+    np.testing.assert_allclose(clap_long, clap_scorer(noise_and_tone(N_AUDIO, seed=3), cut), atol=1e-5)

@@ -30,6 +30,18 @@ MAX_TASK_RETRIES = 2
 MODEL_LOADS: Counter = Counter()
 
 
+class ModelsUnavailable(RuntimeError):
+    """An actor could not load its models: the one-line reason, the same on every retry."""
+
+
+def load_error_line(exc: BaseException) -> str:
+    """A load failure as one line: ModelLoadError / ModelSetError already name the component and the fix."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    from pws_batch.core.models import ModelLoadError, ModelSetError
+
+    return text if isinstance(exc, (ModelLoadError, ModelSetError)) else f"loading the models failed: {type(exc).__name__}: {text}"
+
+
 def _where() -> dict[str, Any]:
     import ray
 
@@ -59,9 +71,13 @@ class Generator:
 
         self.config = config
         engine = config.engine
+        self.pipe, self.load_error = None, None
         t0 = time.perf_counter()
-        self.pipe = ImagesThatSoundPipeline.from_model_set(engine.models, device=engine.device, dtype=engine.dtype,
-                                                           vocoder=engine.vocoder)
+        try:
+            self.pipe = ImagesThatSoundPipeline.from_model_set(engine.models, device=engine.device,
+                                                               dtype=engine.dtype, vocoder=engine.vocoder)
+        except Exception as exc:  # noqa: BLE001 - kept as one line: a restart would fail the same way
+            self.load_error = load_error_line(exc)
         self.load_s = time.perf_counter() - t0
         self.pairs = 0
 
@@ -69,6 +85,9 @@ class Generator:
         from pws_batch.core.device import dtype_name
         from pws_batch.core.pipeline import ImagesThatSoundPipeline
 
+        if self.pipe is None:
+            return {"role": "generator", "model_loads": 0, "pairs": self.pairs, "load_s": round(self.load_s, 3),
+                    "device": "none", "load_error": self.load_error, **_where()}
         return {"role": "generator", "model_loads": ImagesThatSoundPipeline.loads, "pairs": self.pairs,
                 "load_s": round(self.load_s, 3), "device": _device_info(self.pipe.device),
                 "dtype": dtype_name(self.pipe.dtype), "models": self.pipe.model_set.to_dict(),
@@ -76,6 +95,8 @@ class Generator:
 
     def generate(self, request: PairRequest) -> PairResult:
         """A pair's candidates as arrays (in `generated`), or the error that stopped it (the shard goes on)."""
+        if self.load_error:
+            return PairResult.failed(request, self.load_error, generator=_where())
         t0 = time.perf_counter()
         self.pairs += 1
         try:
@@ -92,23 +113,28 @@ class Ranker:
 
     def __init__(self, config: RunConfig):
         from pws_batch.core.device import resolve_device
-        from pws_batch.core.models import resolve_model_set
-        from pws_batch.core.scorers import ClapScorer, ClipScorer
+        from pws_batch.core.models import load_scorer, resolve_model_set
 
         self.config = config
-        device = resolve_device(config.engine.device)
-        model_set = resolve_model_set(config.engine.models)
+        self.load_error = None
         t0 = time.perf_counter()
-        self.clip = ClipScorer(model_set.clip, device=device)
-        self.clap = ClapScorer(model_set.clap, device=device)
-        MODEL_LOADS["ranker"] += 1
+        try:  # through the friendly loader: a missing model is one line naming it, never a traceback per retry
+            device = resolve_device(config.engine.device)
+            model_set = resolve_model_set(config.engine.models)
+            self.clip = load_scorer("clip", model_set.clip, device)
+            self.clap = load_scorer("clap", model_set.clap, device)
+            MODEL_LOADS["ranker"] += 1
+        except Exception as exc:  # noqa: BLE001
+            device, self.load_error = "cpu", load_error_line(exc)
         self.load_s = time.perf_counter() - t0
         self.device = device
         self.pairs = 0
 
     def info(self) -> dict[str, Any]:
-        return {"role": "ranker", "model_loads": MODEL_LOADS["ranker"], "pairs": self.pairs,
-                "load_s": round(self.load_s, 3), "device": _device_info(self.device), **_where()}
+        return {"role": "ranker", "model_loads": 0 if self.load_error else MODEL_LOADS["ranker"], "pairs": self.pairs,
+                "load_s": round(self.load_s, 3),
+                "device": _device_info(self.device) if not self.load_error else "none",
+                **({"load_error": self.load_error} if self.load_error else {}), **_where()}
 
     def rank(self, pair: PairResult) -> PairResult:
         """Score every candidate, rank them, keep the best `keep` with their media; drop the arrays."""
@@ -117,6 +143,8 @@ class Ranker:
 
         if not pair.ok:  # the generator failed: pass its error on
             return pair
+        if self.load_error:
+            return dataclasses.replace(pair, generated=None, ranker=_where(), error=self.load_error)
         self.pairs += 1
         t0 = time.perf_counter()
         request, candidates = pair.request, pair.generated.candidates
@@ -235,7 +263,12 @@ def start_actors(config: RunConfig, log: Callable[[str], None], generator_cls: t
     rankers = [ray.remote(ranker_cls or Ranker).options(**rank_opts, **common).remote(config, **kwargs)
                for _ in range(n)]
     pool = ActorPool(generators, rankers)
-    for info in pool.infos():  # waits until every actor has loaded its models
+    infos = pool.infos()  # waits until every actor has loaded its models
+    errors = sorted({info["load_error"] for info in infos if info.get("load_error")})
+    if errors:
+        stop_actors(pool)
+        raise ModelsUnavailable("; ".join(errors))
+    for info in infos:
         log(f"{info['role']} actor {info.get('actor_id')} on {info['host']} pid {info['pid']}: device "
             f"{info['device']}, GPUs {info.get('gpu_ids') or 'none'}, models loaded {info['model_loads']}x "
             f"in {info['load_s']:.1f} s")

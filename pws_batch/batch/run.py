@@ -84,6 +84,17 @@ def validate(manifest: str, config: RunConfig, check_files: bool = True) -> tupl
     return validate_manifest(df, config.defaults, scheduler_config, check_files=check_files, base=base), model_ids
 
 
+def check_models(config: RunConfig) -> None:
+    """Every file the run's actors will load is there (offline, no weights loaded); else RunError, one line."""
+    from pws_batch.core.model_files import check_model_set, needed_components, summary_line
+    from pws_batch.core.models import resolve_model_set
+
+    models = config.engine.models
+    problems = check_model_set(resolve_model_set(models), models, needed_components(config.engine.vocoder))
+    if problems:
+        raise RunError(summary_line(problems, models))
+
+
 def plan_shards(requests: list[PairRequest], shard_size: int) -> list[Shard]:
     """Deterministic shards: manifest order, `shard_size` pairs each, named 00000, 00001, ..."""
     return [Shard(shard_name(i // shard_size), requests[i:i + shard_size]) for i in range(0, len(requests), shard_size)]
@@ -116,6 +127,7 @@ def prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], Non
     output = Output(out)
     fingerprint = check_output(manifest, out, config)
     validated, model_ids = validate(manifest, config)
+    check_models(config)  # before run.json says "running" and before Ray: a missing model is one line
     if config.plan.overwrite:
         output.clear()
     shards = plan_shards(validated.requests, config.plan.shard_size)

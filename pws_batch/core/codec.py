@@ -176,11 +176,20 @@ def logmel_to_magnitude(logmel: torch.Tensor) -> torch.Tensor:
     return torch.matmul(_mel_pinv().to(logmel.device), torch.exp(logmel.float())).clamp_min(0.0)
 
 
-def griffin_lim(logmel: torch.Tensor, n_iter: int = 32, momentum: float = 0.99, seed: int = 0) -> torch.Tensor:
-    """The weight-free vocoder: fast Griffin-Lim (Perraudin et al.) on the inverted mel, [B, F * 160]."""
+def griffin_lim(logmel: torch.Tensor, n_iter: int = 32, momentum: float = 0.99, seed: int = 0,
+                seeds: list[int] | None = None) -> torch.Tensor:
+    """The weight-free vocoder: fast Griffin-Lim (Perraudin et al.) on the inverted mel, [B, F * 160].
+
+    Row i starts from a random phase drawn from its own generator seeded with `seeds[i]` (all rows with `seed`
+    when `seeds` is not given), so a candidate's sound does not depend on the batch it is vocoded in.
+    """
     magnitude = logmel_to_magnitude(logmel)
-    g = torch.Generator().manual_seed(seed)
-    phase = torch.exp(2j * math.pi * torch.rand(magnitude.shape, generator=g)).to(magnitude.device)
+    seeds = list(seeds) if seeds is not None else [seed] * magnitude.shape[0]
+    if len(seeds) != magnitude.shape[0]:
+        raise ValueError(f"griffin_lim: {len(seeds)} seeds for {magnitude.shape[0]} spectrograms")
+    uniform = torch.stack([torch.rand(magnitude.shape[1:], generator=torch.Generator().manual_seed(int(s)))
+                           for s in seeds])
+    phase = torch.exp(2j * math.pi * uniform).to(magnitude.device)
     previous = torch.zeros_like(phase)
     for _ in range(n_iter):
         rebuilt = stft(istft(magnitude * phase))

@@ -141,15 +141,29 @@ def quiet_loading() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _safetensors_choice(model_id: str) -> bool | None:
+    """False for a model found locally with .bin weights only (no failed attempt at safetensors first, no
+    warning); otherwise None: diffusers then prefers safetensors and falls back to the .bin files."""
+    from pws_batch.core.model_files import locate
+
+    if (locate(model_id, "unet/diffusion_pytorch_model.safetensors") is None
+            and locate(model_id, "unet/diffusion_pytorch_model.bin") is not None):
+        return False
+    return None
+
+
 def load_diffusion_pipeline(component: str, model_id: str, device, dtype):
     """A Stable Diffusion-layout pipeline folder (SD 1.5 or Auffusion) via diffusers' from_pretrained."""
     from diffusers import StableDiffusionPipeline
 
     quiet_loading()
     try:
+        # use_safetensors left unset: diffusers takes safetensors where a repo has them (SD 1.5) and otherwise
+        # the .bin files (Auffusion publishes only those) through torch.load(weights_only=True), never a full
+        # unpickle. The safety checker and feature extractor that SD 1.5's model_index.json names are not loaded.
         pipe = StableDiffusionPipeline.from_pretrained(
-            model_id, dtype=dtype, use_safetensors=True, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+            model_id, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            use_safetensors=_safetensors_choice(model_id))
     except Exception as exc:  # noqa: BLE001 - diffusers raises OSError, ValueError, hub errors ...
         raise _missing(component, model_id, exc) from exc
     pipe.set_progress_bar_config(disable=True)
@@ -176,6 +190,17 @@ def load_scheduler_config(model_id: str, fallback: bool = False) -> dict:
         if fallback:
             return dict(SD15_SCHEDULER_CONFIG)
         raise _missing("image", model_id, exc) from exc
+
+
+def load_scorer(component: str, model_id: str, device):
+    """The CLIP or CLAP scorer (transformers' from_pretrained: safetensors, else .bin with weights_only)."""
+    from pws_batch.core.scorers import ClapScorer, ClipScorer
+
+    quiet_loading()
+    try:
+        return (ClipScorer if component == "clip" else ClapScorer)(model_id, device=device)
+    except Exception as exc:  # noqa: BLE001
+        raise _missing(component, model_id, exc) from exc
 
 
 def load_vocoder(model_set: ModelSet, device, dtype):

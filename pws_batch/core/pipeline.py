@@ -155,10 +155,11 @@ class ImagesThatSoundPipeline:
         return run(self.image_pipe.vae).mean(dim=1), run(self.audio_pipe.vae)
 
     @torch.no_grad()
-    def vocode(self, spectrogram_canvas: torch.Tensor) -> torch.Tensor:
+    def vocode(self, spectrogram_canvas: torch.Tensor, seeds: list[int] | None = None) -> torch.Tensor:
+        """Spectrogram canvases -> 16 kHz sounds; Griffin-Lim draws each one's initial phase from its seed."""
         logmel = codec.canvas_to_logmel(spectrogram_canvas)
         if self.vocoder is None:
-            return codec.griffin_lim(logmel.cpu())
+            return codec.griffin_lim(logmel.cpu(), seeds=seeds)
         return self.vocoder(logmel.to(self.device, next(self.vocoder.parameters()).dtype)).float()
 
     # -------------------------------------------------------------------------------- the loop
@@ -208,7 +209,7 @@ class ImagesThatSoundPipeline:
             t0 = time.perf_counter()
             picture, spectrogram = self.decode(z, params.crop_columns)
             t1 = time.perf_counter()
-            audio = self.vocode(spectrogram).cpu().numpy()
+            audio = self.vocode(spectrogram, batch_seeds).cpu().numpy()
             timings["decode_s"] += t1 - t0
             timings["vocode_s"] += time.perf_counter() - t1
             images = codec.to_uint8(picture)

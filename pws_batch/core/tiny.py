@@ -1,13 +1,23 @@
-"""The `tiny` model set: random weights built offline, deterministically, in exactly the real layouts.
+"""The `tiny` model set: random weights built offline, deterministically, in exactly the real layouts and
+file formats.
 
-- `image/`, `audio/`: diffusers Stable Diffusion folders (model_index.json, unet/, vae/, text_encoder/,
-  tokenizer/, scheduler/), as `stable-diffusion-v1-5` and `auffusion-full-no-adapter` ship them;
-- `audio/vocoder/`: Auffusion's vocoder folder (config.json + vocoder.pt with weight-norm keys);
-- `clip/`, `clap/`: transformers CLIPModel / ClapModel folders with their processors;
+- `image/`: a diffusers Stable Diffusion folder as `stable-diffusion-v1-5` publishes it: safetensors weights,
+  and a model_index.json that names a `safety_checker` and a `feature_extractor` (tiny ones are written too;
+  pws-batch never loads them);
+- `audio/`: as `auffusion-full-no-adapter` publishes it: pickle-format `.bin` weights only
+  (`unet/diffusion_pytorch_model.bin`, `vae/diffusion_pytorch_model.bin`, `text_encoder/pytorch_model.bin`),
+  and `vocoder/` (config.json + vocoder.pt with HiFi-GAN's old-style weight-norm keys);
+- `clip/` (model.safetensors) and `clap/` (pytorch_model.bin): transformers CLIPModel / ClapModel folders with
+  their processors, so both of transformers' weight formats are loaded by the tests;
 - `model_set.json`: the model set pointing at those folders.
 
-They are then loaded through the same `from_pretrained` code as real weights. Sizes are chosen so a whole
-pipeline runs in seconds on 2 CPU cores at the real 4 x 32 x 128 latent and 256 x 1024 canvas.
+They are then loaded through the same `from_pretrained` code as real weights. The configs keep the real
+interfaces (reference_configs/*.json, checked by tests/test_model_files.py): 4 latent channels, VAE factor 8
+and scaling factor 0.18215, cross-attention dim 768 (so the tiny text encoders are 768 wide, one layer deep),
+77-token CLIP tokenizers, a 514-position CLAP text model, SD 1.5's scheduler config, a HiFi-GAN V1 with 256
+mels and upsample rates multiplying to 160. Widths and depths are shrunk, and the U-Net attends only at its
+lowest resolution, so a whole pipeline runs in seconds on 2 CPU cores at the real 4 x 32 x 128 latent and
+256 x 1024 canvas.
 """
 
 from __future__ import annotations
@@ -17,8 +27,9 @@ import os
 import shutil
 import tempfile
 
-TINY_VERSION = 1  # bump when the tiny architectures change, so cached builds are rebuilt
-TEXT_DIM = 32
+TINY_VERSION = 2  # bump when the tiny architectures or layouts change, so cached builds are rebuilt
+TEXT_DIM = 32  # CLIP / CLAP widths (internal to the scorers)
+CROSS_ATTENTION_DIM = 768  # SD 1.5's and Auffusion's: the diffusion text encoders' width
 
 
 def _byte_level_alphabet() -> list[str]:
@@ -51,15 +62,46 @@ def build_roberta_tokenizer():
     return RobertaTokenizer(vocab=vocab, merges=[], model_max_length=512)
 
 
-def _text_config(tokenizer) -> dict:
-    return dict(vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=77,
+def write_tokenizer_files(tokenizer, folder: str) -> None:
+    """A byte-level BPE tokenizer as the real repos publish it: vocab.json + merges.txt + tokenizer_config.json +
+    special_tokens_map.json (transformers 5 would write a tokenizer.json instead)."""
+    os.makedirs(folder, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    vocab = dict(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]))
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")  # no merges: every byte is its own token
+    specials = {k: str(v) for k, v in tokenizer.special_tokens_map.items()}
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump(specials, f, indent=2, sort_keys=True)
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        if os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+
+
+def write_preprocessor(processor_part, folder: str) -> None:
+    """An image processor / feature extractor as preprocessor_config.json (the real repos' file), and no
+    processor_config.json (transformers 5's)."""
+    processor_part.save_pretrained(folder)
+    combined = os.path.join(folder, "processor_config.json")
+    if os.path.isfile(combined):
+        os.remove(combined)
+
+
+def _text_config(tokenizer, hidden_size: int = TEXT_DIM, layers: int = 2, heads: int = 4) -> dict:
+    return dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=layers,
+                num_attention_heads=heads, max_position_embeddings=77,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id)
 
 
-def build_sd_folder(folder: str, seed: int) -> None:
-    """A tiny Stable Diffusion 1.5-layout pipeline folder with random weights from `seed`."""
+def build_sd_folder(folder: str, seed: int, bin_weights: bool = False, safety_checker: bool = False) -> None:
+    """A tiny Stable Diffusion 1.5-layout pipeline folder with random weights from `seed`.
+
+    `bin_weights`: pickle-format .bin files only, as Auffusion publishes; else safetensors, as SD 1.5 does.
+    `safety_checker`: write SD 1.5's `safety_checker` and `feature_extractor` entries (tiny ones).
+    """
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -69,7 +111,7 @@ def build_sd_folder(folder: str, seed: int) -> None:
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16, 16),
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_DIM, attention_head_dim=2, norm_num_groups=2)
+        cross_attention_dim=CROSS_ATTENTION_DIM, attention_head_dim=2, norm_num_groups=2)
     # A trained U-Net predicts unit-variance noise and denoising contracts; a random one is a chaotic map, and
     # 100 DDIM steps amplify float rounding (which differs with batch size) into unrelated pictures. A smaller
     # output layer keeps the random map contractive, so batched and single candidates agree as with real weights.
@@ -83,15 +125,58 @@ def build_sd_folder(folder: str, seed: int) -> None:
         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256)
     tokenizer = build_clip_tokenizer()
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**_text_config(tokenizer)))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_text_config(tokenizer, CROSS_ATTENTION_DIM, layers=1, heads=12)))
     # Stable Diffusion 1.5's own scheduler config (the sampler builds DDIM from it, as the reference does).
     scheduler = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", skip_prk_steps=True, set_alpha_to_one=False,
                               steps_offset=1)
+    checker, extractor = (_tiny_safety_checker(seed + 3), _clip_image_processor()) if safety_checker else (None, None)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   scheduler=scheduler, safety_checker=checker, feature_extractor=extractor,
                                    requires_safety_checker=False)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    pipe.save_pretrained(folder, safe_serialization=not bin_weights)
+    write_tokenizer_files(tokenizer, os.path.join(folder, "tokenizer"))
+    # SD 1.5's scheduler_config.json as published: it also holds keys PNDM ignores but DDIM reads (clip_sample).
+    from pws_batch.core.model_files import reference_config
+
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(reference_config("sd15")["scheduler"], f, indent=2, sort_keys=True)
+    if safety_checker:
+        with open(os.path.join(folder, "model_index.json")) as f:
+            index = json.load(f)
+        index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]  # as SD 1.5's model_index.json
+        with open(os.path.join(folder, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+    if bin_weights:
+        # transformers 5 writes safetensors whatever it is asked; Auffusion's text encoder is a .bin.
+        from safetensors.torch import load_file
+
+        path = os.path.join(folder, "text_encoder", "model.safetensors")
+        if os.path.isfile(path):
+            torch.save(load_file(path), os.path.join(folder, "text_encoder", "pytorch_model.bin"))
+            os.remove(path)
+
+
+def _clip_image_processor():
+    from transformers import CLIPImageProcessor
+
+    # The real ViT preprocessing: resize shortest side to 224, centre crop 224, CLIP's mean/std.
+    return CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+
+
+def _tiny_safety_checker(seed: int):
+    """SD 1.5's StableDiffusionSafetyChecker class, tiny; only so model_index.json names what the real one does."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    config = CLIPConfig(text_config=dict(hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=1,
+                                         num_attention_heads=4),
+                        vision_config=dict(hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=1,
+                                           num_attention_heads=4, image_size=224, patch_size=32),
+                        projection_dim=16)
+    torch.manual_seed(seed)
+    return StableDiffusionSafetyChecker(config)
 
 
 def build_vocoder_folder(folder: str, seed: int) -> None:
@@ -112,7 +197,7 @@ def build_vocoder_folder(folder: str, seed: int) -> None:
 
 def build_clip_folder(folder: str, seed: int) -> None:
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from transformers import CLIPConfig, CLIPModel
 
     tokenizer = build_clip_tokenizer()
     config = CLIPConfig(
@@ -122,20 +207,17 @@ def build_clip_folder(folder: str, seed: int) -> None:
         projection_dim=16)
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(folder, safe_serialization=True)
-    # The real ViT-B/16 preprocessing: resize shortest side to 224, centre crop 224, CLIP's mean/std.
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 224},
-                                                                 crop_size={"height": 224, "width": 224}),
-                              tokenizer=tokenizer)
-    processor.save_pretrained(folder)
+    write_preprocessor(_clip_image_processor(), folder)
+    write_tokenizer_files(tokenizer, folder)
 
 
 def build_clap_folder(folder: str, seed: int) -> None:
     import torch
-    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
 
     tokenizer = build_roberta_tokenizer()
     text = _text_config(tokenizer)
-    text.update(max_position_embeddings=80, type_vocab_size=1)
+    text.update(max_position_embeddings=514, type_vocab_size=1)  # laion/clap-htsat-unfused's RoBERTa: 514
     config = ClapConfig(
         text_config=text,
         audio_config=dict(spec_size=256, num_mel_bins=64, window_size=8, patch_size=4, patch_stride=[4, 4],
@@ -143,10 +225,17 @@ def build_clap_folder(folder: str, seed: int) -> None:
                           hidden_size=16, projection_hidden_size=16, enable_fusion=False),
         projection_dim=16)
     torch.manual_seed(seed)
-    ClapModel(config).save_pretrained(folder, safe_serialization=True)
+    ClapModel(config).save_pretrained(folder)
+    # As pytorch_model.bin (transformers 5 writes safetensors only): the other format transformers repos publish.
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, "model.safetensors")
+    torch.save(load_file(path), os.path.join(folder, "pytorch_model.bin"))
+    os.remove(path)
     # laion/clap-htsat-unfused ships truncation="rand_trunc" (no fusion); callers crop to 10 s first.
     extractor = ClapFeatureExtractor(truncation="rand_trunc")
-    ClapProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(folder)
+    write_preprocessor(extractor, folder)
+    write_tokenizer_files(tokenizer, folder)
 
 
 def build_tiny(folder: str) -> str:
@@ -156,8 +245,8 @@ def build_tiny(folder: str) -> str:
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".tiny-build-", dir=parent)
     try:
-        build_sd_folder(os.path.join(work, "image"), seed=1000)
-        build_sd_folder(os.path.join(work, "audio"), seed=2000)
+        build_sd_folder(os.path.join(work, "image"), seed=1000, safety_checker=True)
+        build_sd_folder(os.path.join(work, "audio"), seed=2000, bin_weights=True)
         build_vocoder_folder(os.path.join(work, "audio", "vocoder"), seed=3000)
         build_clip_folder(os.path.join(work, "clip"), seed=4000)
         build_clap_folder(os.path.join(work, "clap"), seed=5000)

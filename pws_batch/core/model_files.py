@@ -1,0 +1,301 @@
+"""The files each component of a model set reads: checked offline (`pws-batch models check`), fetched from the
+hub (`pws-batch models fetch`).
+
+Checking loads no weights and never touches the network: it looks for the files in a local folder or in the
+Hugging Face cache (`huggingface_hub.try_to_load_from_cache`), reads the small JSON configs, and reports one
+`Problem` per missing or inconsistent file. It checks what generation relies on: both diffusion models work in
+SD 1.5's latent space (4 channels, VAE factor 8), each U-Net's cross-attention takes its text encoder's width,
+and the vocoder reads Auffusion's mel format (256 mels, hop 160 at 16 kHz). The facts come from the real
+configs kept in `reference_configs/` (each names its source).
+
+No torch here: the Prefect flow (which has none) runs the same check before it starts Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_configs")
+
+# Each entry is one needed file; alternatives in a tuple, the preferred first (safetensors before .bin).
+PIPELINE_FILES: tuple[tuple[str, ...], ...] = (
+    ("model_index.json",),
+    ("scheduler/scheduler_config.json",),
+    ("unet/config.json",),
+    ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"),
+    ("vae/config.json",),
+    ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin"),
+    ("text_encoder/config.json",),
+    ("text_encoder/model.safetensors", "text_encoder/pytorch_model.bin"),
+    ("tokenizer/tokenizer_config.json",),
+    ("tokenizer/vocab.json", "tokenizer/tokenizer.json"),
+    ("tokenizer/merges.txt", "tokenizer/tokenizer.json"),
+)
+TRANSFORMERS_FILES: tuple[tuple[str, ...], ...] = (
+    ("config.json",),
+    ("model.safetensors", "pytorch_model.bin"),
+    ("preprocessor_config.json",),
+    ("tokenizer_config.json",),
+    ("vocab.json", "tokenizer.json"),
+    ("merges.txt", "tokenizer.json"),
+)
+# Small files taken along when a repository has them (tokenizers read them when present).
+OPTIONAL_FILES = ("tokenizer/special_tokens_map.json", "tokenizer/added_tokens.json", "special_tokens_map.json",
+                  "added_tokens.json", "tokenizer.json", "processor_config.json")
+
+
+def vocoder_files(subfolder: str) -> tuple[tuple[str, ...], ...]:
+    prefix = f"{subfolder}/" if subfolder else ""
+    return ((prefix + "config.json",), (prefix + "vocoder.pt",))
+
+
+def component_files(component: str, vocoder_subfolder: str = "vocoder") -> tuple[tuple[str, ...], ...]:
+    if component in ("image", "audio"):
+        return PIPELINE_FILES
+    if component == "vocoder":
+        return vocoder_files(vocoder_subfolder)
+    return TRANSFORMERS_FILES
+
+
+@lru_cache(maxsize=None)
+def reference_config(name: str) -> dict:
+    """One of the real configs kept in the repository (`sd15`, `auffusion`, `clip_clap`)."""
+    with open(os.path.join(REFERENCE_DIR, f"{name}.json")) as f:
+        return json.load(f)
+
+
+@dataclass(frozen=True)
+class Problem:
+    component: str
+    model_id: str
+    file: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.component} {self.model_id!r}: {self.file}: {self.message}; fix: {self.fix}"
+
+
+def is_local(model_id: str) -> bool:
+    """A folder path rather than a hub id ("org/name")."""
+    return (os.path.isabs(model_id) or model_id.startswith((".", "~")) or os.path.exists(model_id)
+            or model_id.count("/") != 1)
+
+
+def locate(model_id: str, filename: str) -> str | None:
+    """The local path of `filename` of a model: in its folder, or in the Hugging Face cache (no network)."""
+    if is_local(model_id):
+        path = os.path.join(os.path.expanduser(model_id), filename)
+        return path if os.path.isfile(path) else None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(model_id, filename)
+    except Exception:  # noqa: BLE001 - a malformed id: not cached
+        return None
+    return found if isinstance(found, str) and os.path.isfile(found) else None
+
+
+def _fix_missing(component: str, model_id: str, spec: str) -> str:
+    if is_local(model_id):
+        return (f"copy the complete model into {model_id} (`pws-batch models fetch {spec} --dir DIR` writes a "
+                f"complete set), or point the model set's '{component}' entry at a folder that has it")
+    return (f"`pws-batch models fetch {spec}` where the hub is reachable (into the Hugging Face cache, HF_HOME), "
+            f"or point the model set's '{component}' entry at a local folder")
+
+
+def _read_json(path: str) -> tuple[dict | None, str | None]:
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as exc:
+        return None, f"is not readable JSON ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return (value, None) if isinstance(value, dict) else (None, "is not a JSON object")
+
+
+def check_component(component: str, model_id: str, spec: str, vocoder_subfolder: str = "vocoder") -> list[Problem]:
+    """Every missing or inconsistent file of one component (offline, no weights loaded)."""
+    if is_local(model_id) and not os.path.isdir(os.path.expanduser(model_id)):
+        return [Problem(component, model_id, "(folder)", "does not exist", _fix_missing(component, model_id, spec))]
+    problems: list[Problem] = []
+    configs: dict[str, dict] = {}
+    for alternatives in component_files(component, vocoder_subfolder):
+        found = next(((name, path) for name in alternatives if (path := locate(model_id, name))), None)
+        if found is None:
+            shown = " or ".join(alternatives)
+            what = "is missing" if is_local(model_id) else "is not in the Hugging Face cache"
+            problems.append(Problem(component, model_id, shown, what, _fix_missing(component, model_id, spec)))
+            continue
+        name, path = found
+        if name.endswith(".json"):
+            value, error = _read_json(path)
+            if error:
+                problems.append(Problem(component, model_id, name, error,
+                                        f"replace {name} with the published one ({_fix_missing(component, model_id, spec)})"))
+            else:
+                configs[name] = value
+    needed = component_files(component, vocoder_subfolder)
+    if len(problems) == len(needed) and not configs:  # nothing of it at all: one line, not one per file
+        where = "in the folder" if is_local(model_id) else "in the Hugging Face cache"
+        return [Problem(component, model_id, "(all files)", f"none of its {len(needed)} files is {where}",
+                        _fix_missing(component, model_id, spec))]
+    problems += _check_configs(component, model_id, configs, vocoder_subfolder)
+    return problems
+
+
+def _check_configs(component: str, model_id: str, configs: dict[str, dict], vocoder_subfolder: str) -> list[Problem]:
+    """The interfaces generation relies on, read from the configs found."""
+    sd15 = reference_config("sd15")
+    auffusion = reference_config("auffusion")
+    problems = []
+
+    def bad(file: str, message: str, fix: str) -> None:
+        problems.append(Problem(component, model_id, file, message, fix))
+
+    if component in ("image", "audio"):
+        latent = sd15["unet"]["in_channels"]
+        unet, vae, text = (configs.get(f"{p}/config.json") for p in ("unet", "vae", "text_encoder"))
+        if unet is not None:
+            for key in ("in_channels", "out_channels"):
+                if unet.get(key) != latent:
+                    bad("unet/config.json", f"{key} is {unet.get(key)}, not the {latent} latent channels of "
+                        f"Stable Diffusion 1.5's latent space that both models share",
+                        "use a U-Net trained in SD 1.5's latent space (an SD 1.5 fine-tune)")
+        if vae is not None:
+            if vae.get("latent_channels") != latent:
+                bad("vae/config.json", f"latent_channels is {vae.get('latent_channels')}, not {latent}",
+                    "use SD 1.5's VAE (or an SD 1.5 fine-tune's)")
+            blocks = len(vae.get("block_out_channels") or ())
+            if blocks != len(sd15["vae"]["block_out_channels"]):
+                bad("vae/config.json", f"{blocks} blocks give a VAE factor of {2 ** max(blocks - 1, 0)}, not 8",
+                    "use SD 1.5's VAE (or an SD 1.5 fine-tune's)")
+        if unet is not None and text is not None and unet.get("cross_attention_dim") != text.get("hidden_size"):
+            bad("unet/config.json", f"cross_attention_dim {unet.get('cross_attention_dim')} differs from the text "
+                f"encoder's hidden_size {text.get('hidden_size')}", "use the U-Net and text encoder of one model")
+    elif component == "vocoder":
+        config = configs.get(f"{vocoder_subfolder}/config.json" if vocoder_subfolder else "config.json")
+        facts = auffusion["vocoder"]
+        if config is not None:
+            file = f"{vocoder_subfolder}/config.json" if vocoder_subfolder else "config.json"
+            missing = [k for k in facts["keys"] if k not in config]
+            if missing:
+                bad(file, f"lacks the HiFi-GAN keys {', '.join(missing)}", "use Auffusion's vocoder folder")
+            elif config["num_mels"] != facts["num_mels"]:
+                bad(file, f"num_mels is {config['num_mels']}, not the {facts['num_mels']} mels of Auffusion's "
+                    f"spectrograms", "use Auffusion's vocoder")
+            elif math.prod(config["upsample_rates"]) != facts["hop"]:
+                bad(file, f"upsample_rates {config['upsample_rates']} give a hop of "
+                    f"{math.prod(config['upsample_rates'])} samples, not {facts['hop']}", "use Auffusion's vocoder")
+            elif config["sampling_rate"] != facts["sampling_rate"]:
+                bad(file, f"sampling_rate is {config['sampling_rate']}, not {facts['sampling_rate']}",
+                    "use Auffusion's vocoder")
+    return problems
+
+
+def needed_components(vocoder: str = "hifigan", scorers: bool = True) -> tuple[str, ...]:
+    """What a command loads: generation needs image and audio (and the vocoder for HiFi-GAN), a run the scorers too."""
+    return ("image", "audio", *(("vocoder",) if vocoder == "hifigan" else ()), *(("clip", "clap") if scorers else ()))
+
+
+def check_model_set(model_set, spec: str, components: tuple[str, ...] | None = None) -> list[Problem]:
+    """Every problem of a model set's components (all, or those named), offline and without loading weights."""
+    problems = []
+    for component in components or ("image", "audio", "vocoder", "clip", "clap"):
+        problems += check_component(component, getattr(model_set, component), spec, model_set.vocoder_subfolder)
+    return problems
+
+
+def summary_line(problems: list[Problem], spec: str) -> str:
+    """One line for a command that cannot start: the first problem, and how to see them all."""
+    more = len(problems) - 1
+    return (f"the model set {spec} is not complete: {problems[0]}"
+            + (f" (and {more} more problem{'s' if more > 1 else ''}: `pws-batch models check {spec}` lists them)"
+               if more else ""))
+
+
+# ---------------------------------------------------------------------------------------------- fetching
+class FetchError(RuntimeError):
+    """A set that could not be fetched: one line with the reason and what to do."""
+
+
+def choose_files(component: str, repo_files: list[str], vocoder_subfolder: str = "vocoder") -> list[str]:
+    """The files of a repository that a component reads: safetensors where published, else the .bin; no
+    .ckpt, no non-EMA or fp16 variants, no safety checker, no other frameworks' weights. Raises FetchError if
+    the repository lacks a needed file."""
+    present = set(repo_files)
+    chosen = []
+    for alternatives in component_files(component, vocoder_subfolder):
+        name = next((n for n in alternatives if n in present), None)
+        if name is None:
+            raise FetchError(f"the repository has none of {' / '.join(alternatives)}, which the {component} "
+                             f"model needs; is it the right repository?")
+        chosen.append(name)
+    if component in ("image", "audio", "clip", "clap"):
+        chosen += [n for n in OPTIONAL_FILES if n in present]
+    return sorted(set(chosen))
+
+
+def fetch_plan(model_set, repo_files: Callable[[str], list[str]]) -> dict[str, list[str]]:
+    """hub id -> the files to download, for every component of the set that is a hub id (local folders are skipped)."""
+    plan: dict[str, set[str]] = {}
+    for component in ("image", "audio", "vocoder", "clip", "clap"):
+        model_id = getattr(model_set, component)
+        if is_local(model_id):
+            continue
+        files = choose_files(component, repo_files(model_id), model_set.vocoder_subfolder)
+        plan.setdefault(model_id, set()).update(files)
+    return {repo: sorted(files) for repo, files in plan.items()}
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def fetch_model_set(model_set, spec: str, local_dir: str | None = None, say: Callable[[str], None] = print) -> str | None:
+    """Download what each component needs with `snapshot_download` (resumable, with progress bars), into the
+    Hugging Face cache or, with `local_dir`, one folder per repository plus a model_set.json pointing at them.
+    Returns that model_set.json's path (or None for the cache)."""
+    if _offline():
+        raise FetchError("HF_HUB_OFFLINE is set, so nothing can be downloaded; run `pws-batch models fetch` "
+                         "without it on a machine that reaches huggingface.co, then run offline")
+    from huggingface_hub import HfApi, snapshot_download
+
+    api = HfApi()
+
+    def listing(repo: str) -> list[str]:
+        try:
+            return api.list_repo_files(repo)
+        except Exception as exc:  # noqa: BLE001 - hub / network errors of many kinds
+            raise FetchError(_hub_error(repo, exc)) from exc
+
+    plan = fetch_plan(model_set, listing)
+    folders: dict[str, str] = {}
+    for repo, files in plan.items():
+        target = os.path.join(local_dir, repo.split("/")[-1]) if local_dir else None
+        say(f"fetching {repo}: {len(files)} files ({', '.join(f for f in files if not f.endswith('.json'))})"
+            + (f" into {target}" if target else " into the Hugging Face cache"))
+        try:
+            folders[repo] = snapshot_download(repo, allow_patterns=files, local_dir=target)
+        except Exception as exc:  # noqa: BLE001
+            raise FetchError(_hub_error(repo, exc) + "; run the same command again to resume") from exc
+    if not local_dir:
+        return None
+    entries = {"name": f"{model_set.name}-local"}
+    for component in ("image", "audio", "vocoder", "clip", "clap"):
+        model_id = getattr(model_set, component)
+        entries[component] = os.path.relpath(folders[model_id], local_dir) if model_id in folders else model_id
+    entries["vocoder_subfolder"] = model_set.vocoder_subfolder
+    path = os.path.join(local_dir, "model_set.json")
+    with open(path, "w") as f:
+        json.dump(entries, f, indent=2)
+    return path
+
+
+def _hub_error(repo: str, exc: BaseException) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"cannot fetch {repo} from the Hugging Face hub: {type(exc).__name__}: {first}"
