@@ -17,12 +17,13 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pws_batch import __version__
-from pws_batch.batch.dataset import (Output, candidates_table, committed_shards, dataset_card, kept_table,
-                               shard_name)
+from pws_batch.batch.card import CARD_COLUMNS, write_card
+from pws_batch.batch.dataset import Output, candidates_table, committed_shards, kept_table, shard_name
 from pws_batch.batch.manifest import (PairRequest, RunDefaults, Validated, manifest_fingerprint, read_manifest,
                                 rejections_table, validate_manifest)
 from pws_batch.core.params import GenerationParams
 from pws_batch.batch.ranking import RankingRule
+from pws_batch.batch.schema import build_features, features_from_json, schema_of
 
 
 class RunError(ValueError):
@@ -51,6 +52,7 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     vocoder: str = "hifigan"
+    audio_format: str = "wav"  # how the data parts store the sounds: wav or flac
 
     def defaults(self) -> RunDefaults:
         return RunDefaults(num_candidates=self.num_candidates, keep=self.keep, steps=self.steps, seed=self.seed,
@@ -66,6 +68,8 @@ class RunConfig:
         for name in ("num_candidates", "keep", "steps", "shard_size", "micro_batch"):
             if getattr(self, name) < 1:
                 raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.audio_format not in AUDIO_FORMATS:
+            raise RunError(f"--audio-format must be one of {', '.join(AUDIO_FORMATS)}, got {self.audio_format!r}")
         if self.actors is not None and self.actors < 1:
             raise RunError(f"--actors must be >= 1, got {self.actors}")
         try:
@@ -74,9 +78,10 @@ class RunConfig:
             raise RunError(f"ranking: {exc}") from exc
 
 
+AUDIO_FORMATS = ("wav", "flac")
 # What makes two runs produce the same dataset: a resumed run must agree on all of it.
 PLAN_KEYS = ("models", "num_candidates", "keep", "steps", "seed", "crop_columns", "shard_size", "ranking",
-             "top_fraction", "clip_weight", "clap_weight", "vocoder", "dtype")
+             "top_fraction", "clip_weight", "clap_weight", "vocoder", "dtype", "audio_format")
 
 
 @dataclass
@@ -97,6 +102,7 @@ class RunPlan:
     done: dict[str, dict]  # committed shards (skipped on resume), by name
     fingerprint: dict[str, Any]
     model_ids: dict[str, str]
+    features: dict[str, Any] = field(default_factory=dict)  # the data parts' one schema, as datasets.Features
     started_at: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -176,9 +182,10 @@ def prepare(config: RunConfig, log: Callable[[str], None] = print) -> RunPlan:
     planned = {s.name: s.pair_ids for s in shards}
     done = {name: stats for name, stats in committed_shards(out).items() if stats.get("pair_ids") == planned.get(name)}
     out.write_table("rejected.parquet", rejections_table(validated.rejections))
-    plan = RunPlan(config, validated, shards, done, fingerprint, model_ids)
+    features, schema_warnings = kept_features(validated.requests, model_ids)
+    plan = RunPlan(config, validated, shards, done, fingerprint, model_ids, features.to_dict())
     write_run_json(plan, status="running")
-    for w in validated.warnings:
+    for w in [*validated.warnings, *schema_warnings]:
         log(f"manifest: {w}")
     log(f"manifest {config.manifest}: {validated.num_rows} rows, {len(validated.requests)} good, "
         f"{len(validated.rejections)} rejected; {len(shards)} shards of up to {config.shard_size} pairs, "
@@ -200,6 +207,7 @@ def write_run_json(plan: RunPlan, status: str, counts: dict | None = None, actor
         "started_at": plan.started_at,
         "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "counts": counts or {},
+        "features": plan.features,
         "actors": actors or [],
         **(extra or {}),
     })
@@ -223,7 +231,20 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:120]
 
 
-def kept_rows(request: PairRequest, result: dict, shard: str, model_ids: dict[str, str]) -> list[dict[str, Any]]:
+def flac_of(wav: bytes) -> bytes:
+    """16-bit WAV bytes -> lossless FLAC bytes (about half the size)."""
+    import io
+
+    import soundfile as sf
+
+    samples, rate = sf.read(io.BytesIO(wav), dtype="int16")
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def kept_rows(request: PairRequest, result: dict, shard: str, model_ids: dict[str, str],
+              audio_format: str = "wav") -> list[dict[str, Any]]:
     params = request.params.to_dict()
     base_seed = params.pop("seed")
     rows = []
@@ -232,7 +253,8 @@ def kept_rows(request: PairRequest, result: dict, shard: str, model_ids: dict[st
         rows.append({
             "pair_id": request.pair_id,
             "image": {"bytes": k["image_png"], "path": stem + ".png"},
-            "audio": {"bytes": k["audio_wav"], "path": stem + ".wav"},
+            "audio": {"bytes": k["audio_wav"], "path": stem + ".wav"} if audio_format == "wav" else
+                     {"bytes": flac_of(k["audio_wav"]), "path": stem + ".flac"},
             "candidate_index": k["candidate_index"], "seed": k["seed"], "rank": k["rank"],
             "clip_score": k["clip_score"], "clap_score": k["clap_score"],
             "effective_image_prompt": request.params.effective_image_prompt,
@@ -245,9 +267,31 @@ def kept_rows(request: PairRequest, result: dict, shard: str, model_ids: dict[st
     return rows
 
 
-def process_shard(config: RunConfig, model_ids: dict[str, str], shard: Shard, run_pairs: Callable) -> dict:
-    """Generate and rank a shard's pairs, write its parts, and commit it by writing its stats LAST."""
+def kept_features(requests: list[PairRequest], model_ids: dict[str, str]):
+    """The data parts' one schema (datasets.Features), decided from every good request before the first shard:
+    the columns `kept_rows` writes, in its order, then the pass-through columns typed over the whole manifest.
+    Returns (features, warnings naming the pass-through columns written as text)."""
+    probe_request = PairRequest(0, "probe", GenerationParams("probe", "probe"), 1)
+    probe_result = {"kept": [{"candidate_index": 0, "seed": 0, "rank": 1, "clip_score": 0.0, "clap_score": 0.0,
+                              "image_png": b"", "audio_wav": b""}], "generate_s": 0.0, "rank_s": 0.0, "unet_evals": 0}
+    names = kept_rows(probe_request, probe_result, "", model_ids)[0]
+    known = {name: None if name in ("image", "audio") else KNOWN_TYPES[name] for name in names}
+    return build_features(known, [r.extra for r in requests])
+
+
+def run_schema(out: Output, requests: list[PairRequest], model_ids: dict[str, str]) -> pa.Schema:
+    """The schema `prepare` decided and wrote to run.json; for a shard processed outside a run, this shard's."""
+    if out.exists("run.json") and (features := out.read_json("run.json").get("features")):
+        return schema_of(features_from_json(features))
+    return schema_of(kept_features(requests, model_ids)[0])
+
+
+def process_shard(config: RunConfig, model_ids: dict[str, str], shard: Shard, run_pairs: Callable,
+                  schema: pa.Schema | None = None) -> dict:
+    """Generate and rank a shard's pairs, write its parts (in the run's one schema: `schema`, else the one in
+    run.json), and commit it by writing its stats LAST."""
     out = Output(config.out)
+    schema = schema or run_schema(out, shard.requests, model_ids)
     t0 = time.perf_counter()
     results, where = run_pairs(shard.requests)
     rows, scores, failed = [], [], []
@@ -255,10 +299,10 @@ def process_shard(config: RunConfig, model_ids: dict[str, str], shard: Shard, ru
         if "error" in result:
             failed.append({"pair_id": request.pair_id, "row": request.row, "error": result["error"]})
             continue
-        rows.extend(kept_rows(request, result, shard.name, model_ids))
+        rows.extend(kept_rows(request, result, shard.name, model_ids, config.audio_format))
         scores.extend(result["scores"])
     if rows:
-        out.write_table(f"data/part-{shard.name}.parquet", kept_table(rows, KNOWN_TYPES))
+        out.write_table(f"data/part-{shard.name}.parquet", kept_table(rows, schema))
     elif out.exists(f"data/part-{shard.name}.parquet"):
         out.fs.rm(out.path(f"data/part-{shard.name}.parquet"))  # a stale part of an earlier attempt
     out.write_table(f"candidates/part-{shard.name}.parquet", candidates_table(scores))
@@ -274,11 +318,12 @@ def process_shard(config: RunConfig, model_ids: dict[str, str], shard: Shard, ru
 
 
 # ---------------------------------------------------------------------------------------------- the end
-def read_kept(out: Output) -> pa.Table | None:
+def read_kept(out: Output, columns: list[str] | None = None) -> pa.Table | None:
+    """The kept rows of every data part; with `columns`, only those columns are read (no media blobs)."""
     parts = [p for p in out.list("data") if p.endswith(".parquet")]
     if not parts:
         return None
-    tables = [out.read_table(f"data/{p}") for p in parts]
+    tables = [out.read_table(f"data/{p}", columns) for p in parts]
     return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
 
 
@@ -297,9 +342,9 @@ def finalize(plan: RunPlan, actors: list | None = None, extra: dict | None = Non
     }
     complete = counts["shards_committed"] == counts["shards"]
     write_run_json(plan, "complete" if complete else "incomplete", counts, actors, extra)
-    table = read_kept(out)
-    kept = table.drop_columns([c for c in ("image", "audio") if c in table.column_names]).to_pylist() if table else []
-    out.write_bytes("README.md", dataset_card(plan.name, out.read_json("run.json"), kept).encode())
+    table = read_kept(out, CARD_COLUMNS)
+    kept = table.to_pylist() if table else []
+    write_card(out, plan.name, out.read_json("run.json"), kept)
     failed = [f for s in stats.values() for f in s.get("failed", [])]
     return {"out": plan.config.out, "name": plan.name, "complete": complete, "counts": counts, "failed": failed,
             "kept_rows": kept}
