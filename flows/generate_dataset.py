@@ -59,13 +59,14 @@ def generate_dataset(manifest: str, out: str, models: str = "sd15-auffusion", ca
                      steps: int = 100, seed: int = 0, shard_size: int = 4, actors: int | None = None,
                      ray_address: str | None = None, overwrite: bool = False, ranking: str = "reference",
                      top_fraction: float = 0.2, micro_batch: int = 8, device: str = "auto", dtype: str = "auto",
-                     vocoder: str = "hifigan", crop_columns: int = 32) -> dict[str, Any]:
+                     vocoder: str = "hifigan", crop_columns: int = 32, audio_format: str = "wav") -> dict[str, Any]:
     """Turn a manifest of prompt pairs into a curated dataset of images that sound at `out`."""
     logger = get_run_logger()
     config = run.RunConfig(manifest=manifest, out=out, models=models, num_candidates=candidates, keep=keep,
                            steps=steps, seed=seed, shard_size=shard_size, actors=actors, ray_address=ray_address,
                            overwrite=overwrite, ranking=ranking, top_fraction=top_fraction, micro_batch=micro_batch,
-                           device=device, dtype=dtype, vocoder=vocoder, crop_columns=crop_columns)
+                           device=device, dtype=dtype, vocoder=vocoder, crop_columns=crop_columns,
+                           audio_format=audio_format)
     t_start = time.perf_counter()
 
     # 1. Load and validate; bad rows go to rejected.parquet; plan shards; skip those already committed.

@@ -135,6 +135,30 @@ def build_parser() -> argparse.ArgumentParser:
     insp = sub.add_parser("inspect", help="summarise a dataset written by `pws-batch run`")
     insp.add_argument("out", help="the dataset's location (path or fsspec URI)")
 
+    gal = sub.add_parser("gallery", help="a static HTML page to look at and listen to a dataset's kept pairs",
+                         description="Write a static HTML page (no server, no CDN) with each kept pair's picture, an "
+                                     "audio player, prompts, scores, seed and parameters, sortable by score and "
+                                     "paginated; the media are files next to the page, so it works opened from disk.")
+    gal.add_argument("out", help="the dataset's location (path or fsspec URI)")
+    gal.add_argument("--top", type=int, default=None, help="only the N best rows by CLIP + CLAP (default: all)")
+    gal.add_argument("--out", dest="dest", default=None, help="where to write it (default: OUT/gallery)")
+
+    exp = sub.add_parser("export", help="write a dataset as a folder of files (NNNNN.png, .wav/.flac, .json)",
+                         description="Write every kept row as NNNNN.png (the picture), NNNNN.wav or .flac (the "
+                                     "sound, as stored) and NNNNN.json (every other column), img2dataset-style.")
+    exp.add_argument("out", help="the dataset's location (path or fsspec URI)")
+    exp.add_argument("dir", help="the folder to write (path or fsspec URI)")
+    exp.add_argument("--format", default="files", choices=["files"], help="(default: files)")
+
+    push = sub.add_parser("push", help="upload a dataset to the Hugging Face Hub (needs the network and a token)",
+                          description="Create the dataset repository REPO_ID if needed and upload the card, the "
+                                      "data and candidates parts, rejected.parquet and run.json with "
+                                      "huggingface_hub's upload_large_folder (resumable). Log in first with "
+                                      "`hf auth login` or set HF_TOKEN.")
+    push.add_argument("out", help="the dataset's local folder")
+    push.add_argument("repo_id", help="USER/NAME of the dataset repository on the Hub")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
     bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
     bs = bsub.add_parser("sampler", help="batched sampler vs the naive way, on the same work",
@@ -163,6 +187,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocoder", default="hifigan", choices=["hifigan", "griffin-lim"], help="(default: hifigan)")
     p.add_argument("--crop-columns", type=int, default=DEFAULTS.crop_columns,
                    help=f"dark last columns dropped (default: {DEFAULTS.crop_columns})")
+    p.add_argument("--audio-format", default="wav", choices=["wav", "flac"],
+                   help="how the dataset stores the sounds: 16-bit WAV, or lossless FLAC, about half the size "
+                        "(default: wav)")
     c = p.add_argument_group("cluster")
     c.add_argument("--shard-size", type=int, default=4, help="pairs per shard = per Prefect task (default: 4)")
     c.add_argument("--actors", type=int, default=None,
@@ -315,7 +342,8 @@ def _run_config(args: argparse.Namespace):
                        keep=args.keep, steps=args.steps, seed=args.seed, crop_columns=args.crop_columns,
                        shard_size=args.shard_size, actors=args.actors, ray_address=args.ray_address,
                        overwrite=args.overwrite, ranking=args.ranking, top_fraction=args.top_fraction,
-                       micro_batch=args.micro_batch, device=args.device, dtype=args.dtype, vocoder=args.vocoder)
+                       micro_batch=args.micro_batch, device=args.device, dtype=args.dtype, vocoder=args.vocoder,
+                       audio_format=args.audio_format)
     try:
         config.check()
     except RunError as exc:
@@ -330,7 +358,7 @@ def flow_parameters(config) -> dict:
             "shard_size": config.shard_size, "actors": config.actors, "ray_address": config.ray_address,
             "overwrite": config.overwrite, "ranking": config.ranking, "top_fraction": config.top_fraction,
             "micro_batch": config.micro_batch, "device": config.device, "dtype": config.dtype,
-            "vocoder": config.vocoder, "crop_columns": config.crop_columns}
+            "vocoder": config.vocoder, "crop_columns": config.crop_columns, "audio_format": config.audio_format}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -459,8 +487,44 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from pws_batch.batch.gallery import write_gallery
+
+    if args.top is not None and args.top < 1:
+        raise UsageError(f"pws-batch gallery: error: --top must be >= 1, got {args.top}")
+    try:
+        where = write_gallery(args.out, top=args.top, dest=args.dest)
+    except FileNotFoundError as exc:
+        raise UsageError(f"pws-batch gallery: error: {exc}") from exc
+    print(f"open {where}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pws_batch.batch.export import export_files
+
+    try:
+        n = export_files(args.out, args.dir)
+    except FileNotFoundError as exc:
+        raise UsageError(f"pws-batch export: error: {exc}") from exc
+    print(f"exported {n} rows of {args.out} to {args.dir} (NNNNN.png, NNNNN.wav/.flac, NNNNN.json)")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from pws_batch.batch.export import push
+
+    try:
+        url = push(args.out, args.repo_id, private=args.private)
+    except (FileNotFoundError, ValueError, ConnectionError) as exc:
+        raise UsageError(f"pws-batch push: error: {exc}") from exc
+    print(f"pushed {args.out} to {url}")
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "run": cmd_run, "submit": cmd_submit, "status": cmd_status,
-            "validate": cmd_validate, "inspect": cmd_inspect, "models": cmd_models, "bench": cmd_bench}
+            "validate": cmd_validate, "inspect": cmd_inspect, "models": cmd_models, "bench": cmd_bench,
+            "gallery": cmd_gallery, "export": cmd_export, "push": cmd_push}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
