@@ -20,10 +20,11 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from pws_batch.batch import engine, run
+from pws_batch.batch import engine, gallery, run
 from pws_batch.batch.manifest import PairRequest
 
 SHARD_RETRIES = 2
+GALLERY_TOP, GALLERY_MAX_CHARS = 4, 2_000_000  # the Prefect gallery artifact: best 4, under 2 MB of markdown
 # Listeners in this process (the CLI's progress bar): called with (pairs_done, pairs_total).
 PROGRESS_LISTENERS: list[Callable[[int, int], None]] = []
 
@@ -52,6 +53,17 @@ def generate_shard(run_key: str, config: dict, model_ids: dict, shard_name: str,
 def _artifact_key(name: str, suffix: str) -> str:
     cleaned = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
     return f"{cleaned[:40] or 'run'}-{suffix}"
+
+
+def _gallery_artifact(name: str, out: str, logger) -> None:
+    """A bounded markdown artifact: the best GALLERY_TOP kept pairs with data-URI thumbnails and <audio> players."""
+    try:
+        markdown = gallery.markdown_summary(out, top=GALLERY_TOP, max_chars=GALLERY_MAX_CHARS)
+    except Exception as exc:  # noqa: BLE001 - a view of the results never fails the run that made them
+        logger.warning(f"no gallery artifact: {type(exc).__name__}: {exc}")
+        return
+    create_markdown_artifact(key=_artifact_key(name, "gallery"), markdown=markdown,
+                             description=f"the best kept pairs: look and listen (all: pws-batch gallery {out})")
 
 
 @flow(name="generate-dataset", flow_run_name=_flow_run_name, persist_result=False, log_prints=False)
@@ -136,6 +148,7 @@ def generate_dataset(manifest: str, out: str, models: str = "sd15-auffusion", ca
                 "candidate": r["candidate_index"], "seed": r["seed"], "rank": r["rank"],
                 "clip_score": round(r["clip_score"], 4), "clap_score": round(r["clap_score"], 4)} for r in kept_rows]
         or [{"pair_id": "(none kept)"}])
+    _gallery_artifact(plan.name, out, logger)
     generated = counts["candidates"] - sum(s.get("candidates", 0) for s in plan.done.values())
     create_markdown_artifact(key=_artifact_key(plan.name, "summary"), description="run summary", markdown="\n".join([
         f"# {plan.name}: {'complete' if summary['complete'] else 'INCOMPLETE'}", "",
