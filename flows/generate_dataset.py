@@ -25,8 +25,11 @@ from pws_batch.batch.manifest import PairRequest
 
 SHARD_RETRIES = 2
 GALLERY_TOP, GALLERY_MAX_CHARS = 4, 2_000_000  # the Prefect gallery artifact: best 4, under 2 MB of markdown
-# Listeners in this process (the CLI's progress bar): called with (pairs_done, pairs_total).
+# Listeners in this process (the CLI's progress bar): called with (pairs_done, pairs_total), as each pair is
+# ranked and as each shard commits.
 PROGRESS_LISTENERS: list[Callable[[int, int], None]] = []
+# Per run (by run key): what a shard task calls when one of its pairs is ranked.
+_ON_RANKED: dict[str, Callable[[PairRequest], None]] = {}
 
 
 def _flow_run_name() -> str:
@@ -42,7 +45,9 @@ def generate_shard(run_key: str, config: dict, model_ids: dict, shard_name: str,
     logger = get_run_logger()
     pool = engine.get_pool(run_key)
     shard = run.Shard(shard_name, [PairRequest.from_dict(r) for r in requests])
-    stats = run.process_shard(run.RunConfig(**config), model_ids, shard, lambda reqs: engine.run_pairs(pool, reqs))
+    on_ranked = _ON_RANKED.get(run_key)
+    stats = run.process_shard(run.RunConfig(**config), model_ids, shard,
+                              lambda reqs: engine.run_pairs(pool, reqs, on_ranked))
     logger.info(f"shard {shard_name}: {stats['pairs_done']}/{stats['pairs']} pairs, {stats['kept']} kept of "
                 f"{stats['candidates']} candidates in {stats['seconds']:.1f} s on actor pair {stats['actor_pair']}")
     for failure in stats["failed"]:
@@ -97,6 +102,13 @@ def generate_dataset(manifest: str, out: str, models: str = "sd15-auffusion", ca
             listener(pairs_done, total_pairs)
 
     report()
+    ranked: set[str] = set()
+    pairs_before = pairs_done
+
+    def on_ranked(request: PairRequest) -> None:  # a pair ranked (a retried shard's pairs count once)
+        ranked.add(request.pair_id)
+        for listener in PROGRESS_LISTENERS:
+            listener(pairs_before + len(ranked), total_pairs)
 
     # 2. One task per shard on Ray actors created once for the run; as many shards in flight as actor pairs.
     run_key = str(flow_run.id or id(plan))
@@ -110,6 +122,7 @@ def generate_dataset(manifest: str, out: str, models: str = "sd15-auffusion", ca
                 ranking=dataclasses.asdict(plan.config.rule())), actors, logger.info)
             actor_infos = pool.infos()
             engine.register_pool(run_key, pool)
+            _ON_RANKED[run_key] = on_ranked
             pending = list(plan.todo)
             running: dict[concurrent.futures.Future, Any] = {}
             while pending or running:
@@ -130,6 +143,7 @@ def generate_dataset(manifest: str, out: str, models: str = "sd15-auffusion", ca
                     report()
         finally:
             engine.unregister_pool(run_key)
+            _ON_RANKED.pop(run_key, None)
             engine.stop_actors(pool)
             if started_ray:
                 import ray

@@ -373,22 +373,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ManifestError, RunError) as exc:
         raise UsageError(f"pws-batch run: error: {exc}") from exc
 
+    # Prefect's ephemeral server sends no telemetry (offline it logged an ERROR on every run).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    import logging
+    import threading
+
+    import ray  # noqa: F401 - imported first so that its log handler exists and is redirected above the bar
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from flows.generate_dataset import PROGRESS_LISTENERS, generate_dataset
     from pws_batch.batch.dataset import Output
 
     bar = tqdm(total=0, desc="pairs", unit="pair", disable=None, file=sys.stderr)
+    lock, timing, calls = threading.Lock(), [], []
 
     def on_progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+        """One tick per pair ranked. The clock starts at the first pair ranked, so the rate and the ETA are the
+        steady ones, without the start-up (Prefect, Ray, model loads)."""
+        with lock:
+            bar.total = total
+            calls.append(done)
+            if done <= bar.n or len(calls) == 1:  # the first call: the pairs already committed (resume)
+                bar.n = max(bar.n, done)
+                bar.refresh()
+            elif not timing:  # the first pair ranked: time from here
+                timing.append(done)
+                bar.reset(total=total)
+                bar.initial = bar.n = bar.last_print_n = done
+                bar.refresh()
+            else:
+                bar.update(done - bar.n)
 
     PROGRESS_LISTENERS.append(on_progress)
     failure = None
     try:
-        generate_dataset(**flow_parameters(config))
+        with logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("ray")], tqdm_class=tqdm):
+            generate_dataset(**flow_parameters(config))
     except RunError as exc:
         raise UsageError(f"pws-batch run: error: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - the flow failed; report what was written all the same

@@ -255,14 +255,22 @@ def stop_actors(pool: ActorPool | None) -> None:
             pass
 
 
-def run_pairs(pool: ActorPool, requests: list[PairRequest]) -> tuple[list[dict], dict]:
-    """Generate and rank a shard's pairs on one borrowed actor pair; results in request order."""
+def run_pairs(pool: ActorPool, requests: list[PairRequest],
+              on_ranked: Callable[[PairRequest], None] | None = None) -> tuple[list[dict], dict]:
+    """Generate and rank a shard's pairs on one borrowed actor pair; results in request order. `on_ranked` is
+    called with each request as soon as its pair is ranked (for a progress bar in pairs)."""
     import ray
 
     with pool.borrow() as (i, generator, ranker):
         payloads = [r.to_dict() for r in requests]
         generated = [generator.generate.remote(p) for p in payloads]  # queued: run one after another
         ranked = [ranker.rank.remote(p, g) for p, g in zip(payloads, generated)]  # each starts when its pair is made
+        if on_ranked is not None:
+            waiting, which = list(ranked), {ref: r for ref, r in zip(ranked, requests)}
+            while waiting:
+                done, waiting = ray.wait(waiting, num_returns=1)
+                for ref in done:
+                    on_ranked(which[ref])
         return ray.get(ranked), {"actor_pair": i}
 
 
