@@ -361,6 +361,32 @@ def flow_parameters(config) -> dict:
             "vocoder": config.vocoder, "crop_columns": config.crop_columns, "audio_format": config.audio_format}
 
 
+def pair_progress(bar):
+    """The run's progress callback, (pairs_done, pairs_total) -> the bar: one tick per pair ranked. The first
+    call gives the pairs already committed (resume); the clock starts at the first pair ranked after it, so the
+    rate and the ETA are the steady ones, without the start-up (Prefect, Ray, model loads)."""
+    import threading
+
+    lock, calls, timing = threading.Lock(), [], []
+
+    def on_progress(done: int, total: int) -> None:
+        with lock:
+            bar.total = total
+            calls.append(done)
+            if done <= bar.n or len(calls) == 1:
+                bar.n = max(bar.n, done)
+                bar.refresh()
+            elif not timing:  # the first pair ranked: time from here
+                timing.append(done)
+                bar.reset(total=total)
+                bar.initial = bar.n = bar.last_print_n = done
+                bar.refresh()
+            else:
+                bar.update(done - bar.n)
+
+    return on_progress
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _check_runtime(args)
     config = _run_config(args)
@@ -375,10 +401,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # Prefect's ephemeral server sends no telemetry (offline it logged an ERROR on every run).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Its first start migrates a new database: on a busy small machine that takes more than Prefect's 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     import logging
-    import threading
 
     import ray  # noqa: F401 - imported first so that its log handler exists and is redirected above the bar
+
+    logging.getLogger("ray").setLevel(logging.ERROR)  # its start-up notes (token auth is on...) say nothing to a user
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -386,24 +415,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pws_batch.batch.dataset import Output
 
     bar = tqdm(total=0, desc="pairs", unit="pair", disable=None, file=sys.stderr)
-    lock, timing, calls = threading.Lock(), [], []
-
-    def on_progress(done: int, total: int) -> None:
-        """One tick per pair ranked. The clock starts at the first pair ranked, so the rate and the ETA are the
-        steady ones, without the start-up (Prefect, Ray, model loads)."""
-        with lock:
-            bar.total = total
-            calls.append(done)
-            if done <= bar.n or len(calls) == 1:  # the first call: the pairs already committed (resume)
-                bar.n = max(bar.n, done)
-                bar.refresh()
-            elif not timing:  # the first pair ranked: time from here
-                timing.append(done)
-                bar.reset(total=total)
-                bar.initial = bar.n = bar.last_print_n = done
-                bar.refresh()
-            else:
-                bar.update(done - bar.n)
+    on_progress = pair_progress(bar)
 
     PROGRESS_LISTENERS.append(on_progress)
     failure = None

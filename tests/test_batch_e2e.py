@@ -198,8 +198,9 @@ def test_prefect_api_shows_the_flow_run_tasks_and_artifacts(first_run, server):
     markdowns = {a["key"].rsplit("-", 1)[-1]: a["data"] for a in by_type["markdown"]}
     summary = markdowns["summary"]
     gallery = markdowns["gallery"]  # the best kept pairs with thumbnails and players, bounded
-    assert gallery.count('<img src="data:image/png;base64,') == 4 and gallery.count("<audio controls") == 4
-    assert "2 more in `pws-batch gallery" in gallery and len(gallery) < 2_000_000
+    shown = gallery.count('<img src="data:image/png;base64,')  # the tiny models' noise sounds barely compress
+    assert 1 <= shown <= 4 and gallery.count('<audio controls src="data:audio/flac;base64,') == shown
+    assert f"{6 - shown} more in `pws-batch gallery" in gallery and len(gallery) <= 1_400_000
     assert "pairs kept | 5" in summary and "rows rejected | 6" in summary and out in summary
     logs = api(url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run["flow_run_id"]]}}})
     text = "\n".join(entry["message"] for entry in logs)
