@@ -117,21 +117,11 @@ def thumbnail_png(data: bytes, width: int = 496) -> bytes:
         return buffer.getvalue()
 
 
-def _flac(wav: bytes) -> bytes:
-    """Lossless and smaller than the WAV: more players fit the artifact's bound."""
-    import io
-
-    import soundfile as sf
-
-    samples, rate = sf.read(io.BytesIO(wav), dtype="int16")
-    buffer = io.BytesIO()
-    sf.write(buffer, samples, rate, format="FLAC", subtype="PCM_16")
-    return buffer.getvalue()
-
-
 def markdown_summary(uri: str, top: int = 4, max_chars: int = 2_000_000) -> str:
     """A bounded markdown table of the `top` best kept rows with data-URI thumbnails and `<audio>` players, for
     the Prefect UI: rows are added while the text stays under `max_chars` (the rest are counted, not shown)."""
+    from pws_batch.batch.run import flac_of
+
     out = Output(uri)
     rows = read_rows(out)
     best = rows[:top]
@@ -147,7 +137,8 @@ def markdown_summary(uri: str, top: int = 4, max_chars: int = 2_000_000) -> str:
         if image:
             cell += f'<img src="{data_uri(thumbnail_png(image), "image/png")}" width="496">'
         if audio:
-            flac = audio if _extension(m.get("audio"), "wav") == "flac" else _flac(audio)
+            # lossless and smaller than the WAV: more players fit the bound
+            flac = audio if _extension(m.get("audio"), "wav") == "flac" else flac_of(audio)
             cell += f'<br><audio controls src="{data_uri(flac, "audio/flac")}"></audio>'
         text = lambda v: html.escape(str(v)).replace("|", "&#124;")  # noqa: E731
         line = (f"| {cell} | **{text(row.get('pair_id'))}**<br>picture: {text(row.get('image_prompt'))}<br>"

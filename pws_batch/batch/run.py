@@ -160,6 +160,7 @@ def check_output(config: RunConfig) -> dict[str, Any]:
         return fingerprint
     if out.exists("run.json"):
         previous = out.read_json("run.json").get("fingerprint", {})
+        previous.setdefault("audio_format", "wav")  # made before --audio-format existed: WAV
         differs = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
         if differs:
             raise RunError(f"{config.out} already holds a dataset made from another manifest or with other settings "

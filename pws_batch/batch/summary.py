@@ -31,7 +31,7 @@ def summarize(uri: str) -> str:
     ]
     from pws_batch.batch.run import read_kept
 
-    table = read_kept(out)
+    table = read_kept(out, ["clip_score", "clap_score"])  # the scores only, never the media
     if table is not None:
         lines.append(f"  CLIP (kept)  {_stats(table.column('clip_score').to_pylist())}")
         lines.append(f"  CLAP (kept)  {_stats(table.column('clap_score').to_pylist())}")
