@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 setup: $(VENV)/.installed  ## create .venv and install pws-batch with its dependencies
 
-demo: setup  ## set up, then run the example manifest end to end with the offline tiny models
-	$(VENV)/bin/pws-batch run manifests/example.parquet --out $(OUT) --models tiny
+# The tiny models are random weights: the demo makes 4 candidates with 25 steps (not 8 and 100) to be quick.
+demo: setup  ## set up, then run the example manifest end to end with the offline tiny models; write its gallery
+	$(VENV)/bin/pws-batch run manifests/example.parquet --out $(OUT) --models tiny --candidates 4 --steps 25
+	$(VENV)/bin/pws-batch gallery $(OUT)
 
 test: setup  ## the whole test suite (what CI runs)
 	$(PY) -m pytest -q

@@ -19,13 +19,19 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from pws_batch.batch import engine, run
+from pws_batch.batch import engine, gallery, run
 from pws_batch.batch.config import RunConfig
 from pws_batch.batch.manifest import manifest_name
+from pws_batch.batch.pair import PairRequest
 
 SHARD_RETRIES = 2
-# Listeners in this process (the CLI's progress bar): called with (pairs_done, pairs_total).
+# The Prefect gallery artifact: the best 4, in at most 1.4 MB of markdown (Prefect refuses events over 1.5 MB).
+GALLERY_TOP, GALLERY_MAX_CHARS = 4, 1_400_000
+# Listeners in this process (the CLI's progress bar): called with (pairs_done, pairs_total), as each pair is
+# ranked and as each shard commits.
 PROGRESS_LISTENERS: list[Callable[[int, int], None]] = []
+# Per run (by run key): what a shard task calls when one of its pairs is ranked.
+_ON_RANKED: dict[str, Callable[[PairRequest], None]] = {}
 
 
 def _flow_run_name() -> str:
@@ -35,11 +41,13 @@ def _flow_run_name() -> str:
 
 @task(name="generate-shard", task_run_name="shard-{shard.name}", retries=SHARD_RETRIES, retry_delay_seconds=2,
       cache_policy=NO_CACHE, persist_result=False)
-def generate_shard(run_key: str, out: str, model_ids: dict, shard: run.Shard) -> dict:
+def generate_shard(run_key: str, out: str, model_ids: dict, shard: run.Shard, audio_format: str = "wav") -> dict:
     """Generate, rank, write and commit one shard on the run's Ray actors (retried if it fails)."""
     logger = get_run_logger()
     pool = engine.get_pool(run_key)
-    stats = run.process_shard(out, model_ids, shard, lambda reqs: engine.run_pairs(pool, reqs))
+    on_ranked = _ON_RANKED.get(run_key)
+    stats = run.process_shard(out, model_ids, shard, lambda reqs: engine.run_pairs(pool, reqs, on_ranked),
+                              audio_format=audio_format)
     logger.info(f"shard {shard.name}: {stats['pairs_done']}/{stats['pairs']} pairs, {stats['kept']} kept of "
                 f"{stats['candidates']} candidates in {stats['seconds']:.1f} s on actor pair {stats['actor_pair']}")
     for failure in stats["failed"]:
@@ -50,6 +58,17 @@ def generate_shard(run_key: str, out: str, model_ids: dict, shard: run.Shard) ->
 def _artifact_key(name: str, suffix: str) -> str:
     cleaned = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
     return f"{cleaned[:40] or 'run'}-{suffix}"
+
+
+def _gallery_artifact(name: str, out: str, logger) -> None:
+    """A bounded markdown artifact: the best GALLERY_TOP kept pairs with data-URI thumbnails and <audio> players."""
+    try:
+        markdown = gallery.markdown_summary(out, top=GALLERY_TOP, max_chars=GALLERY_MAX_CHARS)
+    except Exception as exc:  # noqa: BLE001 - a view of the results never fails the run that made them
+        logger.warning(f"no gallery artifact: {type(exc).__name__}: {exc}")
+        return
+    create_markdown_artifact(key=_artifact_key(name, "gallery"), markdown=markdown,
+                             description=f"the best kept pairs: look and listen (all: pws-batch gallery {out})")
 
 
 @flow(name="generate-dataset", flow_run_name=_flow_run_name, persist_result=False, log_prints=False)
@@ -79,6 +98,13 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
             listener(pairs_done, total_pairs)
 
     report()
+    ranked: set[str] = set()
+    pairs_before = pairs_done
+
+    def on_ranked(request: PairRequest) -> None:  # a pair ranked (a retried shard's pairs count once)
+        ranked.add(request.pair_id)
+        for listener in PROGRESS_LISTENERS:
+            listener(pairs_before + len(ranked), total_pairs)
 
     # 2. One task per shard on Ray actors created once for the run; as many shards in flight as actor pairs.
     run_key = str(flow_run.id or id(plan))
@@ -95,12 +121,13 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
             if pool is not None:
                 actor_infos = pool.infos()
                 engine.register_pool(run_key, pool)
+                _ON_RANKED[run_key] = on_ranked
             pending = list(plan.todo) if pool is not None else []
             running: dict[concurrent.futures.Future, Any] = {}
             while pending or running:
                 while pending and len(running) < len(pool):
                     shard = pending.pop(0)
-                    future = generate_shard.submit(run_key, out, plan.model_ids, shard)
+                    future = generate_shard.submit(run_key, out, plan.model_ids, shard, config.plan.audio_format)
                     running[future.wrapped_future] = (future, shard)
                 finished, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
                 for wrapped in finished:
@@ -116,6 +143,7 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
                 actor_infos = pool.infos()
         finally:
             engine.unregister_pool(run_key)
+            _ON_RANKED.pop(run_key, None)
             engine.stop_actors(pool)
             if started_ray:
                 import ray
@@ -134,6 +162,7 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
                 "candidate": r["candidate_index"], "seed": r["seed"], "rank": r["rank"],
                 "clip_score": round(r["clip_score"], 4), "clap_score": round(r["clap_score"], 4)} for r in kept_rows]
         or [{"pair_id": "(none kept)"}])
+    _gallery_artifact(plan.name, out, logger)
     generated = counts["candidates"] - sum(s.get("candidates", 0) for s in plan.done.values())
     create_markdown_artifact(key=_artifact_key(plan.name, "summary"), description="run summary", markdown="\n".join([
         f"# {plan.name}: {'complete' if summary['complete'] else 'INCOMPLETE'}", "",

@@ -152,6 +152,30 @@ def build_parser() -> argparse.ArgumentParser:
     insp = sub.add_parser("inspect", help="summarise a dataset written by `pws-batch run`")
     insp.add_argument("out", help="the dataset's location (path or fsspec URI)")
 
+    gal = sub.add_parser("gallery", help="a static HTML page to look at and listen to a dataset's kept pairs",
+                         description="Write a static HTML page (no server, no CDN) with each kept pair's picture, an "
+                                     "audio player, prompts, scores, seed and parameters, sortable by score and "
+                                     "paginated; the media are files next to the page, so it works opened from disk.")
+    gal.add_argument("out", help="the dataset's location (path or fsspec URI)")
+    gal.add_argument("--top", type=int, default=None, help="only the N best rows by CLIP + CLAP (default: all)")
+    gal.add_argument("--out", dest="dest", default=None, help="where to write it (default: OUT/gallery)")
+
+    exp = sub.add_parser("export", help="write a dataset as a folder of files (NNNNN.png, .wav/.flac, .json)",
+                         description="Write every kept row as NNNNN.png (the picture), NNNNN.wav or .flac (the "
+                                     "sound, as stored) and NNNNN.json (every other column), img2dataset-style.")
+    exp.add_argument("out", help="the dataset's location (path or fsspec URI)")
+    exp.add_argument("dir", help="the folder to write (path or fsspec URI)")
+    exp.add_argument("--format", default="files", choices=["files"], help="(default: files)")
+
+    push = sub.add_parser("push", help="upload a dataset to the Hugging Face Hub (needs the network and a token)",
+                          description="Create the dataset repository REPO_ID if needed and upload the card, the "
+                                      "data and candidates parts, rejected.parquet and run.json with "
+                                      "huggingface_hub's upload_large_folder (resumable). Log in first with "
+                                      "`hf auth login` or set HF_TOKEN.")
+    push.add_argument("out", help="the dataset's local folder")
+    push.add_argument("repo_id", help="USER/NAME of the dataset repository on the Hub")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
     bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
     bs = bsub.add_parser("sampler", help="batched sampler vs the naive way, on the same work",
@@ -353,6 +377,32 @@ def _run_config(args: argparse.Namespace, command: str) -> RunConfig:
     return config
 
 
+def pair_progress(bar):
+    """The run's progress callback, (pairs_done, pairs_total) -> the bar: one tick per pair ranked. The first
+    call gives the pairs already committed (resume); the clock starts at the first pair ranked after it, so the
+    rate and the ETA are the steady ones, without the start-up (Prefect, Ray, model loads)."""
+    import threading
+
+    lock, calls, timing = threading.Lock(), [], []
+
+    def on_progress(done: int, total: int) -> None:
+        with lock:
+            bar.total = total
+            calls.append(done)
+            if done <= bar.n or len(calls) == 1:
+                bar.n = max(bar.n, done)
+                bar.refresh()
+            elif not timing:  # the first pair ranked: time from here
+                timing.append(done)
+                bar.reset(total=total)
+                bar.initial = bar.n = bar.last_print_n = done
+                bar.refresh()
+            else:
+                bar.update(done - bar.n)
+
+    return on_progress
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = _run_config(args, "run")
     from pws_batch.batch.manifest import ManifestError, read_manifest
@@ -366,22 +416,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     _require_models(_resolve_models(config.engine.models, "run"), config.engine.models, "run",
                     vocoder=config.engine.vocoder)
 
+    # Prefect's ephemeral server sends no telemetry (offline it logged an ERROR on every run).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Its first start migrates a new database: on a busy small machine that takes more than Prefect's 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    import logging
+
+    import ray  # noqa: F401 - imported first so that its log handler exists and is redirected above the bar
+
+    logging.getLogger("ray").setLevel(logging.ERROR)  # its start-up notes (token auth is on...) say nothing to a user
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from flows.generate_dataset import PROGRESS_LISTENERS, generate_dataset
     from pws_batch.batch.dataset import Output
 
     bar = tqdm(total=0, desc="pairs", unit="pair", disable=None, file=sys.stderr)
-
-    def on_progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+    on_progress = pair_progress(bar)
 
     PROGRESS_LISTENERS.append(on_progress)
     failure = None
     try:
-        generate_dataset(args.manifest, args.out, config)
+        with logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("ray")], tqdm_class=tqdm):
+            generate_dataset(args.manifest, args.out, config)
     except RunError as exc:
         raise UsageError(f"pws-batch run: error: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - the flow failed; report what was written all the same
@@ -480,8 +537,44 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from pws_batch.batch.gallery import write_gallery
+
+    if args.top is not None and args.top < 1:
+        raise UsageError(f"pws-batch gallery: error: --top must be >= 1, got {args.top}")
+    try:
+        where = write_gallery(args.out, top=args.top, dest=args.dest)
+    except FileNotFoundError as exc:
+        raise UsageError(f"pws-batch gallery: error: {exc}") from exc
+    print(f"open {where}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pws_batch.batch.export import export_files
+
+    try:
+        n = export_files(args.out, args.dir)
+    except FileNotFoundError as exc:
+        raise UsageError(f"pws-batch export: error: {exc}") from exc
+    print(f"exported {n} rows of {args.out} to {args.dir} (NNNNN.png, NNNNN.wav/.flac, NNNNN.json)")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from pws_batch.batch.export import push
+
+    try:
+        url = push(args.out, args.repo_id, private=args.private)
+    except (FileNotFoundError, ValueError, ConnectionError) as exc:
+        raise UsageError(f"pws-batch push: error: {exc}") from exc
+    print(f"pushed {args.out} to {url}")
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "run": cmd_run, "submit": cmd_submit, "status": cmd_status,
-            "validate": cmd_validate, "inspect": cmd_inspect, "models": cmd_models, "bench": cmd_bench}
+            "validate": cmd_validate, "inspect": cmd_inspect, "models": cmd_models, "bench": cmd_bench,
+            "gallery": cmd_gallery, "export": cmd_export, "push": cmd_push}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -127,7 +127,7 @@ def test_kept_rows_rejected_rows_sidecar_markers_and_card(first_run):
     # Media: PNG and WAV bytes in struct<bytes, path>, with the Hugging Face feature metadata.
     table = pq.read_table(os.path.join(out, "data", "part-00000.parquet"))
     features = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
-    assert features["image"] == {"_type": "Image"} and features["audio"] == {"_type": "Audio"}
+    assert features["image"] == {"_type": "Image"} and features["audio"] == {"_type": "Audio", "sampling_rate": 16000}
     image = table.column("image")[0].as_py()
     assert image["bytes"][:8] == b"\x89PNG\r\n\x1a\n" and image["path"].endswith(".png")
     audio, rate = sf.read(__import__("io").BytesIO(table.column("audio")[0].as_py()["bytes"]))
@@ -198,7 +198,12 @@ def test_prefect_api_shows_the_flow_run_tasks_and_artifacts(first_run, server):
     table = by_type["table"][0]["data"]
     table = json.loads(table) if isinstance(table, str) else table
     assert sorted(r["pair_id"] for r in table) == sorted(read_data(out).pair_id)
-    summary = by_type["markdown"][0]["data"]
+    markdowns = {a["key"].rsplit("-", 1)[-1]: a["data"] for a in by_type["markdown"]}
+    summary = markdowns["summary"]
+    gallery = markdowns["gallery"]  # the best kept pairs with thumbnails and players, bounded
+    shown = gallery.count('<img src="data:image/png;base64,')  # the tiny models' noise sounds barely compress
+    assert 1 <= shown <= 4 and gallery.count('<audio controls src="data:audio/flac;base64,') == shown
+    assert f"{6 - shown} more in `pws-batch gallery" in gallery and len(gallery) <= 1_400_000
     assert "pairs kept | 5" in summary and "rows rejected | 6" in summary and out in summary
     logs = api(url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run["flow_run_id"]]}}})
     text = "\n".join(entry["message"] for entry in logs)

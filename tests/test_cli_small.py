@@ -111,3 +111,30 @@ def test_a_missing_local_folder_is_named_with_its_component(tmp_path, capsys, ti
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert f"{component} '{tmp_path / 'nowhere'}': (all files): none of its" in err and "is in the folder" in err
+
+
+def test_the_run_bar_ticks_per_pair_and_times_from_the_first_pair():
+    """Resumed pairs are counted at once; the clock (rate, ETA) starts at the first pair ranked, not at start-up;
+    a shard's commit never moves the bar back."""
+    import io
+
+    from tqdm import tqdm
+
+    from pws_batch.cli import pair_progress
+
+    now = [1000.0]
+    bar = tqdm(total=0, unit="pair", file=io.StringIO(), disable=False, mininterval=0, smoothing=0)
+    bar._time = lambda: now[0]  # tqdm's clock
+    tick = pair_progress(bar)
+    tick(2, 10)  # 2 pairs committed by an earlier run
+    assert (bar.n, bar.total) == (2, 10)
+    now[0] += 300  # start-up: Prefect, Ray, model loads
+    tick(3, 10)  # the first pair ranked
+    assert bar.n == 3 and bar.format_dict["elapsed"] == 0
+    for done in (4, 5, 6):
+        now[0] += 10
+        tick(done, 10)
+    tick(5, 10)  # a shard committed (counts fewer than were ranked): no step back
+    assert bar.n == 6
+    assert bar.format_dict["elapsed"] == 30 and "10.00s/pair" in str(bar)  # the steady rate
+    assert "00:40" in str(bar)  # ETA: 4 pairs left at 10 s each, not the 300 s start-up averaged in

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pytest
 import yaml
 
+from pws_batch.batch.card import dataset_card
 from pws_batch.batch.config import RunConfig
-from pws_batch.batch.dataset import (KNOWN_TYPES, MEDIA, Output, candidates_table, committed_shards, dataset_card,
-                                     kept_table, with_hf_metadata)
+from pws_batch.batch.dataset import (KNOWN_TYPES, MEDIA, Output, candidates_table, committed_shards, kept_table)
 from pws_batch.batch.manifest import Validated
 from pws_batch.batch.pair import PairRequest, PairResult, ScoredCandidate
 from pws_batch.batch.run import RunPlan, candidate_rows, finalize, kept_rows, plan_shards, process_shard
@@ -140,7 +140,8 @@ def test_kept_table_types_media_and_hugging_face_metadata():
     meta = json.loads(table.schema.metadata[b"huggingface"])
     features = meta["info"]["features"]
     assert features["image"]["_type"] == "Image" and features["audio"]["_type"] == "Audio"
-    assert set(features) == set(table.column_names)
+    assert features["audio"]["sampling_rate"] == 16000
+    assert list(features) == table.column_names
     for f in table.schema:
         if f.name not in ("image", "audio"):
             assert features[f.name]["_type"] == "Value", f.name
@@ -175,13 +176,6 @@ def test_a_pass_through_column_of_mixed_types_is_kept_as_text():
 def test_an_all_none_pass_through_column_keeps_the_hugging_face_metadata():
     table = kept_table(kept_rows_of(request(0, extra={"notes": None})), KNOWN_TYPES)
     assert b"huggingface" in (table.schema.metadata or {})
-
-
-def test_with_hf_metadata_keeps_other_schema_metadata():
-    table = pa.table({"image": pa.array([None], MEDIA), "x": [1.5]}).replace_schema_metadata({b"mine": b"1"})
-    meta = with_hf_metadata(table).schema.metadata
-    assert meta[b"mine"] == b"1"
-    assert json.loads(meta[b"huggingface"])["info"]["features"]["x"] == {"dtype": "float64", "_type": "Value"}
 
 
 def test_kept_table_metadata_survives_a_parquet_round_trip(uri):

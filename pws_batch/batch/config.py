@@ -22,6 +22,7 @@ from pws_batch.batch.ranking import RankingRule
 from pws_batch.core.models import DEFAULT_MODEL_SET
 from pws_batch.core.params import DEVICES, DTYPES, VOCODERS, GenerationParams, check_params
 
+AUDIO_FORMATS = ("wav", "flac")
 _PARAMS = GenerationParams(image_prompt="", audio_prompt="")  # the one source of generation defaults
 
 
@@ -76,9 +77,12 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class PlanConfig:
-    """How the pairs are cut into shards (one Prefect task and one commit each), and an existing output."""
+    """How the pairs are cut into shards (one Prefect task and one commit each), how they are written, and what
+    to do with an existing output."""
 
     shard_size: int = option(4, "--shard-size", "pairs per shard = per Prefect task and per commit")
+    audio_format: str = option("wav", "--audio-format", "how the dataset stores the sounds: 16-bit wav, or "
+                                                        "lossless flac (about half the size)", choices=AUDIO_FORMATS)
     overwrite: bool = option(False, "--overwrite", "delete what an earlier run wrote to --out and start over "
                                                    "(default: resume, keeping committed shards)",
                              fingerprint=False, action="store_true")

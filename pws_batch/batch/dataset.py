@@ -5,7 +5,7 @@
     OUT/_shards/NNNNN.json             the shard's stats, written LAST: the shard is done iff it exists
     OUT/rejected.parquet               bad manifest rows with their reasons
     OUT/run.json                       config, versions, model ids
-    OUT/README.md                      dataset card (Hugging Face YAML header)
+    OUT/README.md                      dataset card (Hugging Face YAML header), OUT/card/*.png its histograms
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 import typing
 from typing import Any
 
@@ -51,7 +50,6 @@ KNOWN_TYPES: dict[str, pa.DataType] = {f.name: f.type for f in KEPT_SCHEMA}
 CANDIDATES_SCHEMA = pa.schema([("pair_id", pa.string()), ("candidate_index", pa.int64()), ("seed", pa.int64()),
                                ("clip_score", pa.float64()), ("clap_score", pa.float64()), ("rank", pa.int64()),
                                ("kept", pa.bool_())])
-CARD_TAGS = ["images-that-sound", "audio", "image", "spectrogram", "synthetic"]
 
 
 class Output:
@@ -88,8 +86,13 @@ class Output:
         self.write_bytes(rel, buffer.getvalue())
 
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        """The table at `rel`; with `columns`, only those are read (media blobs stay unread)."""
         with self.fs.open(self.path(rel), "rb") as f:
-            return pq.read_table(f, columns=columns)
+            if columns is None:
+                return pq.read_table(io.BytesIO(f.read()))
+            present = [c for c in columns if c in pq.read_schema(f).names]
+            f.seek(0)
+            return pq.read_table(f, columns=present)
 
     def list(self, rel: str) -> list[str]:
         if not self.exists(rel):
@@ -98,7 +101,8 @@ class Output:
 
     def clear(self) -> None:
         """--overwrite: remove what a previous run wrote (only pws-batch's own entries)."""
-        for rel in ("data", "candidates", "_shards", "rejected.parquet", "run.json", "README.md"):
+        for rel in ("data", "candidates", "_shards", "rejected.parquet", "run.json", "README.md", "card",
+                    "gallery"):
             if self.exists(rel):
                 self.fs.rm(self.path(rel), recursive=True)
 
@@ -120,116 +124,19 @@ def committed_shards(out: Output) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------------------------------------- schemas
-def _hf_feature(t: pa.DataType) -> dict | None:
-    if pa.types.is_null(t):  # a pass-through column empty in every row of this shard
-        return {"dtype": "null", "_type": "Value"}
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return {"dtype": "string", "_type": "Value"}
-    if pa.types.is_boolean(t):
-        return {"dtype": "bool", "_type": "Value"}
-    if pa.types.is_integer(t) or pa.types.is_floating(t):
-        names = {"double": "float64", "float": "float32", "halffloat": "float16"}
-        return {"dtype": names.get(str(t), str(t)), "_type": "Value"}
-    if pa.types.is_list(t):
-        inner = _hf_feature(t.value_type)
-        return {"feature": inner, "_type": "List"} if inner else None
-    return None
+def kept_table(rows: list[dict[str, Any]], schema: pa.Schema | dict[str, pa.DataType] = KNOWN_TYPES) -> pa.Table:
+    """data/part-*.parquet: the rows cast to the run's one schema (`pws_batch.batch.schema`), whose metadata
+    makes `datasets` load `image` / `audio` as Image / Audio. Given a dict of known column types instead (a
+    table on its own), the schema is decided from these rows alone."""
+    from pws_batch.batch.schema import build_features, schema_of, table_of
 
-
-def with_hf_metadata(table: pa.Table) -> pa.Table:
-    """Schema metadata that makes Hugging Face `datasets` load `image` / `audio` as Image / Audio features."""
-    features: dict[str, Any] = {}
-    for f in table.schema:
-        if f.name == "image":
-            features[f.name] = {"_type": "Image"}
-        elif f.name == "audio":
-            features[f.name] = {"_type": "Audio"}
-        else:
-            feature = _hf_feature(f.type)
-            if feature is None:  # a pass-through column of an exotic type: let datasets infer all features
-                return table
-            features[f.name] = feature
-    meta = dict(table.schema.metadata or {})
-    meta[b"huggingface"] = json.dumps({"info": {"features": features}}).encode()
-    return table.replace_schema_metadata(meta)
-
-
-def kept_table(rows: list[dict[str, Any]], types: dict[str, pa.DataType] = KNOWN_TYPES) -> pa.Table:
-    """data/part-*.parquet: `image` / `audio` as {"bytes", "path"}; known columns typed by `types`, the
-    manifest's pass-through columns as Arrow infers them."""
-    columns: dict[str, list] = {}
-    for row in rows:
-        for key in row:
-            columns.setdefault(key, [])
-    for row in rows:
-        for key in columns:
-            columns[key].append(row.get(key))
-    arrays = {}
-    for key, values in columns.items():
-        if key in ("image", "audio"):
-            arrays[key] = pa.array(values, type=MEDIA)
-        elif key in types:
-            arrays[key] = pa.array(values, type=types[key])
-        else:
-            arrays[key] = _column(values)
-    return with_hf_metadata(pa.table(arrays))
-
-
-def _column(values: list) -> pa.Array:
-    try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types in a pass-through column: keep them as text
-        return pa.array([None if v is None else str(v) for v in values], pa.string())
+    if not isinstance(schema, pa.Schema):
+        names = list(dict.fromkeys(k for row in rows for k in row))
+        known = {k: (MEDIA if k in ("image", "audio") else schema[k]) for k in names if k in schema or k in ("image", "audio")}
+        features, _ = build_features(known, [{k: v for k, v in row.items() if k not in known} for row in rows])
+        schema = schema_of(features)
+    return table_of(rows, schema)
 
 
 def candidates_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA)
-
-
-# ---------------------------------------------------------------------------------------------- the card
-def describe_scores(values: list[float]) -> str:
-    """"mean M, min A, max B" of the scores that are numbers (the card's and `inspect`'s wording), or "n/a"."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return "n/a"
-    return f"mean {sum(values) / len(values):.4f}, min {min(values):.4f}, max {max(values):.4f}"
-
-
-def dataset_card(name: str, run: dict[str, Any], kept_rows: list[dict[str, Any]]) -> str:
-    counts = run.get("counts", {})
-    models = run.get("models", {})
-    header = "\n".join([
-        "---",
-        "pretty_name: " + json.dumps(name),
-        "tags:", *[f"- {t}" for t in CARD_TAGS],
-        "configs:",
-        "- config_name: default",
-        "  data_files:",
-        "  - split: train",
-        "    path: data/part-*.parquet",
-        "---",
-    ])
-    lines = [
-        header, "", f"# {name}", "",
-        "Images that sound made with pws-batch: each row is one kept "
-        "candidate, a 256-row grayscale canvas that is a picture (`image`, decoded by the image model's VAE) and a "
-        "spectrogram (`audio`, 16 kHz mono, decoded by the audio model's VAE and vocoded).", "",
-        "## Counts", "",
-        f"- prompt pairs in the manifest: {counts.get('rows', 'n/a')}",
-        f"- pairs kept: {counts.get('pairs_done', 'n/a')}, failed: {counts.get('pairs_failed', 0)}, "
-        f"rejected rows: {counts.get('rejected', 0)} (see `rejected.parquet`)",
-        f"- candidates generated: {counts.get('candidates', 'n/a')}, rows kept: {counts.get('kept', 'n/a')}",
-        "", "## Scores of the kept rows", "",
-        f"- CLIP (picture vs image prompt): {describe_scores([r.get('clip_score') for r in kept_rows])}",
-        f"- CLAP (sound vs audio prompt): {describe_scores([r.get('clap_score') for r in kept_rows])}",
-        f"- ranking rule: `{run.get('config', {}).get('ranking', {})}`",
-        "", "## Models", "",
-        *[f"- {k}: `{v}`" for k, v in models.items()],
-        "", "## Files", "",
-        "- `data/part-*.parquet`: kept rows with media and all metadata",
-        "- `candidates/part-*.parquet`: every candidate's seed, scores, rank and kept flag",
-        "- `rejected.parquet`: manifest rows that were not generated, with the reason",
-        "- `run.json`: the run's configuration, library versions and model ids",
-        "",
-    ]
-    return "\n".join(lines)

@@ -287,13 +287,21 @@ def stop_actors(pool: ActorPool | None) -> None:
             pass
 
 
-def run_pairs(pool: ActorPool, requests: list[PairRequest]) -> tuple[list[PairResult], dict]:
-    """Generate and rank a shard's pairs on one borrowed actor pair; results in request order."""
+def run_pairs(pool: ActorPool, requests: list[PairRequest],
+              on_ranked: Callable[[PairRequest], None] | None = None) -> tuple[list[PairResult], dict]:
+    """Generate and rank a shard's pairs on one borrowed actor pair; results in request order. `on_ranked` is
+    called with each request as soon as its pair is ranked (for a progress bar in pairs)."""
     import ray
 
     with pool.borrow() as (i, generator, ranker):
         generated = [generator.generate.remote(r) for r in requests]  # queued: run one after another
         ranked = [ranker.rank.remote(g) for g in generated]  # each starts when its pair is made
+        if on_ranked is not None:
+            waiting, which = list(ranked), {ref: r for ref, r in zip(ranked, requests)}
+            while waiting:
+                done, waiting = ray.wait(waiting, num_returns=1)
+                for ref in done:
+                    on_ranked(which[ref])
         return ray.get(ranked), {"actor_pair": i}
 
 

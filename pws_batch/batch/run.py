@@ -18,11 +18,13 @@ import pyarrow as pa
 
 from pws_batch import __version__
 from pws_batch.batch.config import RunConfig, RunError
-from pws_batch.batch.dataset import (MODEL_COMPONENTS, Output, candidates_table, committed_shards, dataset_card,
+from pws_batch.batch.card import CARD_COLUMNS, write_card
+from pws_batch.batch.dataset import (KEPT_SCHEMA, MODEL_COMPONENTS, Output, candidates_table, committed_shards,
                                      kept_table, shard_name)
 from pws_batch.batch.manifest import (Validated, manifest_fingerprint, manifest_name, read_manifest,
                                       rejections_table, validate_manifest)
 from pws_batch.batch.pair import PairRequest, PairResult
+from pws_batch.batch.schema import MEDIA_COLUMNS, build_features, features_from_json, schema_of
 
 
 @dataclass
@@ -45,6 +47,8 @@ class RunPlan:
     done: dict[str, dict]  # committed shards (skipped on resume), by name
     fingerprint: dict[str, Any]
     model_ids: dict[str, str]
+    features: dict[str, Any] = field(default_factory=dict)  # the data parts' one schema, as datasets.Features
+    features: dict[str, Any] = field(default_factory=dict)  # the data parts' one schema, as datasets.Features
     started_at: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -134,9 +138,10 @@ def prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], Non
     planned = {s.name: s.pair_ids for s in shards}
     done = {name: stats for name, stats in committed_shards(output).items() if stats.get("pair_ids") == planned.get(name)}
     output.write_table("rejected.parquet", rejections_table(validated.rejections))
-    plan = RunPlan(manifest, out, config, validated, shards, done, fingerprint, model_ids)
+    features, schema_warnings = kept_features(validated.requests)
+    plan = RunPlan(manifest, out, config, validated, shards, done, fingerprint, model_ids, features.to_dict())
     write_run_json(plan, status="running")
-    for w in validated.warnings:
+    for w in [*validated.warnings, *schema_warnings]:
         log(f"manifest: {w}")
     log(f"manifest {manifest}: {validated.num_rows} rows, {len(validated.requests)} good, "
         f"{len(validated.rejections)} rejected; {len(shards)} shards of up to {config.plan.shard_size} pairs, "
@@ -159,7 +164,9 @@ def write_run_json(plan: RunPlan, status: str, counts: dict | None = None, actor
         "started_at": plan.started_at,
         "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "counts": counts or {},
+        "features": plan.features,
         "actors": actors or [],
+        "features": plan.features,
         **(extra or {}),
     })
 
@@ -169,7 +176,8 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:120]
 
 
-def kept_rows(result: PairResult, shard: str, model_ids: dict[str, str]) -> list[dict[str, Any]]:
+def kept_rows(result: PairResult, shard: str, model_ids: dict[str, str], audio_format: str = "wav"
+              ) -> list[dict[str, Any]]:
     """One data row per kept candidate: media, scores, every generation parameter, models, timings, extras."""
     request = result.request
     params = dataclasses.asdict(request.params)
@@ -180,7 +188,8 @@ def kept_rows(result: PairResult, shard: str, model_ids: dict[str, str]) -> list
         rows.append({
             "pair_id": request.pair_id,
             "image": {"bytes": c.image_png, "path": stem + ".png"},
-            "audio": {"bytes": c.audio_wav, "path": stem + ".wav"},
+            "audio": {"bytes": c.audio_wav, "path": stem + ".wav"} if audio_format == "wav" else
+                     {"bytes": flac_of(c.audio_wav), "path": stem + ".flac"},
             "candidate_index": c.candidate_index, "seed": c.seed, "rank": c.rank,
             "clip_score": c.clip_score, "clap_score": c.clap_score,
             "effective_image_prompt": request.params.effective_image_prompt,
@@ -193,6 +202,18 @@ def kept_rows(result: PairResult, shard: str, model_ids: dict[str, str]) -> list
     return rows
 
 
+def flac_of(wav: bytes) -> bytes:
+    """16-bit WAV bytes -> lossless FLAC bytes (about half the size)."""
+    import io
+
+    import soundfile as sf
+
+    samples, rate = sf.read(io.BytesIO(wav), dtype="int16")
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
 def candidate_rows(result: PairResult) -> list[dict[str, Any]]:
     """The candidates sidecar's rows: every candidate's seed, scores, rank and kept flag (no media)."""
     return [{"pair_id": result.pair_id, "candidate_index": c.candidate_index, "seed": c.seed,
@@ -200,10 +221,28 @@ def candidate_rows(result: PairResult) -> list[dict[str, Any]]:
             for c in result.candidates]
 
 
+def kept_features(requests: list[PairRequest]):
+    """The data parts' one schema (datasets.Features), decided from every good request before the first shard:
+    the declared columns (KEPT_SCHEMA), then the pass-through columns typed over the whole manifest.
+    Returns (features, warnings naming the pass-through columns written as text)."""
+    known = {f.name: None if f.name in MEDIA_COLUMNS else f.type for f in KEPT_SCHEMA}
+    return build_features(known, [r.extra for r in requests])
+
+
+def run_schema(out: Output, requests: list[PairRequest]) -> pa.Schema:
+    """The schema `prepare` decided and wrote to run.json; for a shard processed outside a run, this shard's."""
+    if out.exists("run.json") and (features := out.read_json("run.json").get("features")):
+        return schema_of(features_from_json(features))
+    return schema_of(kept_features(requests)[0])
+
+
 def process_shard(out: str, model_ids: dict[str, str], shard: Shard,
-                  run_pairs: Callable[[list[PairRequest]], tuple[list[PairResult], dict]]) -> dict:
-    """Generate and rank a shard's pairs, write its parts, and commit it by writing its stats LAST."""
+                  run_pairs: Callable[[list[PairRequest]], tuple[list[PairResult], dict]], *,
+                  schema: pa.Schema | None = None, audio_format: str = "wav") -> dict:
+    """Generate and rank a shard's pairs, write its parts (in the run's one schema: `schema`, else the one in
+    run.json), and commit it by writing its stats LAST."""
     output = Output(out)
+    schema = schema or run_schema(output, shard.requests)
     t0 = time.perf_counter()
     results, where = run_pairs(shard.requests)
     rows, scores, failed = [], [], []
@@ -211,10 +250,10 @@ def process_shard(out: str, model_ids: dict[str, str], shard: Shard,
         if not result.ok:
             failed.append({"pair_id": result.pair_id, "row": result.request.row, "error": result.error})
             continue
-        rows.extend(kept_rows(result, shard.name, model_ids))
+        rows.extend(kept_rows(result, shard.name, model_ids, audio_format))
         scores.extend(candidate_rows(result))
     if rows:
-        output.write_table(f"data/part-{shard.name}.parquet", kept_table(rows))
+        output.write_table(f"data/part-{shard.name}.parquet", kept_table(rows, schema))
     elif output.exists(f"data/part-{shard.name}.parquet"):
         output.fs.rm(output.path(f"data/part-{shard.name}.parquet"))  # a stale part of an earlier attempt
     output.write_table(f"candidates/part-{shard.name}.parquet", candidates_table(scores))
@@ -254,9 +293,9 @@ def finalize(plan: RunPlan, actors: list | None = None, extra: dict | None = Non
     }
     complete = counts["shards_committed"] == counts["shards"]
     write_run_json(plan, "complete" if complete else "incomplete", counts, actors, extra)
-    table = read_kept(out)
-    kept = table.drop_columns([c for c in ("image", "audio") if c in table.column_names]).to_pylist() if table else []
-    out.write_bytes("README.md", dataset_card(plan.name, out.read_json("run.json"), kept).encode())
+    table = read_kept(out, CARD_COLUMNS)
+    kept = table.to_pylist() if table else []
+    write_card(out, plan.name, out.read_json("run.json"), kept)
     failed = [f for s in stats.values() for f in s.get("failed", [])]
     return {"out": plan.out, "name": plan.name, "complete": complete, "counts": counts, "failed": failed,
             "kept_rows": kept}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pws_batch.batch.dataset import Output, committed_shards, describe_scores
+from pws_batch.batch.card import describe_scores
+from pws_batch.batch.dataset import Output, committed_shards
 
 
 def summarize(uri: str) -> str:
@@ -24,7 +25,7 @@ def summarize(uri: str) -> str:
     ]
     from pws_batch.batch.run import read_kept
 
-    table = read_kept(out, columns=["clip_score", "clap_score"])
+    table = read_kept(out, ["clip_score", "clap_score"])  # the scores only, never the media
     if table is not None:
         lines.append(f"  CLIP (kept)  {describe_scores(table.column('clip_score').to_pylist())}")
         lines.append(f"  CLAP (kept)  {describe_scores(table.column('clap_score').to_pylist())}")

@@ -1,0 +1,92 @@
+"""`pws-batch export OUT DIR --format files`: the dataset as a folder of files, img2dataset-style, and
+`pws-batch push OUT REPO_ID`: the dataset to the Hugging Face Hub.
+
+    DIR/00000.png   the picture
+    DIR/00000.wav   the sound (.flac for a run made with --audio-format flac)
+    DIR/00000.json  every other column of the row (prompts, parameters, seeds, scores, ...)
+
+Rows are numbered in the order of the data parts; one part's media are in memory at a time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from pws_batch.batch.dataset import Output
+
+MEDIA = ("image", "audio")
+# What `push` uploads: the dataset, its card and its records, not the gallery or the commit markers.
+PUSH_PATTERNS = ["README.md", "card/*.png", "data/*.parquet", "candidates/*.parquet", "rejected.parquet", "run.json"]
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray)):
+        import base64
+
+        return base64.b64encode(bytes(value)).decode()
+    return str(value)
+
+
+def _extension(entry: dict | None, default: str) -> str:
+    path = (entry or {}).get("path") or ""
+    return path.rsplit(".", 1)[-1].lower() if "." in path else default
+
+
+def export_files(uri: str, dest: str) -> int:
+    """Write every kept row of the dataset at `uri` as NNNNN.png / .wav|.flac / .json into `dest`; returns the
+    number of rows."""
+    out = Output(uri)
+    if not out.exists("run.json"):
+        raise FileNotFoundError(f"{uri} holds no run.json: not a pws-batch dataset (or the run never started)")
+    target = Output(dest)
+    n = 0
+    for part in [p for p in out.list("data") if p.endswith(".parquet")]:
+        for row in out.read_table(f"data/{part}").to_pylist():
+            stem = f"{n:05d}"
+            image, audio = row.get("image") or {}, row.get("audio") or {}
+            if image.get("bytes") is not None:
+                target.write_bytes(f"{stem}.{_extension(image, 'png')}", image["bytes"])
+            if audio.get("bytes") is not None:
+                target.write_bytes(f"{stem}.{_extension(audio, 'wav')}", audio["bytes"])
+            record = {k: v for k, v in row.items() if k not in MEDIA}
+            target.write_bytes(f"{stem}.json", json.dumps(record, default=_json_default, ensure_ascii=False,
+                                                          indent=1).encode())
+            n += 1
+    return n
+
+
+def push_files(uri: str) -> list[str]:
+    """The files `push` uploads, relative to the dataset's folder."""
+    import fnmatch
+
+    out = Output(uri)
+    found = []
+    for path in out.fs.find(out.root):
+        rel = path[len(out.root.rstrip("/")) + 1:]
+        if any(fnmatch.fnmatch(rel, pattern) and rel.count("/") == pattern.count("/") for pattern in PUSH_PATTERNS):
+            found.append(rel)
+    return sorted(found)
+
+
+def push(uri: str, repo_id: str, private: bool = False) -> str:
+    """Upload a local dataset folder to the Hub as a dataset repository (needs the network and a token)."""
+    import os
+
+    from huggingface_hub import HfApi
+
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"push uploads a local folder; copy {uri} to a local path first")
+    folder = uri[len("file://"):] if uri.startswith("file://") else uri
+    if not os.path.exists(os.path.join(folder, "run.json")):
+        raise FileNotFoundError(f"{uri} holds no run.json: not a pws-batch dataset (or the run never started)")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise ConnectionError("HF_HUB_OFFLINE is set: pushing needs the network; unset it and log in "
+                              "(`hf auth login`) first")
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    api.upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type="dataset", allow_patterns=PUSH_PATTERNS)
+    return f"https://huggingface.co/datasets/{repo_id}"

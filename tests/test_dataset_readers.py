@@ -1,0 +1,192 @@
+"""Every dataset a run can make loads in pandas, pyarrow and Hugging Face `datasets` (issue 10, item 1).
+
+Real manifests with awkward pass-through columns (empty in every row of one shard, empty everywhere, of mixed
+types, nested, timestamps) go through the real run pieces (prepare / process_shard / finalize, see
+dataset_maker.py) with real pictures and sounds; the dataset is then read by each reader, and the card is
+parsed by huggingface_hub and its loading snippet run as written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from dataset_maker import HEIGHT, RATE, WIDTH, make_dataset
+
+
+def prompts(n: int) -> dict:
+    return {"image_prompt": [f"a picture {i}" for i in range(n)], "audio_prompt": [f"a sound {i}" for i in range(n)]}
+
+
+@pytest.fixture
+def parquet_manifest(tmp_path) -> str:
+    """Typed pass-through columns: null in all of shard 0 then text, null everywhere, a struct, a list, a
+    timestamp with a time zone and a date."""
+    n = 5
+    table = pa.table({
+        **prompts(n),
+        "late_notes": pa.array([None, None, "c", "d", None], pa.string()),
+        "never": pa.array([None] * n, pa.null()),
+        "meta": pa.array([{"source": f"s{i}", "weight": i / 2} for i in range(n)]),
+        "tags": pa.array([["a", "b"], [], ["c"], None, ["d"]]),
+        "captured": pa.array([dt.datetime(2024, 1, i + 1, 12, tzinfo=dt.timezone.utc) for i in range(n)],
+                             pa.timestamp("us", tz="UTC")),
+        "day": pa.array([dt.date(2024, 2, i + 1) for i in range(n)]),
+    })
+    path = tmp_path / "typed.parquet"
+    pq.write_table(table, path)
+    return str(path)
+
+
+@pytest.fixture
+def jsonl_manifest(tmp_path) -> str:
+    """Loosely typed pass-through columns: mixed scalars across shards (5, "x", 7), an all-null column, a
+    number column empty in all of shard 0, and nested values of different shapes."""
+    rows = [{"mixed": 5, "empty": None, "late_number": None, "shape": {"a": 1}},
+            {"mixed": 6, "empty": None, "late_number": None, "shape": [1, 2]},
+            {"mixed": "x", "empty": None, "late_number": 2.5, "shape": {"a": 2}},
+            {"mixed": 7, "empty": None, "late_number": 3, "shape": None}]
+    path = tmp_path / "loose.jsonl"
+    with open(path, "w") as f:
+        for i, row in enumerate(rows):
+            f.write(json.dumps({"image_prompt": f"a picture {i}", "audio_prompt": f"a sound {i}", **row}) + "\n")
+    return str(path)
+
+
+def part_schemas(out: str) -> list[pa.Schema]:
+    return [pq.read_schema(os.path.join(out, "data", p)) for p in sorted(os.listdir(os.path.join(out, "data")))]
+
+
+def load_with_datasets(out: str, cache: str):
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=os.path.join(out, "data", "*.parquet"), split="train",
+                               cache_dir=cache)
+    assert isinstance(ds.features["image"], datasets.Image)
+    assert isinstance(ds.features["audio"], datasets.Audio) and ds.features["audio"].sampling_rate == RATE
+    return ds.cast_column("audio", datasets.Audio(decode=False))
+
+
+def check_media(ds) -> None:
+    row = ds[0]
+    assert row["image"].size == (WIDTH, HEIGHT)
+    samples, rate = sf.read(io.BytesIO(row["audio"]["bytes"]))
+    assert rate == RATE and samples.ndim == 1 and len(samples) == RATE
+
+
+def test_typed_pass_through_columns_keep_their_types_in_every_reader(parquet_manifest, tmp_path):
+    out = str(tmp_path / "out")
+    summary = make_dataset(parquet_manifest, out, shard_size=2)
+    assert summary["complete"] and summary["counts"]["kept"] == 5
+    schemas = part_schemas(out)
+    assert len(schemas) == 3 and all(s == schemas[0] for s in schemas[1:])  # one schema, metadata included
+    schema = schemas[0]
+    assert schema.field("late_notes").type == pa.string() and schema.field("never").type == pa.string()
+    assert schema.field("meta").type == pa.struct([("source", pa.string()), ("weight", pa.float64())])
+    assert schema.field("tags").type == pa.list_(pa.string())
+    assert schema.field("captured").type == pa.timestamp("us", tz="UTC")
+    assert schema.field("day").type == pa.date32()
+    features = json.loads(schema.metadata[b"huggingface"])["info"]["features"]
+    assert features["image"] == {"_type": "Image"}
+    assert features["audio"] == {"sampling_rate": RATE, "_type": "Audio"}
+    assert set(features) == set(schema.names)
+
+    df = pd.read_parquet(os.path.join(out, "data"))  # the README's recipe
+    assert len(df) == 5 and df["late_notes"].tolist()[2:4] == ["c", "d"] and df["never"].isna().all()
+    assert df["meta"].iloc[3] == {"source": "s3", "weight": 1.5}
+    assert str(df["captured"].dt.tz) == "UTC"
+    table = pads.dataset(os.path.join(out, "data"), format="parquet").to_table()
+    assert table.num_rows == 5 and table.schema.field("tags").type == pa.list_(pa.string())
+
+    ds = load_with_datasets(out, str(tmp_path / "cache"))
+    assert ds.num_rows == 5 and ds.features["meta"]["weight"].dtype == "float64"
+    assert sorted(r["source"] for r in ds["meta"]) == [f"s{i}" for i in range(5)]
+    check_media(ds)
+
+
+def test_loose_pass_through_columns_become_text_with_a_warning_naming_them(jsonl_manifest, tmp_path):
+    out = str(tmp_path / "out")
+    summary = make_dataset(jsonl_manifest, out, shard_size=2)
+    assert summary["complete"]
+    warnings = [line for line in summary["logs"] if "pass-through column" in line]
+    assert any("'mixed'" in w and "text" in w for w in warnings), summary["logs"]
+    assert any("'shape'" in w and "JSON" in w for w in warnings), summary["logs"]
+    assert not any("'empty'" in w or "'late_number'" in w for w in warnings)
+    schemas = part_schemas(out)
+    assert len(schemas) == 2 and schemas[0] == schemas[1]
+    assert schemas[0].field("mixed").type == pa.string() and schemas[0].field("empty").type == pa.string()
+    assert schemas[0].field("late_number").type == pa.float64()
+
+    df = pd.read_parquet(os.path.join(out, "data"))
+    assert sorted(df["mixed"]) == ["5", "6", "7", "x"]
+    assert [json.loads(v) if isinstance(v, str) else None for v in df.sort_values("manifest_row")["shape"]] == [{"a": 1}, [1, 2], {"a": 2}, None]
+    ds = load_with_datasets(out, str(tmp_path / "cache"))
+    assert ds.num_rows == 4 and ds.features["mixed"].dtype == "string"
+    check_media(ds)
+    # finalize read every part (the issue's crash) and wrote the card; run.json says complete
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["status"] == "complete" and run["features"]["mixed"] == {"dtype": "string", "_type": "Value"}
+
+
+def test_the_card_parses_with_huggingface_hub_and_its_snippet_runs(parquet_manifest, tmp_path):
+    from huggingface_hub import DatasetCard
+
+    out = str(tmp_path / "out")
+    make_dataset(parquet_manifest, out, shard_size=2)
+    card = DatasetCard.load(os.path.join(out, "README.md"))
+    data = card.data.to_dict()
+    assert data["license"] == "other" and data["license_name"]  # the tiny set: no known model terms
+    assert data["task_categories"] == ["text-to-image", "text-to-audio"]
+    assert data["size_categories"] == ["n<1K"]
+    assert data["configs"] == [{"config_name": "default", "data_files": [{"split": "train",
+                                                                          "path": "data/part-*.parquet"}]}]
+    for score in ("clip_score", "clap_score"):  # the histograms are PNG files in the dataset
+        assert f"](card/{score}.png)" in card.text
+        with open(os.path.join(out, "card", f"{score}.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "| pair_id | image_prompt |" in card.text and "a picture 4" in card.text  # the sample table
+    assert "256 x 992" in card.text
+    snippet = re.search(r"```python\n(.*?)```", card.text, re.S).group(1)
+    assert 'cast_column("audio", Audio(decode=False))' in snippet
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=out, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(992, 256) 16000 1.0 seconds" in result.stdout
+
+
+def test_the_card_carries_the_models_terms():
+    from huggingface_hub import DatasetCard
+
+    from pws_batch.batch.card import dataset_card
+
+    models = {"image": "stable-diffusion-v1-5/stable-diffusion-v1-5", "audio": "auffusion/auffusion-full-no-adapter"}
+    card = DatasetCard(dataset_card("real", {"models": models, "config": {"crop_columns": 0}},
+                                    [{"pair_id": "a|b", "clip_score": 0.3, "clap_score": 0.5}]))
+    assert sorted(card.data.license) == ["cc-by-nc-sa-4.0", "creativeml-openrail-m"]
+    assert "no commercial use" in card.text and "256 x 1024" in card.text
+    assert "a\\|b" in card.text  # table cells are escaped
+
+
+def test_a_flac_run_stores_lossless_flac_about_half_the_size(jsonl_manifest, tmp_path):
+    wav_out, flac_out = str(tmp_path / "wav"), str(tmp_path / "flac")
+    make_dataset(jsonl_manifest, wav_out)
+    make_dataset(jsonl_manifest, flac_out, audio_format="flac")
+    wav_row = pq.read_table(os.path.join(wav_out, "data", "part-00000.parquet")).to_pylist()[0]["audio"]
+    flac_row = pq.read_table(os.path.join(flac_out, "data", "part-00000.parquet")).to_pylist()[0]["audio"]
+    assert flac_row["path"].endswith(".flac") and sf.info(io.BytesIO(flac_row["bytes"])).format == "FLAC"
+    a, _ = sf.read(io.BytesIO(wav_row["bytes"]), dtype="int16")
+    b, _ = sf.read(io.BytesIO(flac_row["bytes"]), dtype="int16")
+    assert (a == b).all()  # lossless
+    print(f"FLAC/WAV size ratio: {len(flac_row['bytes']) / len(wav_row['bytes']):.2f}")

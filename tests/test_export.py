@@ -1,0 +1,69 @@
+"""`pws-batch export OUT DIR --format files` and the offline parts of `pws-batch push` (issue 10, item 4)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from dataset_maker import HEIGHT, RATE, WIDTH, make_dataset
+from pws_batch.cli import main
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("export") / "m.parquet"
+    pq.write_table(pa.table({"image_prompt": [f"a picture {i}" for i in range(5)],
+                             "audio_prompt": [f"a sound {i}" for i in range(5)],
+                             "notes": [None, None, "x", "y", None]}), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("audio_format", ["wav", "flac"])
+def test_export_writes_an_img2dataset_style_folder(manifest, tmp_path, audio_format, capsys):
+    out, dest = str(tmp_path / "out"), str(tmp_path / "files")
+    make_dataset(manifest, out, shard_size=2, audio_format=audio_format)
+    assert main(["export", out, dest, "--format", "files"]) == 0
+    assert "exported 5 rows" in capsys.readouterr().out
+    names = sorted(os.listdir(dest))
+    assert names == sorted(f"{i:05d}.{ext}" for i in range(5) for ext in ("png", audio_format, "json"))
+    with Image.open(os.path.join(dest, "00000.png")) as im:
+        assert im.size == (WIDTH, HEIGHT) and im.mode == "L"
+    info = sf.info(os.path.join(dest, f"00004.{audio_format}"))
+    assert info.samplerate == RATE and info.channels == 1 and info.format == audio_format.upper()
+    records = [json.load(open(os.path.join(dest, f"{i:05d}.json"))) for i in range(5)]
+    assert [r["manifest_row"] for r in records] == [0, 1, 2, 3, 4]  # part order
+    assert [r["notes"] for r in records] == [None, None, "x", "y", None]
+    assert {"pair_id", "image_prompt", "audio_prompt", "seed", "clip_score", "clap_score"} <= set(records[0])
+    assert "image" not in records[0] and "audio" not in records[0]
+
+
+def test_export_of_no_dataset_is_one_line(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "files")]) == 2
+    assert "holds no run.json" in capsys.readouterr().err
+
+
+def test_push_uploads_the_dataset_files_and_needs_the_network(manifest, tmp_path, capsys, monkeypatch):
+    from pws_batch.batch.export import push_files
+    from pws_batch.batch.gallery import write_gallery
+
+    out = str(tmp_path / "out")
+    make_dataset(manifest, out, shard_size=2)
+    write_gallery(out)
+    files = push_files(out)
+    assert "README.md" in files and "run.json" in files and "rejected.parquet" in files
+    assert "card/clip_score.png" in files and "data/part-00002.parquet" in files
+    assert "candidates/part-00000.parquet" in files
+    assert not [f for f in files if f.startswith(("gallery/", "_shards/"))]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["push", out, "me/my-dataset"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the network" in err and len(err.strip().splitlines()) == 1
+    assert main(["push", str(tmp_path), "me/my-dataset"]) == 2
+    assert "holds no run.json" in capsys.readouterr().err
