@@ -36,12 +36,14 @@ def _flow_run_name() -> str:
 
 @task(name="generate-shard", task_run_name="shard-{shard_name}", retries=SHARD_RETRIES, retry_delay_seconds=2,
       cache_policy=NO_CACHE, persist_result=False)
-def generate_shard(run_key: str, config: dict, model_ids: dict, shard_name: str, requests: list[dict]) -> dict:
+def generate_shard(run_key: str, config: dict, model_ids: dict, shard_name: str, requests: list[dict],
+                   fingerprint: str | None = None) -> dict:
     """Generate, rank, write and commit one shard on the run's Ray actors (retried if it fails)."""
     logger = get_run_logger()
     pool = engine.get_pool(run_key)
     shard = run.Shard(shard_name, [PairRequest.from_dict(r) for r in requests])
-    stats = run.process_shard(run.RunConfig(**config), model_ids, shard, lambda reqs: engine.run_pairs(pool, reqs))
+    stats = run.process_shard(run.RunConfig(**config), model_ids, shard, lambda reqs: engine.run_pairs(pool, reqs),
+                              fingerprint=fingerprint)
     logger.info(f"shard {shard_name}: {stats['pairs_done']}/{stats['pairs']} pairs, {stats['kept']} kept of "
                 f"{stats['candidates']} candidates in {stats['seconds']:.1f} s on actor pair {stats['actor_pair']}")
     for failure in stats["failed"]:
@@ -59,17 +61,20 @@ def generate_dataset(manifest: str, out: str, models: str = "sd15-auffusion", ca
                      steps: int = 100, seed: int = 0, shard_size: int = 4, actors: int | None = None,
                      ray_address: str | None = None, overwrite: bool = False, ranking: str = "reference",
                      top_fraction: float = 0.2, micro_batch: int = 8, device: str = "auto", dtype: str = "auto",
-                     vocoder: str = "hifigan", crop_columns: int = 32) -> dict[str, Any]:
+                     vocoder: str = "hifigan", crop_columns: int = 32,
+                     allow_guides: list[str] | None = None) -> dict[str, Any]:
     """Turn a manifest of prompt pairs into a curated dataset of images that sound at `out`."""
     logger = get_run_logger()
     config = run.RunConfig(manifest=manifest, out=out, models=models, num_candidates=candidates, keep=keep,
                            steps=steps, seed=seed, shard_size=shard_size, actors=actors, ray_address=ray_address,
                            overwrite=overwrite, ranking=ranking, top_fraction=top_fraction, micro_batch=micro_batch,
-                           device=device, dtype=dtype, vocoder=vocoder, crop_columns=crop_columns)
+                           device=device, dtype=dtype, vocoder=vocoder, crop_columns=crop_columns,
+                           allow_guides=list(allow_guides or []))  # issue 11: guides from trusted places
     t_start = time.perf_counter()
 
     # 1. Load and validate; bad rows go to rejected.parquet; plan shards; skip those already committed.
-    plan = run.prepare(config, log=logger.info)
+    plan = run.prepare(config, log=logger.info,
+                       holder=f"flow run {flow_run.name or ''} ({flow_run.id or 'no id'}) of {manifest}")
     for rejection in plan.validated.rejections:
         logger.warning(f"rejected {rejection}")
     total_pairs = len(plan.validated.requests)
@@ -103,7 +108,8 @@ def generate_dataset(manifest: str, out: str, models: str = "sd15-auffusion", ca
                 while pending and len(running) < len(pool):
                     shard = pending.pop(0)
                     future = generate_shard.submit(run_key, config.to_dict(), plan.model_ids, shard.name,
-                                                   [r.to_dict() for r in shard.requests])
+                                                   [r.to_dict() for r in shard.requests],
+                                                   run.fingerprint_digest(plan.fingerprint))
                     running[future.wrapped_future] = (future, shard)
                 finished, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
                 for wrapped in finished:

@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("manifest", help="Parquet, CSV or JSON Lines manifest (path or fsspec URI)")
     _add_defaults_args(val)
     val.add_argument("--models", default="sd15-auffusion", help="model set whose scheduler checks the schedules")
+    _add_allow_guides(val)  # issue 11
 
     insp = sub.add_parser("inspect", help="summarise a dataset written by `pws-batch run`")
     insp.add_argument("out", help="the dataset's location (path or fsspec URI)")
@@ -157,6 +158,22 @@ def _add_defaults_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--seed", type=int, default=0, help="base seed; candidate i uses seed + i (default: 0)")
 
 
+# --- issue 11 (faults): where guides may come from
+def _add_allow_guides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-guides", action="append", default=[], metavar="PREFIX",
+                   help="also read guide files from here: a path or URI prefix (e.g. s3://bucket/guides/), "
+                        "'local' (any local file) or 'any' (anywhere); repeatable. Guides are always read from the "
+                        "manifest's own storage; `run` and `validate` also read local files, `submit` (and the "
+                        "flow it starts) nothing else unless allowed here")
+
+
+def _allowed_guides(args: argparse.Namespace) -> list[str]:
+    """`run` / `validate` read local guides by default; `submit` only what --allow-guides names."""
+    allowed = [a for part in args.allow_guides for a in part.split(",") if a.strip()]
+    return allowed if args.command == "submit" else ["local", *[a for a in allowed if a != "local"]]
+# --- end issue 11
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_defaults_args(p)
     _add_runtime_args(p)
@@ -173,6 +190,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="reference: top fraction by both scores first; weighted: weighted sum of min-max normalised "
                         "scores; pareto: Pareto front first (default: reference)")
     r.add_argument("--top-fraction", type=float, default=0.2, help="the reference rule's fraction (default: 0.2)")
+    _add_allow_guides(p)  # issue 11
     resume = p.add_argument_group("an existing --out").add_mutually_exclusive_group()
     resume.add_argument("--resume", dest="overwrite", action="store_false",
                         help="keep committed shards and generate the rest (default)")
@@ -315,7 +333,8 @@ def _run_config(args: argparse.Namespace):
                        keep=args.keep, steps=args.steps, seed=args.seed, crop_columns=args.crop_columns,
                        shard_size=args.shard_size, actors=args.actors, ray_address=args.ray_address,
                        overwrite=args.overwrite, ranking=args.ranking, top_fraction=args.top_fraction,
-                       micro_batch=args.micro_batch, device=args.device, dtype=args.dtype, vocoder=args.vocoder)
+                       micro_batch=args.micro_batch, device=args.device, dtype=args.dtype, vocoder=args.vocoder,
+                       allow_guides=_allowed_guides(args))  # issue 11
     try:
         config.check()
     except RunError as exc:
@@ -330,20 +349,31 @@ def flow_parameters(config) -> dict:
             "shard_size": config.shard_size, "actors": config.actors, "ray_address": config.ray_address,
             "overwrite": config.overwrite, "ranking": config.ranking, "top_fraction": config.top_fraction,
             "micro_batch": config.micro_batch, "device": config.device, "dtype": config.dtype,
-            "vocoder": config.vocoder, "crop_columns": config.crop_columns}
+            "vocoder": config.vocoder, "crop_columns": config.crop_columns,
+            "allow_guides": config.allow_guides}  # issue 11
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     _check_runtime(args)
     config = _run_config(args)
-    from pws_batch.batch.manifest import ManifestError, read_manifest
-    from pws_batch.batch.run import RunError, check_output
+    from pws_batch.batch.lease import LeaseError, check_lease
+    from pws_batch.batch.manifest import ManifestError
+    from pws_batch.batch.run import RunError, check_output, no_good_rows, validate
 
     try:
-        read_manifest(config.manifest)
-        check_output(config)  # before any flow run is created: a refused resume costs nothing
-    except (ManifestError, RunError) as exc:
+        # Before any flow run is created: a refused resume, a held output or a manifest with nothing to make
+        # costs seconds.
+        check_writable(config.out)
+        check_lease(config.out)
+        validated, _ = validate(config)
+        if not validated.requests:
+            for r in validated.rejections:
+                print(f"rejected {r}", file=sys.stderr)
+            raise RunError(no_good_rows(config.manifest, validated) + "; nothing was written")
+        check_output(config)
+    except (ManifestError, RunError, LeaseError) as exc:
         raise UsageError(f"pws-batch run: error: {exc}") from exc
+    start_prefect_api()
 
     from tqdm.auto import tqdm
 
@@ -368,14 +398,83 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         PROGRESS_LISTENERS.remove(on_progress)
         bar.close()
-    out = Output(config.out)
-    if not out.exists("run.json"):
-        raise failure or RuntimeError("the flow wrote no run.json")
-    counts = out.read_json("run.json").get("counts", {})
+    from pws_batch.batch.dataset import DatasetError, read_run_json
+
+    try:
+        run_json = read_run_json(Output(config.out))
+    except DatasetError as exc:
+        raise UsageError(f"pws-batch run: error: {exc}" + (f" (the run failed: {_one_line(failure)})" if failure else "")) \
+            from exc
+    if run_json is None:
+        raise UsageError(f"pws-batch run: error: the run wrote no run.json to {config.out}"
+                         + (f": {_one_line(failure)}" if failure else ""))
+    counts = run_json.get("counts", {})
+    missing = counts.get("pairs_missing", 0)
+    if failure is None:
+        tail = ""
+    elif missing:  # shards not committed: a re-run generates exactly those
+        tail = f" ({missing} pairs not generated: {_one_line(failure)}; run again to resume)"
+    else:
+        tail = f" (the run failed: {_one_line(failure)})"
     print(f"dataset at {config.out}: {counts.get('pairs_done', 0)} pairs kept, {counts.get('pairs_failed', 0)} failed, "
-          f"{counts.get('rejected', 0)} rejected" + (f" ({counts.get('pairs_missing', 0)} pairs not generated: "
-                                                    f"{failure}; run again to resume)" if failure else ""))
+          f"{counts.get('rejected', 0)} rejected" + tail)
     return 0 if failure is None and not counts.get("pairs_failed") else 1
+
+
+# --- issue 11 (faults): one line, never a traceback
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:500]}" if text else type(exc).__name__
+
+
+def check_writable(uri: str) -> None:
+    """Fail in one line, before any work, when OUT cannot be created or written."""
+    from pws_batch.batch.dataset import Output
+
+    try:
+        out = Output(uri)
+        out.write_bytes(".pws-batch-write-check", b"")
+        out.fs.rm(out.path(".pws-batch-write-check"))
+    except Exception as exc:  # noqa: BLE001 - permission, read-only filesystem, bad credentials, no such bucket
+        raise UsageError(f"pws-batch run: error: cannot write to --out {uri} ({_one_line(exc)}); choose a location "
+                         f"you can write to") from exc
+
+
+EPHEMERAL_TIMEOUT_S = 120  # Prefect's default (20 s) is too short for a loaded 2-core machine
+TIMEOUT_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+def start_prefect_api() -> None:
+    """Without PREFECT_API_URL the flow runs against Prefect's ephemeral API server: create PREFECT_HOME if it is
+    missing (its database lives there), start the server with the time a loaded machine needs (a user's own
+    setting wins), try once more if it does not answer, and fail in one line naming what to set."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    try:
+        os.makedirs(settings.home, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"pws-batch run: error: cannot create PREFECT_HOME {settings.home} ({_one_line(exc)}); "
+                         f"set PREFECT_HOME to a folder you can write") from exc
+    if settings.api.url:
+        return
+    configured = settings.server.ephemeral.startup_timeout_seconds
+    timeout = configured if TIMEOUT_SETTING in os.environ or configured != 20 else EPHEMERAL_TIMEOUT_S
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    for attempt in (1, 2):
+        try:
+            server.start(timeout=timeout)
+            return
+        except Exception as exc:  # noqa: BLE001 - timed out (or the server died): stop what started, then retry
+            server.stop()
+            server = SubprocessASGIServer()
+            failure = exc
+    raise UsageError(f"pws-batch run: error: Prefect's ephemeral API server did not answer within {timeout} s "
+                     f"(tried twice; {_one_line(failure)[:200]}); on a busy machine give it longer with "
+                     f"{TIMEOUT_SETTING}=300, or start a server (`prefect server start`) and set PREFECT_API_URL")
+# --- end issue 11
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -435,7 +534,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from pws_batch.batch.run import RunConfig, validate
 
     config = RunConfig(manifest=args.manifest, out="", models=args.models, num_candidates=args.candidates,
-                       keep=args.keep, steps=args.steps, seed=args.seed)
+                       keep=args.keep, steps=args.steps, seed=args.seed, allow_guides=_allowed_guides(args))
     try:
         validated, _ = validate(config)
     except (ManifestError, ModelSetError) as exc:
@@ -450,12 +549,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from pws_batch.batch.dataset import DatasetError
     from pws_batch.batch.summary import summarize
 
     try:
         print(summarize(args.out))
     except FileNotFoundError as exc:
         raise UsageError(f"pws-batch inspect: error: {exc}") from exc
+    except DatasetError as exc:
+        print(f"pws-batch inspect: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -479,10 +582,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - known failures print one line; set PWS_BATCH_DEBUG=1 for a trace
         from pws_batch.core.models import ModelLoadError, ModelSetError
 
-        if isinstance(exc, (ModelLoadError, ModelSetError)) and not os.environ.get("PWS_BATCH_DEBUG"):
+        if os.environ.get("PWS_BATCH_DEBUG"):
+            raise
+        if isinstance(exc, (ModelLoadError, ModelSetError)):
             print(f"pws-batch: error: {exc}", file=sys.stderr)
             return 1
-        raise
+        # issue 11: anything else is still one line (the traceback with PWS_BATCH_DEBUG=1)
+        print(f"pws-batch: error: {_one_line(exc)} (set PWS_BATCH_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ processed with a fake generator and a run finalized from its markers.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 import numpy as np
@@ -102,8 +103,10 @@ def test_kept_rows_hold_one_row_per_kept_candidate_with_media_and_parameters():
     first = rows[0]
     assert first["pair_id"] == "p/3 x" and first["manifest_row"] == 3 and first["shard"] == "00000"
     assert first["candidate_index"] == 2 and first["seed"] == 302 and first["base_seed"] == 300
-    assert first["image"] == {"bytes": b"png-p/3 x-2", "path": "p_3_x-002.png"}  # the path is file-name safe
-    assert first["audio"] == {"bytes": b"wav-p/3 x-2", "path": "p_3_x-002.wav"}
+    # the path is file-name safe, and unique per pair_id: a changed id gets a digest of the original after "+"
+    assert first["image"]["bytes"] == b"png-p/3 x-2"
+    assert re.fullmatch(r"p_3_x\+[0-9a-f]{12}-002\.png", first["image"]["path"]), first["image"]["path"]
+    assert first["audio"] == {"bytes": b"wav-p/3 x-2", "path": first["image"]["path"][:-4] + ".wav"}
     assert first["effective_image_prompt"] == req.params.effective_image_prompt
     assert first["guidance_image"] == 7.5 and first["keep"] == 2 and first["notes"] == "hello"
     assert {f"model_{k}": v for k, v in MODEL_IDS.items()}.items() <= first.items()

@@ -132,6 +132,9 @@ class Ranker:
             clap = self.clap([c["audio"] for c in candidates], req.params.audio_prompt)
         except Exception as exc:  # noqa: BLE001
             return {"pair_id": req.pair_id, "error": f"ranking failed: {type(exc).__name__}: {exc}"}
+        problem = nonfinite_scores(clip, clap)
+        if problem:  # a NaN score would rank anywhere: the pair fails rather than keep a meaningless row
+            return {"pair_id": req.pair_id, "error": problem}
         ranks = rank_candidates(clip, clap, self.rule)
         scores = [{"pair_id": req.pair_id, "candidate_index": c["index"], "seed": c["seed"],
                    "clip_score": float(clip[i]), "clap_score": float(clap[i]), "rank": int(ranks[i]),
@@ -143,6 +146,19 @@ class Ranker:
                 "unet_evals": generated["unet_evals"], "unet_evals_minimum": generated["unet_evals_minimum"],
                 "generate_s": generated["generate_s"], "rank_s": round(time.perf_counter() - t0, 4),
                 "generator": generated["generator"], "ranker": _where()}
+
+
+def nonfinite_scores(clip, clap) -> str | None:
+    """The reason a pair fails when any CLIP or CLAP score is NaN or infinite, else None."""
+    import numpy as np
+
+    bad = {name: [i for i, v in enumerate(np.asarray(scores, dtype=np.float64)) if not np.isfinite(v)]
+           for name, scores in (("CLIP", clip), ("CLAP", clap))}
+    bad = {name: idx for name, idx in bad.items() if idx}
+    if not bad:
+        return None
+    return ("non-finite scores: " + ", ".join(f"{name} of candidates {idx[:5]}" for name, idx in bad.items())
+            + " are NaN or infinite (a broken picture or sound); nothing of the pair is kept")
 
 
 # ---------------------------------------------------------------------------------------------- the pool
