@@ -354,6 +354,7 @@ def flow_parameters(config) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _make_prefect_home()  # issue 11: before Prefect is imported, which warns about a missing one
     _check_runtime(args)
     config = _run_config(args)
     from pws_batch.batch.lease import LeaseError, check_lease
@@ -438,6 +439,16 @@ def check_writable(uri: str) -> None:
     except Exception as exc:  # noqa: BLE001 - permission, read-only filesystem, bad credentials, no such bucket
         raise UsageError(f"pws-batch run: error: cannot write to --out {uri} ({_one_line(exc)}); choose a location "
                          f"you can write to") from exc
+
+
+def _make_prefect_home() -> None:
+    home = os.environ.get("PREFECT_HOME")
+    if home:
+        try:
+            os.makedirs(os.path.expanduser(home), exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"pws-batch run: error: cannot create PREFECT_HOME {home} ({_one_line(exc)}); "
+                             f"set PREFECT_HOME to a folder you can write") from exc
 
 
 EPHEMERAL_TIMEOUT_S = 120  # Prefect's default (20 s) is too short for a loaded 2-core machine

@@ -25,6 +25,14 @@ MEDIA = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 CARD_TAGS = ["images-that-sound", "audio", "image", "spectrogram", "synthetic"]
 
 
+def read_parquet_bytes(data: bytes) -> pa.Table:
+    """One Parquet file, read on this thread. `pq.read_table` goes through Arrow's dataset scanner, whose
+    thread pools can still hold a joinable worker when C++ tears them down at interpreter exit: the process
+    then aborts with "terminate called without an active exception" (exit 134) after its work is done
+    (apache/arrow#34314; seen in about 1 in 20 short `pws-batch inspect` runs on a busy machine)."""
+    return pq.ParquetFile(io.BytesIO(data)).read(use_threads=False)
+
+
 class Output:
     """An output location, opened once through fsspec."""
 
@@ -93,8 +101,7 @@ class Output:
         return part_record(data, table.num_rows)
 
     def read_table(self, rel: str) -> pa.Table:
-        with self.fs.open(self.path(rel), "rb") as f:
-            return pq.read_table(io.BytesIO(f.read()))
+        return read_parquet_bytes(self.read_bytes(rel))
 
     def list(self, rel: str) -> list[str]:
         if not self.exists(rel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pws_batch.batch.dataset import Output, committed_shards
+from pws_batch.batch.dataset import Output, committed_shards, read_run_json, verify_shard
 
 
 def _stats(values: list[float]) -> str:
@@ -14,14 +14,21 @@ def _stats(values: list[float]) -> str:
 
 def summarize(uri: str) -> str:
     out = Output(uri)
-    if not out.exists("run.json"):
+    run = read_run_json(out)  # DatasetError (one line) when it is cut off
+    if run is None:
         raise FileNotFoundError(f"{uri} holds no run.json: not a pws-batch dataset (or the run never started)")
-    run = out.read_json("run.json")
     counts = run.get("counts", {})
-    shards = committed_shards(out)
+    shards, broken = {}, {}
+    for name, stats in committed_shards(out).items():
+        problem = verify_shard(out, stats)
+        if problem:
+            broken[name] = problem
+        else:
+            shards[name] = stats
     planned = run.get("shards", {})
     lines = [
-        f"dataset {uri} ({run.get('name')}): {run.get('status')}",
+        f"dataset {uri} ({run.get('name')}): {run.get('status')}"
+        + (f" ({run['error']})" if run.get("status") == "failed" and run.get("error") else ""),
         f"  manifest     {run.get('manifest')}",
         "  models       " + ", ".join(f"{k}={v}" for k, v in run.get("models", {}).items()),
         f"  shards       {len([s for s in shards if s in planned])}/{len(planned)} committed",
@@ -31,7 +38,10 @@ def summarize(uri: str) -> str:
     ]
     from pws_batch.batch.run import read_kept
 
-    table = read_kept(out)
+    for name, problem in sorted(broken.items()):
+        lines.append(f"  shard {name} does not match its marker: {problem}; run the same `pws-batch run` again "
+                     f"to regenerate it")
+    table = read_kept(out, list(shards))
     if table is not None:
         lines.append(f"  CLIP (kept)  {_stats(table.column('clip_score').to_pylist())}")
         lines.append(f"  CLAP (kept)  {_stats(table.column('clap_score').to_pylist())}")
