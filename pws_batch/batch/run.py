@@ -23,8 +23,7 @@ from pws_batch.batch import lease
 from pws_batch.batch.dataset import (DatasetError, Output, candidates_table, committed_shards, dataset_card,
                                kept_table, read_run_json, shard_name, verify_shard)
 from pws_batch.batch.manifest import (PairRequest, RunDefaults, Validated, guide_allowed, guide_columns,
-                                manifest_fingerprint, read_manifest, rejections_table, resolve_guide,
-                                validate_manifest)
+                                manifest_fingerprint, read_manifest, rejections_table, validate_manifest)
 from pws_batch.core.params import GenerationParams
 from pws_batch.batch.ranking import RankingRule
 
