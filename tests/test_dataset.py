@@ -431,3 +431,14 @@ def test_a_truncated_run_json_is_one_line_for_inspect_and_read_run_json(any_uri,
     assert main(["inspect", any_uri]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "run.json is unreadable" in err and "Traceback" not in err
+
+
+def test_inspect_tells_a_running_dataset_from_one_whose_run_died(tmp_path):
+    from pws_batch.batch import lease
+    from pws_batch.batch.summary import summarize
+
+    out = str(tmp_path / "out")
+    Output(out).write_json("run.json", {"status": "running", "name": "pairs", "shards": {}})
+    with lease.acquire(out, "the live run", print):
+        assert "pairs): running (the live run (host" in summarize(out).splitlines()[0]
+    assert "pairs): interrupted (the run that wrote it is gone; run it again" in summarize(out).splitlines()[0]

@@ -26,8 +26,15 @@ def summarize(uri: str) -> str:
         else:
             shards[name] = stats
     planned = run.get("shards", {})
+    status = run.get("status")
+    if status == "running":  # is it? the lease says whether the run that wrote it is still alive
+        from pws_batch.batch.lease import holder_state, read_lease
+
+        held = read_lease(out)
+        alive, who = holder_state(held) if held else (False, "")
+        status = f"running ({who})" if alive else "interrupted (the run that wrote it is gone; run it again to resume)"
     lines = [
-        f"dataset {uri} ({run.get('name')}): {run.get('status')}"
+        f"dataset {uri} ({run.get('name')}): {status}"
         + (f" ({run['error']})" if run.get("status") == "failed" and run.get("error") else ""),
         f"  manifest     {run.get('manifest')}",
         "  models       " + ", ".join(f"{k}={v}" for k, v in run.get("models", {}).items()),
