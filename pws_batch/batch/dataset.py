@@ -26,11 +26,18 @@ CARD_TAGS = ["images-that-sound", "audio", "image", "spectrogram", "synthetic"]
 
 
 def read_parquet_bytes(data: bytes) -> pa.Table:
-    """One Parquet file, read on this thread. `pq.read_table` goes through Arrow's dataset scanner, whose
-    thread pools can still hold a joinable worker when C++ tears them down at interpreter exit: the process
-    then aborts with "terminate called without an active exception" (exit 134) after its work is done
-    (apache/arrow#34314; seen in about 1 in 20 short `pws-batch inspect` runs on a busy machine)."""
-    return pq.ParquetFile(io.BytesIO(data)).read(use_threads=False)
+    """One Parquet file, read on this thread from an Arrow buffer.
+
+    Not `pq.read_table` (Arrow's dataset scanner) and not a Python file object (Arrow reads those through its
+    IO thread pool): both start Arrow pool threads, and one still joinable when C++ destroys the pools at
+    interpreter exit aborts the process with "terminate called without an active exception" (exit 134) after
+    its work is done (apache/arrow#34314; seen in short `pws-batch inspect` runs on a busy machine)."""
+    return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
+
+
+def parquet_rows(data: bytes) -> int:
+    """The row count in a Parquet file's footer (raises if it is not Parquet)."""
+    return pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
 
 
 class Output:
@@ -152,7 +159,7 @@ def verify_shard(out: Output, stats: dict) -> str | None:
         for rel in (f"data/part-{name}.parquet", f"candidates/part-{name}.parquet"):
             if out.exists(rel):
                 try:
-                    pq.read_metadata(io.BytesIO(out.read_bytes(rel)))
+                    parquet_rows(out.read_bytes(rel))
                 except Exception as exc:  # noqa: BLE001 - any reason it cannot be read
                     return f"{rel} is unreadable ({type(exc).__name__})"
         return None
@@ -166,7 +173,7 @@ def verify_shard(out: Output, stats: dict) -> str | None:
         if hashlib.sha256(data).hexdigest() != expected["sha256"]:
             return f"{rel} does not match its checksum"
         try:
-            rows = pq.read_metadata(io.BytesIO(data)).num_rows
+            rows = parquet_rows(data)
         except Exception as exc:  # noqa: BLE001
             return f"{rel} is unreadable ({type(exc).__name__})"
         if rows != expected["rows"]:

@@ -125,10 +125,11 @@ def read_manifest(uri: str):
             return _read_csv(raw)
         if lower.endswith((".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")):
             return _read_json_lines(raw)
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        # Not pd.read_parquet: it goes through Arrow's dataset scanner (see dataset.read_parquet_bytes).
-        return pq.ParquetFile(io.BytesIO(raw)).read(use_threads=False).to_pandas()
+        # Not pd.read_parquet: Arrow's dataset scanner starts pool threads (see dataset.read_parquet_bytes).
+        return pq.ParquetFile(pa.BufferReader(raw)).read(use_threads=False).to_pandas()
     except FileNotFoundError as exc:
         raise ManifestError(f"manifest {uri} does not exist") from exc
     except ManifestError as exc:
