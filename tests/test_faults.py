@@ -115,6 +115,7 @@ def test_submit_and_validate_refuse_guides_from_elsewhere_unless_allowed(tmp_pat
     assert [r.pair_id for r in validated.requests] == ["far"]
 
 
+@pytest.mark.slow
 def test_an_ephemeral_prefect_server_that_does_not_start_is_one_line_naming_the_settings(tmp_path, tiny_models):
     manifest = tmp_path / "pairs.csv"
     pd.DataFrame([dict(image_prompt="x", audio_prompt="y")]).to_csv(manifest, index=False)
@@ -130,6 +131,7 @@ def test_an_ephemeral_prefect_server_that_does_not_start_is_one_line_naming_the_
     assert (tmp_path / "prefect" / "not-yet").is_dir()  # PREFECT_HOME was created
 
 
+@pytest.mark.slow
 def test_a_pair_whose_latents_blow_up_fails_with_the_reason_and_is_never_kept(tiny_models):
     import torch
 
