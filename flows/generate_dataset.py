@@ -41,13 +41,14 @@ def _flow_run_name() -> str:
 
 @task(name="generate-shard", task_run_name="shard-{shard.name}", retries=SHARD_RETRIES, retry_delay_seconds=2,
       cache_policy=NO_CACHE, persist_result=False)
-def generate_shard(run_key: str, out: str, model_ids: dict, shard: run.Shard, audio_format: str = "wav") -> dict:
+def generate_shard(run_key: str, out: str, model_ids: dict, shard: run.Shard, audio_format: str = "wav",
+                   fingerprint: str | None = None) -> dict:
     """Generate, rank, write and commit one shard on the run's Ray actors (retried if it fails)."""
     logger = get_run_logger()
     pool = engine.get_pool(run_key)
     on_ranked = _ON_RANKED.get(run_key)
     stats = run.process_shard(out, model_ids, shard, lambda reqs: engine.run_pairs(pool, reqs, on_ranked),
-                              audio_format=audio_format)
+                              audio_format=audio_format, fingerprint=fingerprint)
     logger.info(f"shard {shard.name}: {stats['pairs_done']}/{stats['pairs']} pairs, {stats['kept']} kept of "
                 f"{stats['candidates']} candidates in {stats['seconds']:.1f} s on actor pair {stats['actor_pair']}")
     for failure in stats["failed"]:
@@ -76,14 +77,15 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
     """Turn a manifest of prompt pairs into a curated dataset of images that sound at `out`.
 
     `config` is the whole run config (pws_batch.batch.config.RunConfig: generation defaults, engine, plan, ranking);
-    left out, every default applies.
+    left out, every default applies (guides then come only from the manifest's own storage).
     """
     logger = get_run_logger()
     config = config or RunConfig()
     t_start = time.perf_counter()
 
     # 1. Load and validate; bad rows go to rejected.parquet; plan shards; skip those already committed.
-    plan = run.prepare(manifest, out, config, log=logger.info)
+    plan = run.prepare(manifest, out, config, log=logger.info,
+                       holder=f"flow run {flow_run.name or ''} ({flow_run.id or 'no id'}) of {manifest}")
     for rejection in plan.validated.rejections:
         logger.warning(f"rejected {rejection}")
     total_pairs = len(plan.validated.requests)
@@ -127,7 +129,8 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
             while pending or running:
                 while pending and len(running) < len(pool):
                     shard = pending.pop(0)
-                    future = generate_shard.submit(run_key, out, plan.model_ids, shard, config.plan.audio_format)
+                    future = generate_shard.submit(run_key, out, plan.model_ids, shard, config.plan.audio_format,
+                                                   run.fingerprint_digest(plan.fingerprint))
                     running[future.wrapped_future] = (future, shard)
                 finished, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
                 for wrapped in finished:

@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("manifest", help="Parquet, CSV or JSON Lines manifest (path or fsspec URI)")
     add_flags(val, sections=("defaults",))
     add_flags(val, sections=("engine",), only=("models",))
+    add_flags(val, sections=("plan",), only=("allow_guides",))
 
     insp = sub.add_parser("inspect", help="summarise a dataset written by `pws-batch run`")
     insp.add_argument("out", help="the dataset's location (path or fsspec URI)")
@@ -369,6 +370,8 @@ def _run_config(args: argparse.Namespace, command: str) -> RunConfig:
 
     try:
         config = from_args(args)
+        if command != "submit":  # `run` and `validate` read local guides; `submit` only what --allow-guides names
+            config = config.replace(plan={"allow_guides": ("local", *config.plan.allow_guides)})
         check_model_set_spec(config.engine.models)
     except RunError as exc:
         raise UsageError(f"pws-batch {command}: error: {exc}") from exc
@@ -404,17 +407,28 @@ def pair_progress(bar):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _make_prefect_home()  # before Prefect is imported, which warns about a missing one
     config = _run_config(args, "run")
-    from pws_batch.batch.manifest import ManifestError, read_manifest
-    from pws_batch.batch.run import check_output
+    from pws_batch.batch.lease import LeaseError, check_lease
+    from pws_batch.batch.manifest import ManifestError
+    from pws_batch.batch.run import check_output, no_good_rows, validate
 
     try:
-        read_manifest(args.manifest)
-        check_output(args.manifest, args.out, config)  # before any flow run is created: a refused resume costs nothing
-    except (ManifestError, RunError) as exc:
+        # Before any flow run is created: a refused resume, a held output or a manifest with nothing to make
+        # costs seconds.
+        check_writable(args.out)
+        check_lease(args.out)
+        validated, _ = validate(args.manifest, config)
+        if not validated.requests:
+            for r in validated.rejections:
+                print(f"rejected {r}", file=sys.stderr)
+            raise RunError(no_good_rows(args.manifest, validated) + "; nothing was written")
+        check_output(args.manifest, args.out, config)
+    except (ManifestError, RunError, LeaseError) as exc:
         raise UsageError(f"pws-batch run: error: {exc}") from exc
     _require_models(_resolve_models(config.engine.models, "run"), config.engine.models, "run",
                     vocoder=config.engine.vocoder)
+    start_prefect_api()
 
     # Prefect's ephemeral server sends no telemetry (offline it logged an ERROR on every run).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -446,14 +460,93 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         PROGRESS_LISTENERS.remove(on_progress)
         bar.close()
-    out = Output(args.out)
-    if not out.exists("run.json"):
-        raise failure or RuntimeError("the flow wrote no run.json")
-    counts = out.read_json("run.json").get("counts", {})
+    from pws_batch.batch.dataset import DatasetError, read_run_json
+
+    try:
+        run_json = read_run_json(Output(args.out))
+    except DatasetError as exc:
+        raise UsageError(f"pws-batch run: error: {exc}" + (f" (the run failed: {_one_line(failure)})" if failure else "")) \
+            from exc
+    if run_json is None:
+        raise UsageError(f"pws-batch run: error: the run wrote no run.json to {args.out}"
+                         + (f": {_one_line(failure)}" if failure else ""))
+    counts = run_json.get("counts", {})
+    missing = counts.get("pairs_missing", 0)
+    if failure is None:
+        tail = ""
+    elif missing:  # shards not committed: a re-run generates exactly those
+        tail = f" ({missing} pairs not generated: {_one_line(failure)}; run again to resume)"
+    else:
+        tail = f" (the run failed: {_one_line(failure)})"
     print(f"dataset at {args.out}: {counts.get('pairs_done', 0)} pairs kept, {counts.get('pairs_failed', 0)} failed, "
-          f"{counts.get('rejected', 0)} rejected" + (f" ({counts.get('pairs_missing', 0)} pairs not generated: "
-                                                    f"{failure}; run again to resume)" if failure else ""))
+          f"{counts.get('rejected', 0)} rejected" + tail)
     return 0 if failure is None and not counts.get("pairs_failed") else 1
+
+
+# --- issue 11 (faults): one line, never a traceback
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:500]}" if text else type(exc).__name__
+
+
+def check_writable(uri: str) -> None:
+    """Fail in one line, before any work, when OUT cannot be created or written."""
+    from pws_batch.batch.dataset import Output
+
+    try:
+        out = Output(uri)
+        out.write_bytes(".pws-batch-write-check", b"")
+        out.fs.rm(out.path(".pws-batch-write-check"))
+    except Exception as exc:  # noqa: BLE001 - permission, read-only filesystem, bad credentials, no such bucket
+        raise UsageError(f"pws-batch run: error: cannot write to --out {uri} ({_one_line(exc)}); choose a location "
+                         f"you can write to") from exc
+
+
+def _make_prefect_home() -> None:
+    home = os.environ.get("PREFECT_HOME")
+    if home:
+        try:
+            os.makedirs(os.path.expanduser(home), exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"pws-batch run: error: cannot create PREFECT_HOME {home} ({_one_line(exc)}); "
+                             f"set PREFECT_HOME to a folder you can write") from exc
+
+
+EPHEMERAL_TIMEOUT_S = 120  # Prefect's default (20 s) is too short for a loaded 2-core machine
+TIMEOUT_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+def start_prefect_api() -> None:
+    """Without PREFECT_API_URL the flow runs against Prefect's ephemeral API server: create PREFECT_HOME if it is
+    missing (its database lives there), start the server with the time a loaded machine needs (a user's own
+    setting wins), try once more if it does not answer, and fail in one line naming what to set."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    try:
+        os.makedirs(settings.home, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"pws-batch run: error: cannot create PREFECT_HOME {settings.home} ({_one_line(exc)}); "
+                         f"set PREFECT_HOME to a folder you can write") from exc
+    if settings.api.url:
+        return
+    configured = settings.server.ephemeral.startup_timeout_seconds
+    timeout = configured if TIMEOUT_SETTING in os.environ or configured != 20 else EPHEMERAL_TIMEOUT_S
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    for attempt in (1, 2):
+        try:
+            server.start(timeout=timeout)
+            return
+        except Exception as exc:  # noqa: BLE001 - timed out (or the server died): stop what started, then retry
+            server.stop()
+            server = SubprocessASGIServer()
+            failure = exc
+    raise UsageError(f"pws-batch run: error: Prefect's ephemeral API server did not answer within {timeout} s "
+                     f"(tried twice; {_one_line(failure)[:200]}); on a busy machine give it longer with "
+                     f"{TIMEOUT_SETTING}=300, or start a server (`prefect server start`) and set PREFECT_API_URL")
+# --- end issue 11
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -528,12 +621,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from pws_batch.batch.dataset import DatasetError
     from pws_batch.batch.summary import summarize
 
     try:
         print(summarize(args.out))
     except FileNotFoundError as exc:
         raise UsageError(f"pws-batch inspect: error: {exc}") from exc
+    except DatasetError as exc:
+        print(f"pws-batch inspect: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -593,10 +690,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - known failures print one line; set PWS_BATCH_DEBUG=1 for a trace
         from pws_batch.core.models import ModelLoadError, ModelSetError
 
-        if isinstance(exc, (ModelLoadError, ModelSetError)) and not os.environ.get("PWS_BATCH_DEBUG"):
+        if os.environ.get("PWS_BATCH_DEBUG"):
+            raise
+        if isinstance(exc, (ModelLoadError, ModelSetError)):
             print(f"pws-batch: error: {exc}", file=sys.stderr)
             return 1
-        raise
+        # issue 11: anything else is still one line (the traceback with PWS_BATCH_DEBUG=1)
+        print(f"pws-batch: error: {_one_line(exc)} (set PWS_BATCH_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

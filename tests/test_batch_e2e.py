@@ -290,3 +290,96 @@ def test_a_generator_actor_killed_mid_run_is_restarted_and_the_run_completes(man
     assert run["status"] == "complete" and run["counts"]["pairs_done"] == 5
     columns = [c for c in read_data(reference).columns if c not in TIMING_COLUMNS]
     pd.testing.assert_frame_equal(read_data(out)[columns], read_data(reference)[columns])
+
+
+# ------------------------------------------------------------------------------------------------ faults (issue 11)
+def test_a_corrupt_part_and_a_truncated_run_json_are_repaired_by_a_re_run(manifest, server, first_run, tmp_path):
+    import shutil
+
+    reference, _ = first_run
+    out = str(tmp_path / "repaired")
+    shutil.copytree(reference, out)
+    part = os.path.join(out, "data", "part-00001.parquet")
+    data = open(part, "rb").read()
+    with open(part, "wb") as f:  # a committed part cut off after its marker was written
+        f.write(data[: len(data) // 2])
+    text = open(os.path.join(out, "run.json")).read()
+    with open(os.path.join(out, "run.json"), "w") as f:  # run.json cut off mid-write
+        f.write(text[: len(text) // 2])
+    url, home = server
+    inspect = subprocess.run([sys.executable, "-m", "pws_batch.cli", "inspect", out], capture_output=True, text=True,
+                             env=base_env(home, PREFECT_API_URL=url), timeout=120)
+    assert inspect.returncode == 1 and "Traceback" not in inspect.stderr
+    assert "run.json is unreadable" in inspect.stderr and "pws-batch run` again" in inspect.stderr
+
+    again = start_run(manifest, out, server)
+    log = finish(again, out)
+    assert again.returncode == 0, log[-4000:]
+    assert "shard 00001: data/part-00001.parquet has" in log and "regenerating it" in log
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["status"] == "complete" and run["counts"]["shards_resumed"] == 2
+    columns = [c for c in read_data(reference).columns if c not in TIMING_COLUMNS]
+    pd.testing.assert_frame_equal(read_data(out)[columns], read_data(reference)[columns])
+
+
+def test_a_second_run_is_refused_and_the_lease_of_a_killed_run_is_taken_over(manifest, server, first_run, tmp_path):
+    reference, _ = first_run
+    url, home = server
+    out = str(tmp_path / "leased")
+    first = start_run(manifest, out, server)
+    lease = os.path.join(out, "_lease.json")
+    deadline = time.time() + 300
+    while not os.path.exists(lease) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert os.path.exists(lease) and first.poll() is None, "the first run never took the lease"
+    holder = json.load(open(lease))
+    second = subprocess.run([sys.executable, "-m", "pws_batch.cli", "run", manifest, "--out", out, *ARGS],
+                            capture_output=True, text=True, env=base_env(home, PREFECT_API_URL=url), timeout=300)
+    assert first.poll() is None, "the first run ended before the second was answered; nothing was tested"
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    refusal = second.stderr.strip().splitlines()[-1]
+    assert "is in use by" in refusal and f"pid {holder['pid']}" in refusal and holder["host"] in refusal
+
+    kill_session(first)  # kill -9 the holder, its Ray and its actors: the lease stays behind, unreleased
+    assert json.load(open(lease))["pid"] == holder["pid"]
+    third = start_run(manifest, out, server)
+    log = finish(third, out)
+    assert third.returncode == 0, log[-4000:]
+    assert f"taking over the lease on {out}" in log and "whose process is gone" in log
+    assert not os.path.exists(lease)  # released at the end
+    columns = [c for c in read_data(reference).columns if c not in TIMING_COLUMNS]
+    pd.testing.assert_frame_equal(read_data(out)[columns], read_data(reference)[columns])
+
+
+def test_inspect_repeated_ten_times_exits_0(first_run, server):
+    out, _ = first_run
+    url, home = server
+    for attempt in range(10):
+        proc = subprocess.run([sys.executable, "-m", "pws_batch.cli", "inspect", out], capture_output=True, text=True,
+                              env=base_env(home, PREFECT_API_URL=url), timeout=120)
+        assert proc.returncode == 0, (attempt, proc.returncode, proc.stderr[-2000:])
+        assert "3/3 committed" in proc.stdout
+
+
+def test_a_run_started_while_the_cores_are_busy_completes(tmp_path, tiny_models):
+    """Prefect's ephemeral server (no PREFECT_API_URL, a PREFECT_HOME that does not exist yet) on a machine whose
+    cores are all busy with another job: the run still starts and completes."""
+    manifest = tmp_path / "one.csv"
+    pd.DataFrame([dict(pair_id="busy", image_prompt="dogs", audio_prompt="barking")]).to_csv(manifest, index=False)
+    busy_loop = "import time\nend = time.time() + 400\nwhile time.time() < end:\n    pass\n"
+    hogs = [subprocess.Popen([sys.executable, "-c", busy_loop], start_new_session=True)
+            for _ in range(min(len(os.sched_getaffinity(0)), 4))]  # every core this process may use
+    try:
+        env = base_env(str(tmp_path / "prefect" / "new-home"))
+        env.pop("PREFECT_API_URL", None)
+        env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
+        out = str(tmp_path / "out")
+        proc = subprocess.run([sys.executable, "-m", "pws_batch.cli", "run", str(manifest), "--out", out, "--models",
+                               "tiny", "--candidates", "1", "--steps", "2"], capture_output=True, text=True, env=env,
+                              timeout=600, start_new_session=True)
+        assert all(h.poll() is None for h in hogs), "the busy loops ended before the run did; nothing was tested"
+    finally:
+        for h in hogs:
+            kill_session(h)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"dataset at {out}: 1 pairs kept" in proc.stdout

@@ -433,7 +433,7 @@ def test_read_manifest_of_a_missing_file_names_the_path(tmp_path):
 
 @pytest.mark.parametrize("name, content, fmt", [
     ("bad.parquet", b"this is not parquet at all", "Parquet"),
-    ("bad.jsonl", b"{not json\n", "JSON Lines"),
+    ("bad.csv", b"", "empty"),
 ])
 def test_read_manifest_of_garbage_names_the_path_and_format(tmp_path, name, content, fmt):
     path = tmp_path / name
@@ -493,3 +493,94 @@ def test_rejections_table_of_nothing_is_empty_but_typed():
     assert table.num_rows == 0
     assert table.column_names == ["row", "pair_id", "field", "reason", "fix", "row_json"]
     assert table.schema.field("row").type == pa.int64()
+
+
+# ------------------------------------------------------------------------------------------------ every row answered
+def test_csv_rows_with_too_many_or_too_few_fields_are_rejected_by_row_and_the_rest_read_right(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("pair_id,image_prompt,audio_prompt\n"
+                    "meow,cats,meow,extra,more\n"      # row 0: too many fields (pandas would shift every column)
+                    "bark,dogs,barking\n"             # row 1: good
+                    "short,only two\n"                 # row 2: too few
+                    '"q,1","a, quoted picture","rain"\n')  # row 3: good, with quoted commas
+    v = validate(read_manifest(str(path)))
+    assert [(r.row, r.pair_id) for r in v.requests] == [(1, "bark"), (3, "q,1")]
+    bark = v.requests[0].params
+    assert (bark.image_prompt, bark.audio_prompt) == ("dogs", "barking")
+    assert v.requests[1].params.image_prompt == "a, quoted picture"
+    too_many, too_few = rejection_at(v, 0), rejection_at(v, 2)
+    assert too_many.field == "row" and "5 fields but the header has 3" in too_many.reason and "line 2" in too_many.reason
+    assert too_few.field == "row" and "2 fields" in too_few.reason and "line 4" in too_few.reason
+    assert too_many.fix and v.num_rows == 4
+
+
+def test_a_broken_json_line_is_rejected_with_its_line_number_and_the_good_lines_go_on(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"pair_id": "a", "image_prompt": "cats", "audio_prompt": "meow"}\n'
+                    '\n'
+                    '{"pair_id": "b", "image_prompt": "dogs", "audio_prompt": \n'
+                    '[1, 2]\n'
+                    '{"pair_id": "c", "image_prompt": "frogs", "audio_prompt": "croak"}\n')
+    v = validate(read_manifest(str(path)))
+    assert [(r.row, r.pair_id) for r in v.requests] == [(0, "a"), (3, "c")]
+    broken, not_object = rejection_at(v, 1), rejection_at(v, 2)
+    assert broken.field == "row" and "line 3" in broken.reason and "position" not in broken.reason
+    assert "line 4" in not_object.reason and "not an object" in not_object.reason
+    assert v.num_rows == 4
+
+
+@pytest.mark.parametrize("name, content", [
+    ("empty.jsonl", ""), ("header.csv", "image_prompt,audio_prompt\n"), ("broken.jsonl", "{not json\n"),
+])
+def test_an_empty_manifest_or_one_with_no_good_row_validates_to_no_request(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    v = validate(read_manifest(str(path)))
+    assert v.requests == []
+    if name == "broken.jsonl":
+        assert len(v.rejections) == 1 and "line 1" in v.rejections[0].reason
+
+
+@pytest.mark.parametrize("bad, field, reason_part", [
+    ({"guidance_image": 1e308}, "guidance_image", "at most 100"),
+    ({"guidance_audio": 101}, "guidance_audio", "at most 100"),
+    ({"weight_audio": 1e308}, "weight_audio", "ratio"),
+    ({"weight_image": 1e-300}, "weight_image", "ratio"),
+    ({"num_candidates": 10000}, "num_candidates", "one batch"),
+])
+def test_absurd_numbers_are_rejected_by_row_with_the_reason(bad, field, reason_part):
+    v = validate(pd.DataFrame([row(pair_id="ok"), row(pair_id="bad", **bad)]))
+    assert [r.pair_id for r in v.requests] == ["ok"]
+    r = rejection_at(v, 1)
+    assert r.field == field and reason_part in r.reason and r.fix, r
+
+
+def test_guides_come_only_from_the_manifest_storage_and_allowed_places(tmp_path):
+    from pws_batch.batch.manifest import guide_allowed
+
+    here, elsewhere = tmp_path / "m", tmp_path / "other"
+    here.mkdir(), elsewhere.mkdir()
+    write_wav(here / "g.wav")
+    write_wav(elsewhere / "g.wav")
+    manifest = str(here / "pairs.parquet")
+    df = pd.DataFrame([row(pair_id="near", guide_audio="g.wav"),
+                       row(pair_id="far", guide_audio=str(elsewhere / "g.wav")),
+                       row(pair_id="escape", guide_audio="../other/g.wav"),
+                       row(pair_id="web", guide_audio="http://127.0.0.1:9/g.wav")])
+    v = validate(df, base=str(here), manifest=manifest, allow_guides=[])
+    assert [r.pair_id for r in v.requests] == ["near"]
+    for i in (1, 2, 3):
+        r = rejection_at(v, i)
+        assert r.field == "guide_audio" and "outside the places" in r.reason and "--allow-guides" in r.fix
+    v = validate(df, base=str(here), manifest=manifest, allow_guides=["local"])
+    assert [r.pair_id for r in v.requests] == ["near", "far", "escape"]
+    assert "outside the places" in rejection_at(v, 3).reason  # the URL is never opened
+    v = validate(df, base=str(here), manifest=manifest, allow_guides=[str(elsewhere)])
+    assert [r.pair_id for r in v.requests] == ["near", "far", "escape"]
+    # object stores: the manifest's own bucket, not another
+    assert guide_allowed("s3://b/guides/x.wav", "s3://b/m/pairs.parquet")
+    assert not guide_allowed("s3://other/x.wav", "s3://b/m/pairs.parquet")
+    assert not guide_allowed("/etc/passwd", "s3://b/m/pairs.parquet")
+    assert guide_allowed("s3://other/g/x.wav", "s3://b/m.parquet", ["s3://other/g/"])
+    assert not guide_allowed("s3://other/gx/x.wav", "s3://b/m.parquet", ["s3://other/g"])
+    assert guide_allowed("http://h/x.wav", "s3://b/m.parquet", ["any"])

@@ -83,6 +83,12 @@ class PlanConfig:
     shard_size: int = option(4, "--shard-size", "pairs per shard = per Prefect task and per commit")
     audio_format: str = option("wav", "--audio-format", "how the dataset stores the sounds: 16-bit wav, or "
                                                         "lossless flac (about half the size)", choices=AUDIO_FORMATS)
+    allow_guides: tuple[str, ...] = option(
+        (), "--allow-guides", "also read guide files from here: a path or URI prefix (e.g. s3://bucket/guides/), "
+                              "'local' (any local file) or 'any' (anywhere); repeatable. Guides are always read from "
+                              "the manifest's own storage; `run` and `validate` also read local files, `submit` (and "
+                              "the flow it starts) nothing else unless allowed here",
+        fingerprint=False, action="append")
     overwrite: bool = option(False, "--overwrite", "delete what an earlier run wrote to --out and start over "
                                                    "(default: resume, keeping committed shards)",
                              fingerprint=False, action="store_true")
@@ -170,6 +176,8 @@ def add_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None 
             shown = "" if f.default is None else f" (default: {f.default})"
             if meta.get("action"):
                 kwargs.update(action=meta["action"])
+                if meta["action"] == "append":
+                    kwargs.update(metavar="PREFIX")
                 shown = ""
             else:
                 kwargs.update(type=meta.get("type") or type(f.default),
@@ -192,6 +200,8 @@ def from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunCon
     for s in _sections():
         for f in dataclasses.fields(s.type_cls):
             value = getattr(args, _dest(s.name, f.name), None)
+            if isinstance(value, list):  # a repeatable flag (each use may also hold a comma-separated list)
+                value = tuple(dict.fromkeys(v.strip() for part in value for v in part.split(",") if v.strip()))
             if value is not None:
                 changes.setdefault(s.name, {})[f.name] = value
     try:

@@ -11,9 +11,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
+import os
 import typing
+import uuid
 from typing import Any
 
 import pyarrow as pa
@@ -52,6 +55,24 @@ CANDIDATES_SCHEMA = pa.schema([("pair_id", pa.string()), ("candidate_index", pa.
                                ("kept", pa.bool_())])
 
 
+def read_parquet_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file, read on this thread from an Arrow buffer.
+
+    Not `pq.read_table` (Arrow's dataset scanner) and not a Python file object (Arrow reads those through its
+    IO thread pool): both start Arrow pool threads, and one still joinable when C++ destroys the pools at
+    interpreter exit aborts the process with "terminate called without an active exception" (exit 134) after
+    its work is done (apache/arrow#34314; seen in short `pws-batch inspect` runs on a busy machine)."""
+    parquet = pq.ParquetFile(pa.BufferReader(data))
+    if columns is not None:
+        columns = [c for c in columns if c in parquet.schema_arrow.names]
+    return parquet.read(columns=columns, use_threads=False)
+
+
+def parquet_rows(data: bytes) -> int:
+    """The row count in a Parquet file's footer (raises if it is not Parquet)."""
+    return pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+
+
 class Output:
     """An output location, opened once through fsspec."""
 
@@ -67,11 +88,35 @@ class Output:
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
 
+    @property
+    def posix_like(self) -> bool:
+        """A filesystem with a rename that replaces a file at once (local disks, NFS, SFTP); object stores
+        (s3, gs, az, memory ...) have none, but there one put of a whole object is already all-or-nothing."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return bool(set(protocols) & {"file", "local", "sftp", "ssh"})
+
     def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a file atomically: readers see the old content or the new, never a part of it."""
         parent = self.path(*rel.split("/")[:-1]) if "/" in rel else self.root
         self.fs.makedirs(parent, exist_ok=True)
-        with self.fs.open(self.path(rel), "wb") as f:
-            f.write(data)
+        target = self.path(rel)
+        if not self.posix_like:
+            self.fs.pipe_file(target, data)  # one put
+            return
+        temporary = f"{parent}/.{rel.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            with self.fs.open(temporary, "wb") as f:
+                f.write(data)
+            if type(self.fs).__name__ == "LocalFileSystem":
+                os.replace(temporary, target)
+            else:
+                self.fs.mv(temporary, target)
+        except BaseException:
+            try:
+                self.fs.rm(temporary)
+            except Exception:  # noqa: BLE001 - nothing was written, or it is gone already
+                pass
+            raise
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=2, default=str).encode())
@@ -80,19 +125,24 @@ class Output:
         with self.fs.open(self.path(rel), "rb") as f:
             return json.loads(f.read())
 
-    def write_table(self, rel: str, table: pa.Table) -> None:
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self.path(rel)))
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open(self.path(rel), "rb") as f:
+            return f.read()
+
+    def write_table(self, rel: str, table: pa.Table) -> dict[str, Any]:
+        """Write a Parquet file; returns its record for a shard marker (size, rows, sha256)."""
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
-        self.write_bytes(rel, buffer.getvalue())
+        data = buffer.getvalue()
+        self.write_bytes(rel, data)
+        return part_record(data, table.num_rows)
 
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
-        """The table at `rel`; with `columns`, only those are read (media blobs stay unread)."""
-        with self.fs.open(self.path(rel), "rb") as f:
-            if columns is None:
-                return pq.read_table(io.BytesIO(f.read()))
-            present = [c for c in columns if c in pq.read_schema(f).names]
-            f.seek(0)
-            return pq.read_table(f, columns=present)
+        """The table at `rel`; with `columns`, only those are decoded (media blobs stay undecoded)."""
+        return read_parquet_bytes(self.read_bytes(rel), columns)
 
     def list(self, rel: str) -> list[str]:
         if not self.exists(rel):
@@ -109,6 +159,61 @@ class Output:
 
 def shard_name(index: int) -> str:
     return f"{index:05d}"
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read as it stands (one line: what is wrong and what repairs it)."""
+
+
+def read_run_json(out: Output) -> dict | None:
+    """OUT/run.json, or None when there is none; DatasetError when it is cut off or not JSON."""
+    if not out.exists("run.json"):
+        return None
+    try:
+        run = out.read_json("run.json")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{out.uri}/run.json is unreadable (cut off mid-write? {type(exc).__name__}); "
+                           "run the same `pws-batch run` again to repair it") from exc
+    if not isinstance(run, dict):
+        raise DatasetError(f"{out.uri}/run.json is not a JSON object; run the same `pws-batch run` again to repair it")
+    return run
+
+
+def part_record(data: bytes, rows: int) -> dict[str, Any]:
+    """What a shard marker records of one part: size in bytes, row count and sha256."""
+    return {"bytes": len(data), "rows": rows, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def verify_shard(out: Output, stats: dict) -> str | None:
+    """None if the shard's parts are exactly those its marker records, else what does not match.
+
+    A marker written before markers recorded their parts is checked for readable parts only."""
+    parts = stats.get("parts")
+    if parts is None:  # an older marker: the parts must at least be readable Parquet
+        name = stats.get("shard", "")
+        for rel in (f"data/part-{name}.parquet", f"candidates/part-{name}.parquet"):
+            if out.exists(rel):
+                try:
+                    parquet_rows(out.read_bytes(rel))
+                except Exception as exc:  # noqa: BLE001 - any reason it cannot be read
+                    return f"{rel} is unreadable ({type(exc).__name__})"
+        return None
+    for rel, expected in parts.items():
+        if not out.exists(rel):
+            return f"{rel} is missing"
+        size = out.size(rel)
+        if size != expected["bytes"]:
+            return f"{rel} has {size} bytes, its marker says {expected['bytes']}"
+        data = out.read_bytes(rel)
+        if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            return f"{rel} does not match its checksum"
+        try:
+            rows = parquet_rows(data)
+        except Exception as exc:  # noqa: BLE001
+            return f"{rel} is unreadable ({type(exc).__name__})"
+        if rows != expected["rows"]:
+            return f"{rel} has {rows} rows, its marker says {expected['rows']}"
+    return None
 
 
 def committed_shards(out: Output) -> dict[str, dict]:

@@ -154,6 +154,9 @@ class Ranker:
         except Exception as exc:  # noqa: BLE001
             return dataclasses.replace(pair, generated=None, ranker=_where(),
                                        error=f"ranking failed: {type(exc).__name__}: {exc}")
+        problem = nonfinite_scores(clip, clap)
+        if problem:  # a NaN score would rank anywhere: the pair fails rather than keep a meaningless row
+            return dataclasses.replace(pair, generated=None, ranker=_where(), error=problem)
         ranks = rank_candidates(clip, clap, self.config.ranking)
         scored = []
         for i, c in enumerate(candidates):
@@ -162,6 +165,19 @@ class Ranker:
                                           png_bytes(c.image) if kept else None, wav_bytes(c.audio) if kept else None))
         return dataclasses.replace(pair, candidates=scored, generated=None, rank_s=round(time.perf_counter() - t0, 4),
                                    ranker=_where())
+
+
+def nonfinite_scores(clip, clap) -> str | None:
+    """The reason a pair fails when any CLIP or CLAP score is NaN or infinite, else None."""
+    import numpy as np
+
+    bad = {name: [i for i, v in enumerate(np.asarray(scores, dtype=np.float64)) if not np.isfinite(v)]
+           for name, scores in (("CLIP", clip), ("CLAP", clap))}
+    bad = {name: idx for name, idx in bad.items() if idx}
+    if not bad:
+        return None
+    return ("non-finite scores: " + ", ".join(f"{name} of candidates {idx[:5]}" for name, idx in bad.items())
+            + " are NaN or infinite (a broken picture or sound); nothing of the pair is kept")
 
 
 # ---------------------------------------------------------------------------------------------- the pool

@@ -6,12 +6,17 @@ how to fix it. Validation never raises for a bad row: a run generates the good r
 
 from __future__ import annotations
 
+import csv
 import difflib
+import gzip
 import hashlib
+import io
 import json
 import math
+import os
+import posixpath
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pws_batch.batch.config import GenerationDefaults
@@ -62,23 +67,39 @@ class ManifestError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- reading
+READ_REJECTIONS = "read_rejections"  # df.attrs key: rows the reader itself could not use (ragged CSV, bad JSON)
+
+
 def read_manifest(uri: str):
-    """A pandas DataFrame from a Parquet, CSV or JSON Lines manifest (path or fsspec URI)."""
+    """A pandas DataFrame from a Parquet, CSV or JSON Lines manifest (path or fsspec URI).
+
+    The index is the row number in the file (data rows from 0). A CSV row with too many or too few fields, or
+    a JSON line that does not parse, is not read: it is listed in `df.attrs["read_rejections"]` (as Rejections
+    naming its row and line) and the other rows are read as if it were not there.
+    """
     import fsspec
     import pandas as pd
 
     lower = uri.lower().split("?")[0]
     try:
         with fsspec.open(uri, "rb") as f:
-            # Text fields are read as text (a pair_id "001" stays "001"); other columns as the file says.
-            if lower.endswith((".csv", ".csv.gz")):
-                return pd.read_csv(f, compression="gzip" if lower.endswith(".gz") else None,
-                                   keep_default_na=False, na_values=[""], dtype={c: str for c in TEXT})
-            if lower.endswith((".jsonl", ".ndjson", ".json")):
-                return pd.read_json(f, lines=True, dtype=False, convert_dates=False)
-            return pd.read_parquet(f)
+            raw = f.read()
+        if lower.endswith(".gz"):
+            raw = gzip.decompress(raw)
+        # Text fields are read as text (a pair_id "001" stays "001"); other columns as the file says.
+        if lower.endswith((".csv", ".csv.gz")):
+            return _read_csv(raw)
+        if lower.endswith((".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")):
+            return _read_json_lines(raw)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        # Not pd.read_parquet: Arrow's dataset scanner starts pool threads (see dataset.read_parquet_bytes).
+        return pq.ParquetFile(pa.BufferReader(raw)).read(use_threads=False).to_pandas()
     except FileNotFoundError as exc:
         raise ManifestError(f"manifest {uri} does not exist") from exc
+    except ManifestError as exc:
+        raise ManifestError(f"cannot read manifest {uri}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any parse failure: say which file and what format was expected
         raise ManifestError(f"cannot read manifest {uri} as {'CSV' if '.csv' in lower else 'JSON Lines' if '.json' in lower else 'Parquet'}: "
                             f"{type(exc).__name__}: {exc}") from exc
@@ -91,6 +112,79 @@ def manifest_name(uri: str) -> str:
     """
     stem = re.sub(r"\.(parquet|csv|jsonl|ndjson|json)(\.gz)?$", "", uri.split("?")[0].rstrip("/").rsplit("/", 1)[-1])
     return stem or "manifest"
+
+
+def _read_csv(raw: bytes):
+    """CSV with ragged rows set aside by row and line (pandas would shift every column of such a row)."""
+    import pandas as pd
+
+    text = raw.decode("utf-8-sig")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header, good, index, rejected = None, [], [], []
+    line = 1
+    for record in reader:
+        first_line, line = line, reader.line_num + 1
+        if header is None:
+            header = record
+            continue
+        if not record:  # a blank line
+            continue
+        row = len(index) + len(rejected)
+        if len(record) != len(header):
+            many = "many" if len(record) > len(header) else "few"
+            rejected.append(Rejection(
+                row, None, "row", f"has {len(record)} fields but the header has {len(header)} (line {first_line}; "
+                f"too {many} fields, so its columns cannot be matched to the header)",
+                "quote fields that contain commas, and give every row one field per header column",
+                {"line": first_line, "fields": record}))
+            continue
+        good.append(record)
+        index.append(row)
+    if header is None:
+        raise ManifestError("the file is empty (not even a header row)")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(good)
+    buffer.seek(0)
+    df = pd.read_csv(buffer, keep_default_na=False, na_values=[""], dtype={c: str for c in TEXT})
+    df.index = index
+    df.attrs[READ_REJECTIONS] = rejected
+    return df
+
+
+def _read_json_lines(raw: bytes):
+    """JSON Lines (or one JSON array of objects); a line that does not parse is set aside with its number."""
+    import pandas as pd
+
+    text = raw.decode("utf-8-sig")
+    if text.lstrip().startswith("["):  # a .json file holding one array of row objects
+        records = json.loads(text)
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ManifestError("a JSON manifest must be one object per line, or an array of objects")
+        return pd.DataFrame.from_records(records) if records else pd.DataFrame()
+    good, index, rejected = [], [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = len(index) + len(rejected)
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"is a JSON {type(record).__name__}, not an object")
+        except ValueError as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+            rejected.append(Rejection(row, None, "row", f"line {number} is not a JSON object ({reason})",
+                                      'write each row as one JSON object on its own line: {"image_prompt": ..., '
+                                      '"audio_prompt": ...}', {"line": number, "text": line[:500]}))
+            continue
+        good.append(record)
+        index.append(row)
+    columns = list(dict.fromkeys(k for r in good for k in r))
+    df = pd.DataFrame.from_records(good, columns=columns) if good else pd.DataFrame(columns=columns)
+    df.index = index
+    df.attrs[READ_REJECTIONS] = rejected
+    return df
 
 
 def manifest_fingerprint(uri: str) -> str:
@@ -163,12 +257,12 @@ _FIXES = {
     "audio_prompt": "give a non-empty text prompt",
     "negative_image_prompt": 'text, or leave the cell empty for ""',
     "negative_audio_prompt": 'text, or leave the cell empty for ""',
-    "guidance_image": "a number >= 0, e.g. 7.5 (empty cell: 10)",
-    "guidance_audio": "a number >= 0, e.g. 7.5 (empty cell: 10)",
+    "guidance_image": "a number in [0, 100], e.g. 7.5 (empty cell: 10)",
+    "guidance_audio": "a number in [0, 100], e.g. 7.5 (empty cell: 10)",
     "t_image": "a number in [0, 1] (empty cell: 0.9)",
     "t_audio": "a number in [0, 1] (empty cell: 1.0)",
-    "weight_image": "a number >= 0 (empty cell: 0.5)",
-    "weight_audio": "a number >= 0 (empty cell: 0.5)",
+    "weight_image": "0 or a number in [0.001, 1000] (empty cell: 0.5)",
+    "weight_audio": "0 or a number in [0.001, 1000] (empty cell: 0.5)",
     "strength": "a number in (0, 1] (empty cell: 1)",
     "guide_audio": "a readable sound file path or URI, or an empty cell",
     "guide_image": "a readable image file path or URI, or an empty cell",
@@ -189,17 +283,64 @@ def resolve_guide(value: str, base: str | None) -> str:
     return base.rstrip("/") + "/" + value
 
 
+def _normal(uri: str) -> tuple[str, str]:
+    """(where, path) of a path or URI: ("local", real absolute path) or ("scheme://host", normalised path)."""
+    if "://" not in uri or uri.startswith("file://"):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return "local", os.path.realpath(path)
+    scheme, rest = uri.split("://", 1)
+    host, _, path = rest.partition("/")
+    return f"{scheme.lower()}://{host}", posixpath.normpath("/" + path)
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
+
+
+def guide_allowed(guide: str, manifest: str | None, allow: list[str] | tuple[str, ...] = ()) -> bool:
+    """May a guide be read from `guide`? Always from the manifest's own storage (its folder for a local
+    manifest, its bucket for an object store); besides that only from `allow`: "local" (any local path), "any"
+    (anywhere), or path / URI prefixes."""
+    where, path = _normal(guide)
+    if "any" in allow or (where == "local" and "local" in allow):
+        return True
+    prefixes = [entry for entry in allow if entry not in ("local", "any")]
+    if manifest is not None:
+        m_where, m_path = _normal(manifest)
+        prefixes.append(os.path.dirname(m_path) if m_where == "local" else f"{m_where}/")
+    for prefix in prefixes:
+        p_where, p_path = _normal(prefix)
+        if p_where == where and _under(path, p_path):
+            return True
+    return False
+
+
+def guide_columns(df, base: str | None) -> list[str]:
+    """Every guide path a manifest names (resolved against its folder), in order, without repeats."""
+    paths = []
+    for column in ("guide_audio", "guide_image"):
+        if column in df.columns:
+            paths += [resolve_guide(v, base) for v in df[column] if isinstance(v, str) and v.strip()]
+    return list(dict.fromkeys(paths))
+
+
 def validate_manifest(df, defaults: GenerationDefaults | None = None, scheduler_config: dict | None = None,
-                      check_files: bool = True, base: str | None = None) -> Validated:
+                      check_files: bool = True, base: str | None = None, manifest: str | None = None,
+                      allow_guides: list[str] | tuple[str, ...] | None = None) -> Validated:
     """Split a manifest into good requests and rejected rows; never raises for a bad row.
 
-    `base` is the manifest's folder, against which relative guide paths are resolved.
+    `base` is the manifest's folder, against which relative guide paths are resolved. With `allow_guides`
+    given, a guide from anywhere but `manifest`'s own storage and those places is rejected before it is opened
+    (see `guide_allowed`).
     """
     from pws_batch.core.pipeline import checked_timesteps
     from pws_batch.core.sampler import ScheduleError
 
     defaults = defaults or GenerationDefaults()
     columns = [str(c) for c in df.columns]
+    if len(df) == 0:  # an empty manifest, a header-only CSV, or one whose every line was unreadable
+        read = sorted(df.attrs.get(READ_REJECTIONS, []), key=lambda r: r.row)
+        return Validated([], read, [], columns, len(read))
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
         hints = [f"{m!r} (is {close[0]!r} a typo?)" if (close := difflib.get_close_matches(m, columns, 1)) else repr(m)
@@ -223,10 +364,11 @@ def validate_manifest(df, defaults: GenerationDefaults | None = None, scheduler_
                             f"{PASS_PREFIX + c!r}")
 
     requests: list[PairRequest] = []
-    rejections: list[Rejection] = []
+    rejections: list[Rejection] = list(df.attrs.get(READ_REJECTIONS, []))
     seen: dict[str, int] = {}
     records = df.to_dict(orient="records")
-    for row, record in enumerate(records):
+    rows = [int(i) for i in df.index] if READ_REJECTIONS in df.attrs else list(range(len(records)))
+    for row, record in zip(rows, records):
         record = {k: _plain(v) for k, v in record.items()}
         shown = {k: (None if _missing(v) else v) for k, v in record.items()}
 
@@ -247,6 +389,12 @@ def validate_manifest(df, defaults: GenerationDefaults | None = None, scheduler_
         for guide in ("guide_audio", "guide_image"):
             if guide in values:
                 values[guide] = resolve_guide(values[guide], base)
+                if allow_guides is not None and not guide_allowed(values[guide], manifest, allow_guides):
+                    problems.append(Problem(guide, f"{values[guide]!r} is outside the places this run reads guides "
+                                                   f"from (the manifest's own storage"
+                                                   f"{', ' + ', '.join(allow_guides) if allow_guides else ''})",
+                                            "put the guide next to the manifest, or allow its place with "
+                                            "--allow-guides PREFIX"))
         explicit_id = values.pop("pair_id", None)
         if problems:
             p = problems[0]
@@ -288,7 +436,8 @@ def validate_manifest(df, defaults: GenerationDefaults | None = None, scheduler_
         seen[pair_id] = row
         extra = {renamed.get(c, c): (None if _missing(record.get(c)) else record.get(c)) for c in extra_columns}
         requests.append(PairRequest(row, pair_id, params, keep, extra))
-    return Validated(requests, rejections, warnings, columns, len(records))
+    rejections.sort(key=lambda r: r.row)
+    return Validated(requests, rejections, warnings, columns, len(records) + len(df.attrs.get(READ_REJECTIONS, [])))
 
 
 def rejections_table(rejections: list[Rejection]):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
+import json
 import platform
 import re
 import time
@@ -17,12 +19,13 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pws_batch import __version__
-from pws_batch.batch.config import RunConfig, RunError
+from pws_batch.batch import lease
 from pws_batch.batch.card import CARD_COLUMNS, write_card
-from pws_batch.batch.dataset import (KEPT_SCHEMA, MODEL_COMPONENTS, Output, candidates_table, committed_shards,
-                                     kept_table, shard_name)
-from pws_batch.batch.manifest import (Validated, manifest_fingerprint, manifest_name, read_manifest,
-                                      rejections_table, validate_manifest)
+from pws_batch.batch.config import RunConfig, RunError
+from pws_batch.batch.dataset import (KEPT_SCHEMA, MODEL_COMPONENTS, DatasetError, Output, candidates_table,
+                                     committed_shards, kept_table, read_run_json, shard_name, verify_shard)
+from pws_batch.batch.manifest import (Validated, guide_allowed, guide_columns, manifest_fingerprint, manifest_name,
+                                      read_manifest, rejections_table, validate_manifest)
 from pws_batch.batch.pair import PairRequest, PairResult
 from pws_batch.batch.schema import MEDIA_COLUMNS, build_features, features_from_json, schema_of
 
@@ -48,8 +51,8 @@ class RunPlan:
     fingerprint: dict[str, Any]
     model_ids: dict[str, str]
     features: dict[str, Any] = field(default_factory=dict)  # the data parts' one schema, as datasets.Features
-    features: dict[str, Any] = field(default_factory=dict)  # the data parts' one schema, as datasets.Features
     started_at: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    lease: Any = field(default=None, repr=False)  # the output's lease (pws_batch.batch.lease), held until finalize
 
     @property
     def todo(self) -> list[Shard]:
@@ -81,11 +84,16 @@ def scheduler_config_for(models: str) -> tuple[dict, dict[str, str]]:
     return load_scheduler_config(model_set.image, fallback=True), model_set.ids()
 
 
+def manifest_base(manifest: str) -> str:
+    return manifest.rsplit("/", 1)[0] if "/" in manifest else "."
+
+
 def validate(manifest: str, config: RunConfig, check_files: bool = True) -> tuple[Validated, dict[str, str]]:
     scheduler_config, model_ids = scheduler_config_for(config.engine.models)
     df = read_manifest(manifest)
-    base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
-    return validate_manifest(df, config.defaults, scheduler_config, check_files=check_files, base=base), model_ids
+    return validate_manifest(df, config.defaults, scheduler_config, check_files=check_files,
+                             base=manifest_base(manifest), manifest=manifest,
+                             allow_guides=config.plan.allow_guides), model_ids
 
 
 def check_models(config: RunConfig) -> None:
@@ -99,6 +107,31 @@ def check_models(config: RunConfig) -> None:
         raise RunError(summary_line(problems, models))
 
 
+def guides_fingerprint(manifest: str, config: RunConfig, df=None) -> str:
+    """sha256 over the content of every guide file the manifest names (those it may read): a resume must
+    start from the same guides, not just the same paths."""
+    import fsspec
+
+    df = read_manifest(manifest) if df is None else df
+    digest = hashlib.sha256()
+    for path in guide_columns(df, manifest_base(manifest)):
+        digest.update(path.encode() + b"\0")
+        if not guide_allowed(path, manifest, config.plan.allow_guides):
+            digest.update(b"not allowed\0")
+            continue
+        try:
+            with fsspec.open(path, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+        except Exception:  # noqa: BLE001 - an unreadable guide: its row is rejected by validation
+            digest.update(b"unreadable\0")
+    return digest.hexdigest()
+
+
+def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    """A short digest of a run's fingerprint, recorded in every shard marker it commits."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def plan_shards(requests: list[PairRequest], shard_size: int) -> list[Shard]:
     """Deterministic shards: manifest order, `shard_size` pairs each, named 00000, 00001, ..."""
     return [Shard(shard_name(i // shard_size), requests[i:i + shard_size]) for i in range(0, len(requests), shard_size)]
@@ -110,33 +143,69 @@ def check_output(manifest: str, out: str, config: RunConfig) -> dict[str, Any]:
     Returns the run's fingerprint: the manifest's sha256 and every config field that changes the dataset.
     """
     output = Output(out)
-    fingerprint = {"manifest_sha256": manifest_fingerprint(manifest), **config.fingerprint()}
+    fingerprint = {"manifest_sha256": manifest_fingerprint(manifest),
+                   "guides_sha256": guides_fingerprint(manifest, config), **config.fingerprint()}
     if config.plan.overwrite:
         return fingerprint
-    if output.exists("run.json"):
-        previous = output.read_json("run.json").get("fingerprint", {})
+    try:
+        run_json = read_run_json(output)
+    except DatasetError:
+        run_json = None  # cut off mid-write: the shard markers say which run made them (below)
+    if run_json is not None:
+        previous = run_json.get("fingerprint", {})
         differs = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
         if differs:
             raise RunError(f"{out} already holds a dataset made from another manifest or with other settings "
                            f"(different: {', '.join(differs)}); pass --overwrite to replace it, or choose another --out")
     elif output.list("_shards"):
-        raise RunError(f"{out} holds shards but no run.json; pass --overwrite to replace them, "
-                       f"or choose another --out")
+        digest = fingerprint_digest(fingerprint)
+        foreign = sorted(n for n, stats in committed_shards(output).items() if stats.get("fingerprint") != digest)
+        if foreign:
+            raise RunError(f"{out} holds shards ({', '.join(foreign[:5])}) but no readable run.json, and they "
+                           f"were not made from this manifest with these settings; pass --overwrite to replace them, "
+                           f"or choose another --out")
     return fingerprint
 
 
-def prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], None] = print) -> RunPlan:
-    """Validate the manifest, write rejected.parquet, plan the shards and find those already committed."""
+def prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], None] = print,
+            holder: str | None = None) -> RunPlan:
+    """Take the lease on the output, validate the manifest, write rejected.parquet, plan the shards and find
+    those already committed (verified against their markers). `finalize` gives the lease back."""
     config.check()
+    try:
+        held = lease.acquire(out, holder or f"pws-batch run of {manifest}", log)
+    except lease.LeaseError as exc:
+        raise RunError(str(exc)) from exc
+    try:
+        plan = _prepare(manifest, out, config, log)
+    except BaseException:
+        held.release()
+        raise
+    plan.lease = held
+    return plan
+
+
+def _prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], None]) -> RunPlan:
     output = Output(out)
     fingerprint = check_output(manifest, out, config)
     validated, model_ids = validate(manifest, config)
     check_models(config)  # before run.json says "running" and before Ray: a missing model is one line
     if config.plan.overwrite:
         output.clear()
+    if not validated.requests:
+        raise RunError(no_good_rows(manifest, validated))
     shards = plan_shards(validated.requests, config.plan.shard_size)
     planned = {s.name: s.pair_ids for s in shards}
-    done = {name: stats for name, stats in committed_shards(output).items() if stats.get("pair_ids") == planned.get(name)}
+    done = {}
+    for name, stats in committed_shards(output).items():
+        if stats.get("pair_ids") != planned.get(name):
+            continue
+        problem = verify_shard(output, stats)
+        if problem:  # a part cut off or changed after its commit: the shard is made again
+            log(f"shard {name}: {problem}; regenerating it")
+            output.fs.rm(output.path(f"_shards/{name}.json"))
+            continue
+        done[name] = stats
     output.write_table("rejected.parquet", rejections_table(validated.rejections))
     features, schema_warnings = kept_features(validated.requests)
     plan = RunPlan(manifest, out, config, validated, shards, done, fingerprint, model_ids, features.to_dict())
@@ -147,6 +216,13 @@ def prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], Non
         f"{len(validated.rejections)} rejected; {len(shards)} shards of up to {config.plan.shard_size} pairs, "
         f"{len(done)} already committed in {out}")
     return plan
+
+
+def no_good_rows(manifest: str, validated: Validated) -> str:
+    if not validated.num_rows:
+        return f"{manifest} has no rows; nothing to generate (see manifests/README.md for the columns)"
+    return (f"{manifest} has no good row ({validated.num_rows} rows, all rejected); nothing to generate. "
+            f"See `pws-batch validate {manifest}`")
 
 
 def write_run_json(plan: RunPlan, status: str, counts: dict | None = None, actors: list | None = None,
@@ -173,7 +249,13 @@ def write_run_json(plan: RunPlan, status: str, counts: dict | None = None, actor
 
 # ---------------------------------------------------------------------------------------------- a shard
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:120]
+    """A file-name stem for a pair_id, unique per pair_id: an id that has to be changed to be a safe name
+    (`a/b`) gets a digest of the original after a "+" that no unchanged id contains, so it never meets
+    another id's name (`a_b`)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:120]
+    if safe == name:
+        return safe
+    return f"{safe}+{hashlib.sha256(name.encode()).hexdigest()[:12]}"
 
 
 def kept_rows(result: PairResult, shard: str, model_ids: dict[str, str], audio_format: str = "wav"
@@ -238,9 +320,12 @@ def run_schema(out: Output, requests: list[PairRequest]) -> pa.Schema:
 
 def process_shard(out: str, model_ids: dict[str, str], shard: Shard,
                   run_pairs: Callable[[list[PairRequest]], tuple[list[PairResult], dict]], *,
-                  schema: pa.Schema | None = None, audio_format: str = "wav") -> dict:
+                  schema: pa.Schema | None = None, audio_format: str = "wav", fingerprint: str | None = None) -> dict:
     """Generate and rank a shard's pairs, write its parts (in the run's one schema: `schema`, else the one in
-    run.json), and commit it by writing its stats LAST."""
+    run.json), and commit it by writing its stats LAST.
+
+    The stats (the marker) record each part's size, row count and sha256, and the run's fingerprint digest,
+    so that a resume can verify what it skips."""
     output = Output(out)
     schema = schema or run_schema(output, shard.requests)
     t0 = time.perf_counter()
@@ -252,26 +337,32 @@ def process_shard(out: str, model_ids: dict[str, str], shard: Shard,
             continue
         rows.extend(kept_rows(result, shard.name, model_ids, audio_format))
         scores.extend(candidate_rows(result))
+    parts = {}
+    data_part, candidates_part = f"data/part-{shard.name}.parquet", f"candidates/part-{shard.name}.parquet"
     if rows:
-        output.write_table(f"data/part-{shard.name}.parquet", kept_table(rows, schema))
-    elif output.exists(f"data/part-{shard.name}.parquet"):
-        output.fs.rm(output.path(f"data/part-{shard.name}.parquet"))  # a stale part of an earlier attempt
-    output.write_table(f"candidates/part-{shard.name}.parquet", candidates_table(scores))
+        parts[data_part] = output.write_table(data_part, kept_table(rows, schema))
+    elif output.exists(data_part):
+        output.fs.rm(output.path(data_part))  # a stale part of an earlier attempt
+    parts[candidates_part] = output.write_table(candidates_part, candidates_table(scores))
     stats = {
         "shard": shard.name, "pair_ids": shard.pair_ids, "pairs": len(shard.requests),
         "pairs_done": len(shard.requests) - len(failed), "pairs_failed": len(failed), "failed": failed,
         "candidates": len(scores), "kept": len(rows), "seconds": round(time.perf_counter() - t0, 3),
         "unet_evals": sum(r.unet_evals for r in results if r.ok),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **where,
+        "parts": parts, "fingerprint": fingerprint,
     }
     output.write_json(f"_shards/{shard.name}.json", stats)  # the commit marker: written last
     return stats
 
 
 # ---------------------------------------------------------------------------------------------- the end
-def read_kept(out: Output, columns: list[str] | None = None) -> pa.Table | None:
-    """The kept rows of every data part (only `columns`, when given: the media need not be read)."""
+def read_kept(out: Output, columns: list[str] | None = None, shards: list[str] | None = None) -> pa.Table | None:
+    """The kept rows of the data parts (of `shards` only, when given; only `columns`, when given: the media
+    need not be read)."""
     parts = [p for p in out.list("data") if p.endswith(".parquet")]
+    if shards is not None:
+        parts = [p for p in parts if p[len("part-"):-len(".parquet")] in shards]
     if not parts:
         return None
     tables = [out.read_table(f"data/{p}", columns=columns) for p in parts]
@@ -279,9 +370,31 @@ def read_kept(out: Output, columns: list[str] | None = None) -> pa.Table | None:
 
 
 def finalize(plan: RunPlan, actors: list | None = None, extra: dict | None = None) -> dict[str, Any]:
-    """Counts from the committed shards' stats, run.json, and the dataset card. Returns the summary."""
+    """Counts from the committed shards' stats, run.json, and the dataset card. Returns the summary.
+
+    If this fails, run.json says "failed" with the reason before the error goes on."""
+    try:
+        return _finalize(plan, actors, extra)
+    except Exception as exc:
+        reason = f"finalize failed: {type(exc).__name__}: {exc}"
+        try:
+            write_run_json(plan, "failed", actors=actors, extra={**(extra or {}), "error": reason})
+        except Exception:  # noqa: BLE001 - the output itself cannot be written: the original error says why
+            pass
+        raise RunError(reason) from exc
+    finally:
+        if plan.lease is not None:
+            plan.lease.release()
+
+
+def _finalize(plan: RunPlan, actors: list | None, extra: dict | None) -> dict[str, Any]:
     out = Output(plan.out)
-    stats = {name: s for name, s in committed_shards(out).items() if name in {sh.name for sh in plan.shards}}
+    stats = {}
+    for name, s in committed_shards(out).items():
+        if name not in {sh.name for sh in plan.shards}:
+            continue
+        if verify_shard(out, s) is None:  # a shard whose parts do not match is not counted: a re-run remakes it
+            stats[name] = s
     counts = {
         "rows": plan.validated.num_rows, "good": len(plan.validated.requests),
         "rejected": len(plan.validated.rejections), "shards": len(plan.shards), "shards_committed": len(stats),
@@ -293,7 +406,7 @@ def finalize(plan: RunPlan, actors: list | None = None, extra: dict | None = Non
     }
     complete = counts["shards_committed"] == counts["shards"]
     write_run_json(plan, "complete" if complete else "incomplete", counts, actors, extra)
-    table = read_kept(out, CARD_COLUMNS)
+    table = read_kept(out, CARD_COLUMNS, list(stats))
     kept = table.to_pylist() if table else []
     write_card(out, plan.name, out.read_json("run.json"), kept)
     failed = [f for s in stats.values() for f in s.get("failed", [])]

@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 from pws_batch.batch.card import describe_scores
-from pws_batch.batch.dataset import Output, committed_shards
+from pws_batch.batch.dataset import Output, committed_shards, read_run_json, verify_shard
 
 
 def summarize(uri: str) -> str:
     out = Output(uri)
-    if not out.exists("run.json"):
+    run = read_run_json(out)  # DatasetError (one line) when it is cut off
+    if run is None:
         raise FileNotFoundError(f"{uri} holds no run.json: not a pws-batch dataset (or the run never started)")
-    run = out.read_json("run.json")
     counts = run.get("counts", {})
-    shards = committed_shards(out)
+    shards, broken = {}, {}
+    for name, stats in committed_shards(out).items():
+        problem = verify_shard(out, stats)
+        if problem:
+            broken[name] = problem
+        else:
+            shards[name] = stats
     planned = run.get("shards", {})
+    status = run.get("status")
+    if status == "running":  # is it? the lease says whether the run that wrote it is still alive
+        from pws_batch.batch.lease import holder_state, read_lease
+
+        held = read_lease(out)
+        alive, who = holder_state(held) if held else (False, "")
+        status = f"running ({who})" if alive else "interrupted (the run that wrote it is gone; run it again to resume)"
     lines = [
-        f"dataset {uri} ({run.get('name')}): {run.get('status')}",
+        f"dataset {uri} ({run.get('name')}): {status}"
+        + (f" ({run['error']})" if run.get("status") == "failed" and run.get("error") else ""),
         f"  manifest     {run.get('manifest')}",
         "  models       " + ", ".join(f"{k}={v}" for k, v in run.get("models", {}).items()),
         f"  shards       {len([s for s in shards if s in planned])}/{len(planned)} committed",
@@ -25,7 +39,10 @@ def summarize(uri: str) -> str:
     ]
     from pws_batch.batch.run import read_kept
 
-    table = read_kept(out, ["clip_score", "clap_score"])  # the scores only, never the media
+    for name, problem in sorted(broken.items()):
+        lines.append(f"  shard {name} does not match its marker: {problem}; run the same `pws-batch run` again "
+                     f"to regenerate it")
+    table = read_kept(out, ["clip_score", "clap_score"], list(shards))  # the scores only, never the media
     if table is not None:
         lines.append(f"  CLIP (kept)  {describe_scores(table.column('clip_score').to_pylist())}")
         lines.append(f"  CLAP (kept)  {describe_scores(table.column('clap_score').to_pylist())}")

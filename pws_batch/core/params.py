@@ -14,11 +14,20 @@ from typing import Any
 GRAYSCALE_SUFFIX = ", grayscale"
 MAX_PROMPT_CHARS = 1000  # CLIP reads 77 tokens; anything this long is a mistake, not a prompt
 MAX_STEPS = 1000
-MAX_CANDIDATES = 10_000
 # Run-time choices (plain names here, so the CLI can list them without importing torch).
 VOCODERS = ("hifigan", "griffin-lim")  # Auffusion's HiFi-GAN, or the weight-free Griffin-Lim
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "fp16", "bf16")  # auto = fp16 on CUDA, fp32 on CPU
+# A pair's N candidates travel from the generator to the ranker as one Ray object (picture + sound, about
+# 0.9 MB each) and CLAP scores them in one batch (about 2 MB each at 48 kHz): 512 keep one pair within about
+# 1.5 GB. Ask for more candidates as more rows (other seeds) of the manifest.
+MAX_CANDIDATES = 512
+# Classifier-free guidance scales the difference of two noise estimates: the reference uses 7.5-10; at a few
+# hundred the picture is saturated and the estimate overflows half precision (65504) within a few steps.
+MAX_GUIDANCE = 100.0
+# The base weights are normalised (lambda_x = w_x / (w_image + w_audio)): only their ratio matters. Outside
+# [1e-3, 1e3] one model is silenced by rounding (or the sum overflows), which 0 says plainly.
+MIN_WEIGHT, MAX_WEIGHT = 1e-3, 1e3
 
 
 @dataclass
@@ -118,6 +127,16 @@ def check_params(p: GenerationParams) -> list[Problem]:
             problems.append(Problem(name, f"must be a finite number, got {value!r}", "e.g. 7.5"))
         elif value < 0:
             problems.append(Problem(name, f"must be >= 0, got {value}", "use a non-negative value"))
+        elif name.startswith("guidance") and value > MAX_GUIDANCE:
+            problems.append(Problem(name, f"must be at most {MAX_GUIDANCE:g}, got {value:g}: guidance scales the "
+                                          f"difference of two noise estimates, and beyond {MAX_GUIDANCE:g} the picture "
+                                          f"saturates and half precision overflows",
+                                    "the reference uses 7.5-10"))
+        elif name.startswith("weight") and value != 0 and not MIN_WEIGHT <= value <= MAX_WEIGHT:
+            problems.append(Problem(name, f"must be 0 or in [{MIN_WEIGHT:g}, {MAX_WEIGHT:g}], got {value:g}: the "
+                                          f"weights are normalised, so only their ratio matters, and beyond this "
+                                          f"range one model is lost to rounding or the sum overflows",
+                                    "use weights like 0.5 / 0.5, or 0 to leave a model out"))
     if _is_number(p.weight_image) and _is_number(p.weight_audio) and p.weight_image == 0 == p.weight_audio:
         problems.append(Problem("weight_image", "both base weights are 0, so no model is ever active",
                                 "give at least one of weight_image / weight_audio a positive value"))
@@ -138,7 +157,9 @@ def check_params(p: GenerationParams) -> list[Problem]:
     if not isinstance(p.num_candidates, int) or isinstance(p.num_candidates, bool) \
             or not 1 <= p.num_candidates <= MAX_CANDIDATES:
         problems.append(Problem("num_candidates", f"must be an integer in [1, {MAX_CANDIDATES}], "
-                                                  f"got {p.num_candidates!r}", "e.g. 50"))
+                                                  f"got {p.num_candidates!r}: a pair's candidates go to the ranker "
+                                                  f"as one batch, about 3 MB of memory each",
+                                "e.g. 50; for more, add rows with other seeds"))
     if not isinstance(p.seed, int) or isinstance(p.seed, bool) or not 0 <= p.seed < 2**63 - MAX_CANDIDATES:
         problems.append(Problem("seed", f"must be a non-negative integer, got {p.seed!r}", "e.g. 0"))
     if not isinstance(p.crop_columns, int) or isinstance(p.crop_columns, bool) or not 0 <= p.crop_columns < 1024:

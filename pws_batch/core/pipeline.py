@@ -206,10 +206,15 @@ class ImagesThatSoundPipeline:
         seeds = params.candidate_seeds
 
         def finish(batch_seeds: list[int], z: torch.Tensor) -> None:
+            check_finite("the denoised latents", z, batch_seeds, params)
             t0 = time.perf_counter()
             picture, spectrogram = self.decode(z, params.crop_columns)
+            check_finite("the decoded picture", picture, batch_seeds, params)
+            check_finite("the decoded spectrogram", spectrogram, batch_seeds, params)
             t1 = time.perf_counter()
-            audio = self.vocode(spectrogram, batch_seeds).cpu().numpy()
+            audio = self.vocode(spectrogram, batch_seeds)
+            check_finite("the vocoded sound", audio, batch_seeds, params)
+            audio = audio.cpu().numpy()
             timings["decode_s"] += t1 - t0
             timings["vocode_s"] += time.perf_counter() - t1
             images = codec.to_uint8(picture)
@@ -223,6 +228,21 @@ class ImagesThatSoundPipeline:
         timings["total_s"] = time.perf_counter() - clock
         minimum = sampler.minimum_unet_evals(timesteps, branches, T) * len(seeds)
         return GenerationResult(params, candidates, dict(evals), minimum, {k: round(v, 4) for k, v in timings.items()})
+
+
+class NonFiniteError(ValueError):
+    """Denoising or decoding gave NaN or infinite values: the pair fails, nothing of it is kept."""
+
+
+def check_finite(what: str, x: torch.Tensor, seeds: list[int], params: GenerationParams) -> None:
+    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    if not bool(finite.all()):
+        bad = [seed for seed, ok in zip(seeds, finite.tolist()) if not ok]
+        raise NonFiniteError(
+            f"{what} hold NaN or infinite values (candidate seeds {bad[:5]}{' ...' if len(bad) > 5 else ''}) with "
+            f"guidance {params.guidance_image:g}/{params.guidance_audio:g} and weights "
+            f"{params.weight_image:g}/{params.weight_audio:g}; lower the guidance (the reference uses 7.5-10)"
+            f"{' or use fp32 (--dtype fp32)' if x.dtype in (torch.float16, torch.bfloat16) else ''}")
 
 
 def _use_sdpa(unet: Any) -> None:
