@@ -7,6 +7,7 @@ fraction of a second and prints one line saying what is wrong and how to fix it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -634,15 +635,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _usage_errors(command: str, *errors: type[BaseException]):
+    """The `errors` a command expects (a missing dataset, a bad argument) as one usage line, exit status 2."""
+    try:
+        yield
+    except errors as exc:
+        raise UsageError(f"pws-batch {command}: error: {exc}") from exc
+
+
 def cmd_gallery(args: argparse.Namespace) -> int:
     from pws_batch.batch.gallery import write_gallery
 
     if args.top is not None and args.top < 1:
         raise UsageError(f"pws-batch gallery: error: --top must be >= 1, got {args.top}")
-    try:
+    with _usage_errors("gallery", FileNotFoundError):
         where = write_gallery(args.out, top=args.top, dest=args.dest)
-    except FileNotFoundError as exc:
-        raise UsageError(f"pws-batch gallery: error: {exc}") from exc
     print(f"open {where}")
     return 0
 
@@ -650,10 +658,8 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pws_batch.batch.export import export_files
 
-    try:
+    with _usage_errors("export", FileNotFoundError):
         n = export_files(args.out, args.dir)
-    except FileNotFoundError as exc:
-        raise UsageError(f"pws-batch export: error: {exc}") from exc
     print(f"exported {n} rows of {args.out} to {args.dir} (NNNNN.png, NNNNN.wav/.flac, NNNNN.json)")
     return 0
 
@@ -661,10 +667,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from pws_batch.batch.export import push
 
-    try:
+    with _usage_errors("push", FileNotFoundError, ValueError, ConnectionError):
         url = push(args.out, args.repo_id, private=args.private)
-    except (FileNotFoundError, ValueError, ConnectionError) as exc:
-        raise UsageError(f"pws-batch push: error: {exc}") from exc
     print(f"pushed {args.out} to {url}")
     return 0
 
