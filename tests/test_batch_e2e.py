@@ -121,7 +121,9 @@ def test_kept_rows_rejected_rows_sidecar_markers_and_card(first_run):
     assert row.source == "b"  # a pass-through column, untouched
     assert data[data.pair_id == "tigers"].iloc[0].base_seed == 7
     assert data[data.pair_id == "guided"].iloc[0].guide_audio.endswith("guide.wav")
-    assert set(data.model_image) == {os.path.join(os.environ["PWS_BATCH_HOME"], "tiny-v1", "image")}
+    from pws_batch.core.tiny import TINY_VERSION
+
+    assert set(data.model_image) == {os.path.join(os.environ["PWS_BATCH_HOME"], f"tiny-v{TINY_VERSION}", "image")}
     assert np.isfinite(data.clip_score).all() and (data.clap_score >= 0).all()
 
     # Media: PNG and WAV bytes in struct<bytes, path>, with the Hugging Face feature metadata.
@@ -282,3 +284,29 @@ def test_a_generator_actor_killed_mid_run_is_restarted_and_the_run_completes(man
     assert run["status"] == "complete" and run["counts"]["pairs_done"] == 5
     columns = [c for c in read_data(reference).columns if c not in TIMING_COLUMNS]
     pd.testing.assert_frame_equal(read_data(out)[columns], read_data(reference)[columns])
+
+
+def test_weights_that_do_not_load_in_the_actors_end_the_run_in_one_line(manifest, server, tiny_models, tmp_path):
+    """Files that pass `models check` but do not load: one line in the log and in run.json, not a traceback per
+    actor restart, and run.json does not stay "running"."""
+    import shutil
+
+    broken = tmp_path / "clap"
+    shutil.copytree(os.path.join(tiny_models, "clap"), broken)
+    (broken / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    model_set = tmp_path / "model_set.json"
+    model_set.write_text(json.dumps({"name": "broken-clap", **{c: os.path.join(tiny_models, c) for c in
+                                                               ("image", "audio", "clip")},
+                                     "vocoder": os.path.join(tiny_models, "audio"), "clap": str(broken)}))
+    out = str(tmp_path / "out")
+    proc = start_run(manifest, out, server, "--models", str(model_set))
+    log = finish(proc, out)
+    assert proc.returncode == 1, log[-4000:]
+    line = f"cannot load the clap model '{broken}'"
+    assert f"the actors could not load their models: {line}" in log
+    assert log.count("RayActorError") == 0 and log.count("ActorDiedError") == 0
+    assert f"dataset at {out}: 0 pairs kept, 0 failed, 6 rejected (5 pairs not generated: " in log
+    with open(os.path.join(out, "run.json")) as f:
+        record = json.load(f)
+    assert record["status"] == "incomplete" and record["counts"]["pairs_missing"] == 5
+    assert len(record["errors"]) == 1 and record["errors"][0].startswith(f"models not loaded: {line}")

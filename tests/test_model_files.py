@@ -241,6 +241,17 @@ def test_run_with_a_missing_component_fails_fast_in_one_line(tmp_path, capsys, t
     assert not out.exists() and not ray.is_initialized()  # no run.json, no Ray, no flow
 
 
+def test_submit_with_a_missing_component_fails_before_asking_prefect(tmp_path, capsys, tiny_models, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens there: never reached
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame([dict(pair_id="a", image_prompt="dogs", audio_prompt="barking")]).to_csv(manifest, index=False)
+    rc = main(["submit", str(manifest), "--out", str(tmp_path / "out"),
+               "--models", _broken_set(tmp_path, tiny_models, "image")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert err.startswith("pws-batch submit: error: the model set ") and "image '" in err and "Prefect" not in err
+
+
 def test_the_flow_checks_the_models_before_it_says_running(tmp_path, tiny_models):
     """On a worker (submit), prepare() runs the same check: nothing written, no run.json left "running"."""
     from pws_batch.batch.run import RunConfig, RunError, prepare
