@@ -270,7 +270,7 @@ def test_the_flow_checks_the_models_before_it_says_running(tmp_path, tiny_models
 
 def test_a_load_failure_inside_an_actor_is_one_line(tmp_path, tiny_models):
     """Weights that pass the file check but do not load: the actor keeps one line, returned for every pair."""
-    from pws_batch.batch.engine import EngineConfig, Ranker
+    from pws_batch.batch.engine import Ranker
 
     broken = tmp_path / "clip"
     shutil.copytree(os.path.join(tiny_models, "clip"), broken)
