@@ -121,7 +121,9 @@ def test_kept_rows_rejected_rows_sidecar_markers_and_card(first_run):
     assert row.source == "b"  # a pass-through column, untouched
     assert data[data.pair_id == "tigers"].iloc[0].base_seed == 7
     assert data[data.pair_id == "guided"].iloc[0].guide_audio.endswith("guide.wav")
-    assert set(data.model_image) == {os.path.join(os.environ["PWS_BATCH_HOME"], "tiny-v1", "image")}
+    from pws_batch.core.tiny import TINY_VERSION
+
+    assert set(data.model_image) == {os.path.join(os.environ["PWS_BATCH_HOME"], f"tiny-v{TINY_VERSION}", "image")}
     assert np.isfinite(data.clip_score).all() and (data.clap_score >= 0).all()
 
     # Media: PNG and WAV bytes in struct<bytes, path>, with the Hugging Face feature metadata.
@@ -383,3 +385,30 @@ def test_a_run_started_while_the_cores_are_busy_completes(tmp_path, tiny_models)
             kill_session(h)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"dataset at {out}: 1 pairs kept" in proc.stdout
+
+
+def test_weights_that_do_not_load_in_the_actors_end_the_run_in_one_line(manifest, server, tiny_models, tmp_path):
+    """Files that pass `models check` but do not load: one line in the log and in run.json, not a traceback per
+    actor restart, and run.json does not stay "running"."""
+    import shutil
+
+    broken = tmp_path / "clap"
+    shutil.copytree(os.path.join(tiny_models, "clap"), broken)
+    (broken / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    model_set = tmp_path / "model_set.json"
+    model_set.write_text(json.dumps({"name": "broken-clap", **{c: os.path.join(tiny_models, c) for c in
+                                                               ("image", "audio", "clip")},
+                                     "vocoder": os.path.join(tiny_models, "audio"), "clap": str(broken)}))
+    out = str(tmp_path / "out")
+    proc = start_run(manifest, out, server, "--models", str(model_set))
+    log = finish(proc, out)
+    assert proc.returncode == 1, log[-4000:]
+    line = f"cannot load the clap model '{broken}'"
+    assert f"the actors could not load their models: {line}" in log
+    assert log.count("RayActorError") == 0 and log.count("ActorDiedError") == 0
+    assert log.count("Traceback") <= 1  # Prefect's own report of the failed flow run, nothing from the actors
+    assert f"dataset at {out}: 0 pairs kept, 0 failed, 6 rejected (5 pairs not generated: " in log
+    with open(os.path.join(out, "run.json")) as f:
+        record = json.load(f)
+    assert record["status"] == "incomplete" and record["counts"]["pairs_missing"] == 5
+    assert len(record["errors"]) == 1 and record["errors"][0].startswith(f"models not loaded: {line}")

@@ -241,6 +241,17 @@ def test_run_with_a_missing_component_fails_fast_in_one_line(tmp_path, capsys, t
     assert not out.exists() and not ray.is_initialized()  # no run.json, no Ray, no flow
 
 
+def test_submit_with_a_missing_component_fails_before_asking_prefect(tmp_path, capsys, tiny_models, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens there: never reached
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame([dict(pair_id="a", image_prompt="dogs", audio_prompt="barking")]).to_csv(manifest, index=False)
+    rc = main(["submit", str(manifest), "--out", str(tmp_path / "out"),
+               "--models", _broken_set(tmp_path, tiny_models, "image")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert err.startswith("pws-batch submit: error: the model set ") and "image '" in err and "Prefect" not in err
+
+
 def test_the_flow_checks_the_models_before_it_says_running(tmp_path, tiny_models):
     """On a worker (submit), prepare() runs the same check: nothing written, no run.json left "running"."""
     from pws_batch.batch.config import RunConfig, RunError
@@ -300,3 +311,35 @@ def test_bench_architecture_is_built_from_the_real_config_without_weights():
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # SD 1.5's VAE
     with pytest.raises(ValueError, match="unknown architecture 'sdxl'"):
         build_unet_vae("sdxl")
+
+
+@pytest.mark.slow
+def test_bench_on_an_architecture_runs_end_to_end_and_prints_per_100_step_cost(monkeypatch):
+    """The whole `--architecture` path (random-weight models, random prompt embeddings, both ways timed), with
+    SD 1.5's config narrowed so it takes seconds on a CPU (the full one: the test above and a GPU)."""
+    import copy
+
+    from pws_batch.core import model_files
+    from pws_batch.core.bench import bench_sampler
+
+    real = model_files.reference_config
+
+    def narrowed(name):
+        config = copy.deepcopy(real(name))
+        if name == "sd15":
+            config["unet"].update(block_out_channels=[32, 32, 32, 32], layers_per_block=1, norm_num_groups=8,
+                                  attention_head_dim=2,  # and attention only at the lowest resolution
+                                  down_block_types=["DownBlock2D"] * 3 + ["CrossAttnDownBlock2D"],
+                                  up_block_types=["CrossAttnUpBlock2D"] + ["UpBlock2D"] * 3)
+            config["vae"].update(block_out_channels=[8, 8, 8, 8], layers_per_block=1, norm_num_groups=4)
+        return config
+
+    monkeypatch.setattr(model_files, "reference_config", narrowed)
+    lines: list[str] = []
+    result = bench_sampler(candidates=2, steps=2, micro_batch=2, device="cpu", architecture="sd15",
+                           print_fn=lines.append)
+    assert lines[0].startswith("pws-batch bench sampler: models=random weights in the sd15 architecture device=cpu "
+                               "dtype=float32 candidates=2 steps=2")
+    assert "s/100-step candidate" in lines[1] and lines[-1].startswith("speedup ")
+    assert result["seconds_per_100_step_candidate"] == pytest.approx(result["batched_s"] / 2 * 50)
+    assert result["batched_evals"] == {"audio": 4, "image": 4}  # 2 candidates x 2 steps (t = 501, 1) each

@@ -50,8 +50,6 @@ def architecture_pipeline(architecture: str, device: str = "auto", dtype: str = 
     architectures, with SD 1.5's scheduler config, and random prompt embeddings in place of text encoders."""
     from types import SimpleNamespace
 
-    import torch
-
     from pws_batch.core.device import resolve_device, resolve_dtype
     from pws_batch.core.model_files import reference_config
     from pws_batch.core.models import ModelSet

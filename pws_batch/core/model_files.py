@@ -102,6 +102,8 @@ def locate(model_id: str, filename: str) -> str | None:
 
 
 def _fix_missing(component: str, model_id: str, spec: str) -> str:
+    if spec == "tiny":
+        return "rebuild the tiny set: `pws-batch models build-tiny`"
     if is_local(model_id):
         return (f"copy the complete model into {model_id} (`pws-batch models fetch {spec} --dir DIR` writes a "
                 f"complete set), or point the model set's '{component}' entry at a folder that has it")

@@ -170,13 +170,16 @@ def load_diffusion_pipeline(component: str, model_id: str, device, dtype):
     return pipe.to(device)
 
 
-# stable-diffusion-v1-5's scheduler/scheduler_config.json: used to check schedules when the image model is not
-# available locally (validating a manifest on a laptop), never to generate.
-SD15_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-    "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
-    "steps_offset": 1, "trained_betas": None,
-}
+# stable-diffusion-v1-5's scheduler/scheduler_config.json (kept in reference_configs/sd15.json with its source):
+# used to check schedules when the image model is not available locally (validating a manifest on a laptop),
+# never to generate.
+def _sd15_scheduler_config() -> dict:
+    from pws_batch.core.model_files import reference_config
+
+    return dict(reference_config("sd15")["scheduler"])
+
+
+SD15_SCHEDULER_CONFIG = _sd15_scheduler_config()
 
 
 def load_scheduler_config(model_id: str, fallback: bool = False) -> dict:
