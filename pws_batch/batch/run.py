@@ -173,6 +173,8 @@ def kept_rows(result: PairResult, shard: str, model_ids: dict[str, str]) -> list
             "clip_score": c.clip_score, "clap_score": c.clap_score,
             "effective_image_prompt": request.params.effective_image_prompt,
             **params, "base_seed": base_seed, "keep": request.keep,
+            "target_clip": request.target_clip, "target_clap": request.target_clap,
+            "candidates_used": len(result.candidates),
             **{f"model_{c}": model_ids.get(c) for c in MODEL_COMPONENTS},
             "generate_s": result.generate_s, "rank_s": result.rank_s, "unet_evals": result.unet_evals,
             "shard": shard, "manifest_row": request.row,
@@ -182,9 +184,12 @@ def kept_rows(result: PairResult, shard: str, model_ids: dict[str, str]) -> list
 
 
 def candidate_rows(result: PairResult) -> list[dict[str, Any]]:
-    """The candidates sidecar's rows: every candidate's seed, scores, rank and kept flag (no media)."""
+    """The candidates sidecar's rows: every candidate made, with its seed, scores, rank and kept flag (no media),
+    and how many candidates its pair used (fewer than num_candidates when the adaptive budget stopped it)."""
+    used = len(result.candidates)
     return [{"pair_id": result.pair_id, "candidate_index": c.candidate_index, "seed": c.seed,
-             "clip_score": c.clip_score, "clap_score": c.clap_score, "rank": c.rank, "kept": c.kept}
+             "clip_score": c.clip_score, "clap_score": c.clap_score, "rank": c.rank, "kept": c.kept,
+             "candidates_used": used}
             for c in result.candidates]
 
 
@@ -211,6 +216,7 @@ def process_shard(out: str, model_ids: dict[str, str], shard: Shard,
         "pairs_done": len(shard.requests) - len(failed), "pairs_failed": len(failed), "failed": failed,
         "candidates": len(scores), "kept": len(rows), "seconds": round(time.perf_counter() - t0, 3),
         "unet_evals": sum(r.unet_evals for r in results if r.ok),
+        "pairs_stopped_early": sum(r.stopped_early for r in results),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **where,
     }
     output.write_json(f"_shards/{shard.name}.json", stats)  # the commit marker: written last
@@ -239,7 +245,10 @@ def finalize(plan: RunPlan, actors: list | None = None, extra: dict | None = Non
         "pairs_missing": sum(len(s.requests) for s in plan.shards if s.name not in stats),
         "candidates": sum(s["candidates"] for s in stats.values()), "kept": sum(s["kept"] for s in stats.values()),
         "unet_evals": sum(s.get("unet_evals", 0) for s in stats.values()),
+        "pairs_stopped_early": sum(s.get("pairs_stopped_early", 0) for s in stats.values()),
     }
+    counts["unet_evals_per_kept_pair"] = round(counts["unet_evals"] / counts["pairs_done"], 1) \
+        if counts["pairs_done"] else None
     complete = counts["shards_committed"] == counts["shards"]
     write_run_json(plan, "complete" if complete else "incomplete", counts, actors, extra)
     table = read_kept(out)

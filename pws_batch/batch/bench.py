@@ -1,0 +1,104 @@
+"""Benchmarks of the batch layer that print what they measure side by side (never asserted in tests).
+
+- `synthetic_manifest` / `bench_validate`: a big generated manifest with every kind of bad value, validated.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from typing import Any, Callable
+
+
+def synthetic_manifest(rows: int, seed: int = 0, bad_fraction: float = 0.05):
+    """A manifest of `rows` prompt pairs in which about `bad_fraction` of the rows carry one bad value each, of
+    every kind validation knows (missing / empty / too long text, wrong types, out-of-range numbers, non-whole
+    integers, a schedule with no active model, unknown schedulers, keep > candidates, duplicate ids, bad
+    targets), plus pass-through columns (one clashing with an output column)."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    idx = np.arange(rows)
+    df = pd.DataFrame({
+        "pair_id": [f"pair-{i:07d}" for i in idx],
+        "image_prompt": [f"a painting of castle number {i % 977}" for i in idx],
+        "audio_prompt": [f"bells ringing, take {i % 613}" for i in idx],
+        "guidance_image": rng.choice([7.5, 10.0, 12.0], rows),
+        "t_image": rng.choice([0.8, 0.9, 1.0], rows),
+        "t_audio": np.ones(rows),
+        "steps": rng.choice([10.0, 20.0, 25.0], rows),
+        "seed": idx.astype(np.int64),
+        "num_candidates": pd.Series(rng.choice([4, 8], rows), dtype=object),
+        "keep": rng.choice([1, 2], rows).astype(np.int64),
+        "scheduler": pd.Series(rng.choice(["DDIMScheduler", "EulerDiscreteScheduler"], rows), dtype=object),
+        "target_clip": rng.choice([np.nan, 0.25, 0.3], rows),
+        "note": [f"n{i}" for i in idx],
+        "rank": idx % 5,  # clashes with an output column: carried as manifest_rank
+    })
+    kinds: list[tuple[str, Any]] = [
+        ("image_prompt", ""), ("image_prompt", None), ("audio_prompt", "x" * 1200), ("audio_prompt", float("nan")),
+        ("guidance_image", -1.0), ("guidance_image", float("inf")), ("t_image", 1.5), ("steps", 2.5),
+        ("steps", 0.0), ("steps", 5000.0), ("steps", float("nan")), ("seed", -3), ("num_candidates", "many"),
+        ("num_candidates", True), ("num_candidates", "8"), ("num_candidates", 0), ("keep", 99),
+        ("scheduler", "NoSuchScheduler"), ("scheduler", "bogus"), ("scheduler", 3), ("target_clip", float("inf")),
+        ("pair_id", ""), ("pair_id", "p" * 300), ("pair_id", "pair-0000000"), ("pair_id", None),
+        ("t_image", 0.5), ("t_audio", 0.5),  # both together below: a schedule with no active model
+    ]
+    bad_rows = rng.choice(rows, size=int(rows * bad_fraction), replace=False) if rows else []
+    for n, r in enumerate(bad_rows):
+        column, value = kinds[n % len(kinds)]
+        if column in ("t_image", "t_audio") and value == 0.5:
+            df.loc[r, ["t_image", "t_audio"]] = 0.5
+            continue
+        if column in ("seed", "keep") and not isinstance(value, int):
+            df[column] = df[column].astype(object)
+        df.at[r, column] = value
+    return df
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_validate(rows: int = 100_000, compare: int = 0, print_fn: Callable[[str], None] = print) -> dict:
+    """Validate a synthetic manifest of `rows` rows, printing seconds and this process's peak memory; with
+    `compare`, also validate its first `compare` rows one row at a time and say whether the answers agree."""
+    from pws_batch.batch.manifest import validate_manifest, validate_manifest_by_row
+    from pws_batch.core.models import SD15_SCHEDULER_CONFIG
+
+    t0 = time.perf_counter()
+    df = synthetic_manifest(rows)
+    made_s = time.perf_counter() - t0
+    rss0 = peak_rss_mb()
+    t0 = time.perf_counter()
+    validated = validate_manifest(df, scheduler_config=SD15_SCHEDULER_CONFIG)
+    seconds = time.perf_counter() - t0
+    out = {"rows": rows, "good": len(validated.requests), "rejected": len(validated.rejections),
+           "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "peak_rss_before_mb": rss0, "pid": os.getpid()}
+    print_fn(f"validate: {rows} rows ({out['good']} good, {out['rejected']} rejected) in {seconds:.2f} s; "
+             f"peak memory of this process {out['peak_rss_mb']:.0f} MB ({rss0:.0f} MB before validating; "
+             f"manifest made in {made_s:.1f} s)")
+    if compare:
+        part = df.iloc[:compare].reset_index(drop=True)
+        t0 = time.perf_counter()
+        by_row = validate_manifest_by_row(part, scheduler_config=SD15_SCHEDULER_CONFIG)
+        row_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        vec = validate_manifest(part, scheduler_config=SD15_SCHEDULER_CONFIG)
+        vec_s = time.perf_counter() - t0
+        same = same_answers(by_row, vec)
+        print_fn(f"first {compare} rows: row by row {row_s:.2f} s, vectorised {vec_s:.2f} s "
+                 f"({row_s / vec_s:.1f}x); same answers: {same}")
+        out.update(compare=compare, same=same, by_row_s=row_s, vectorised_s=vec_s)
+    return out
+
+
+def same_answers(a, b) -> bool:
+    """Two validations agree: the same requests (row, id, parameters, keep, targets, extras) and rejections."""
+    return ([(r.row, r.pair_id, r.params, r.keep, r.target_clip, r.target_clap, r.extra) for r in a.requests]
+            == [(r.row, r.pair_id, r.params, r.keep, r.target_clip, r.target_clap, r.extra) for r in b.requests]
+            and [vars(r) for r in a.rejections] == [vars(r) for r in b.rejections]
+            and a.warnings == b.warnings and a.num_rows == b.num_rows)
