@@ -47,6 +47,18 @@ def generate_shard(run_key: str, out: str, model_ids: dict, shard: run.Shard) ->
     return stats
 
 
+def _may_have_work(out: str, config: RunConfig) -> bool:
+    """False when `out` already holds a complete run (a resume with nothing to do starts no Ray)."""
+    from pws_batch.batch.dataset import Output
+
+    if config.plan.overwrite:
+        return True
+    try:
+        return Output(out).read_json("run.json").get("status") != "complete"
+    except Exception:  # noqa: BLE001 - no run.json (a new output) or unreadable: there is work
+        return True
+
+
 def _artifact_key(name: str, suffix: str) -> str:
     cleaned = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
     return f"{cleaned[:40] or 'run'}-{suffix}"
@@ -63,35 +75,55 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
     config = config or RunConfig()
     t_start = time.perf_counter()
 
-    # 1. Load and validate; bad rows go to rejected.parquet; plan shards; skip those already committed.
-    plan = run.prepare(manifest, out, config, log=logger.info)
-    for rejection in plan.validated.rejections:
-        logger.warning(f"rejected {rejection}")
-    total_pairs = len(plan.validated.requests)
-    pairs_done = sum(len(s.requests) for s in plan.shards if s.name in plan.done)
-    progress_id = create_progress_artifact(
-        progress=100.0 * pairs_done / max(total_pairs, 1), key=_artifact_key(plan.name, "progress"),
-        description=f"pairs of {manifest} written to {out}")
-
-    def report() -> None:
-        update_progress_artifact(progress_id, 100.0 * pairs_done / max(total_pairs, 1))
-        for listener in PROGRESS_LISTENERS:
-            listener(pairs_done, total_pairs)
-
-    report()
-
-    # 2. One task per shard on Ray actors created once for the run; as many shards in flight as actor pairs.
-    run_key = str(flow_run.id or id(plan))
+    # 1. Validate (in a thread) while Ray starts and the actors load their models: neither waits on the other.
+    #    Bad rows go to rejected.parquet; shards are planned (auto size: from the pairs and the actors); shards
+    #    already committed are skipped.
+    run_key = str(flow_run.id or id(config))
     started_ray, pool, actor_infos, errors = False, None, [], []
-    if plan.todo:
-        started_ray = engine.connect_ray(config.engine.ray_address)
-        logger.info(engine.describe_cluster(started_ray))
+    dispatch_s = 0.0
+    actor_count: concurrent.futures.Future = concurrent.futures.Future()
+    preparer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare")
+    try:
+        preparing = preparer.submit(run.prepare, manifest, out, config, logger.info, actor_count.result)
         try:
-            pool = engine.start_actors(config, logger.info)
-            actor_infos = pool.infos()
+            if _may_have_work(out, config):
+                started_ray = engine.connect_ray(config.engine.ray_address)
+                logger.info(engine.describe_cluster(started_ray))
+                pool = engine.start_actors(config, logger.info, wait=False, **engine.ACTOR_CLASSES)
+            actor_count.set_result(len(pool) if pool else config.engine.actors or 1)
+        except BaseException as exc:
+            actor_count.set_exception(exc)
+            raise
+        plan = preparing.result()
+        for rejection in plan.validated.rejections[:run.TOP_K]:  # bounded: the rest are in rejected.parquet
+            logger.warning(f"rejected {rejection}")
+        if len(plan.validated.rejections) > run.TOP_K:
+            logger.warning(f"... and {len(plan.validated.rejections) - run.TOP_K} more rejected rows: "
+                           f"{out}/rejected.parquet")
+        total_pairs = len(plan.validated.requests)
+        pairs_done = sum(len(s.requests) for s in plan.shards if s.name in plan.done)
+        progress_id = create_progress_artifact(
+            progress=100.0 * pairs_done / max(total_pairs, 1), key=_artifact_key(plan.name, "progress"),
+            description=f"pairs of {manifest} written to {out}")
+
+        def report() -> None:
+            update_progress_artifact(progress_id, 100.0 * pairs_done / max(total_pairs, 1))
+            for listener in PROGRESS_LISTENERS:
+                listener(pairs_done, total_pairs)
+
+        report()
+
+        # 2. One task per shard on Ray actors created once for the run; as many shards in flight as actor pairs.
+        if plan.todo and pool is None:  # the output looked complete but is not: start the engine now
+            started_ray = engine.connect_ray(config.engine.ray_address)
+            logger.info(engine.describe_cluster(started_ray))
+            pool = engine.start_actors(config, logger.info, wait=False, **engine.ACTOR_CLASSES)
+        if plan.todo:
+            actor_infos = pool.wait_ready(logger.info)
             engine.register_pool(run_key, pool)
             pending = list(plan.todo)
             running: dict[concurrent.futures.Future, Any] = {}
+            t_dispatch = time.perf_counter()
             while pending or running:
                 while pending and len(running) < len(pool):
                     shard = pending.pop(0)
@@ -107,23 +139,27 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
                         errors.append(f"shard {shard.name}: {type(exc).__name__}: {exc}")
                         logger.error(f"shard {shard.name} failed after {SHARD_RETRIES} retries: {exc}")
                     report()
+            dispatch_s = time.perf_counter() - t_dispatch
             actor_infos = pool.infos()  # again at the end: the pairs each actor served, its (single) model load
-        finally:
-            engine.unregister_pool(run_key)
-            engine.stop_actors(pool)
-            if started_ray:
-                import ray
+    finally:
+        preparer.shutdown(wait=True)
+        engine.unregister_pool(run_key)
+        engine.stop_actors(pool)
+        if started_ray:
+            import ray
 
-                ray.shutdown()
+            ray.shutdown()
 
     # 3. Finalize: run.json, dataset card, artifacts.
     elapsed = time.perf_counter() - t_start
     summary = run.finalize(plan, actors=actor_infos, extra={"flow_run_id": str(flow_run.id) if flow_run.id else None,
-                                                            "seconds": round(elapsed, 2)})
+                                                            "seconds": round(elapsed, 2),
+                                                            "dispatch_s": round(dispatch_s, 3)})
     counts = summary["counts"]
     kept_rows = summary.pop("kept_rows")
     create_table_artifact(
-        key=_artifact_key(plan.name, "kept"), description=f"kept candidates of {manifest}",
+        key=_artifact_key(plan.name, "kept"),
+        description=f"the {len(kept_rows)} best kept candidates (CLIP + CLAP) of {counts['kept']} in {out}",
         table=[{"pair_id": r["pair_id"], "image_prompt": r["image_prompt"], "audio_prompt": r["audio_prompt"],
                 "candidate": r["candidate_index"], "seed": r["seed"], "rank": r["rank"],
                 "clip_score": round(r["clip_score"], 4), "clap_score": round(r["clap_score"], 4)} for r in kept_rows]
@@ -138,11 +174,17 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
         f"| pairs failed | {counts['pairs_failed']} |",
         f"| rows rejected | {counts['rejected']} (`{out}/rejected.parquet`) |",
         f"| candidates | {counts['candidates']} ({counts['kept']} kept) |",
+        f"| U-Net evaluations | {counts['unet_evals']} ({counts.get('unet_evals_per_kept_pair') or 'n/a'} per kept "
+        f"pair; {counts.get('pairs_stopped_early', 0)} pairs stopped early at their targets) |",
         f"| shards | {counts['shards_committed']}/{counts['shards']} committed, {counts['shards_resumed']} resumed |",
         f"| time | {elapsed:.1f} s ({generated / elapsed if elapsed else 0:.2f} candidates/s this run) |",
         f"| actors | {len(actor_infos)} ({', '.join(sorted({a['device'] for a in actor_infos})) or 'none needed'}) |",
         "", *[f"- rejected {r}" for r in plan.validated.rejections[:50]],
         *[f"- failed pair {f['pair_id']}: {f['error']}" for f in summary["failed"][:50]],
+        *([f"- ... {counts['rejected'] - 50} more rejected rows in `{out}/rejected.parquet`"]
+          if counts["rejected"] > 50 else []),
+        *([f"- ... {summary['failed_total'] - 50} more failed pairs in `{out}/_shards/*.json`"]
+          if summary["failed_total"] > 50 else []),
         *[f"- {e}" for e in errors],
     ]))
     logger.info(f"dataset at {out}: {counts['pairs_done']} pairs kept, {counts['pairs_failed']} failed, "

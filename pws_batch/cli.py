@@ -142,6 +142,27 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--t-image", type=float, default=DEFAULTS.t_image, help=f"(default: {DEFAULTS.t_image:g})")
     bs.add_argument("--t-audio", type=float, default=DEFAULTS.t_audio, help=f"(default: {DEFAULTS.t_audio:g})")
     _add_runtime_args(bs, models_default="tiny")
+    bc = bsub.add_parser("cluster", help="the real flow, engine and writer on a simulated GPU cluster",
+                         description="Runs the real flow, engine, writer and Prefect tasks on a local Ray that "
+                                     "advertises --actors GPUs (logical resources), with stand-in actors that take "
+                                     "--pair-seconds per pair and return small real media; prints the driver's CPU "
+                                     "and memory and `orchestration efficiency E.EE` = pairs x pair-seconds / "
+                                     "(actors x steady-state wall). Uses $PREFECT_API_URL, else an ephemeral "
+                                     "Prefect API.")
+    bc.add_argument("--actors", type=int, default=4, help="generator actors = logical GPUs (default: 4)")
+    bc.add_argument("--pairs", type=int, default=64, help="(default: 64)")
+    bc.add_argument("--pair-seconds", type=float, default=0.5, help="seconds per pair a stand-in generator takes "
+                                                                    "(default: 0.5)")
+    bc.add_argument("--candidates", type=int, default=8, help="candidates per pair (default: 8)")
+    bc.add_argument("--micro-batch", type=int, default=8, help="(default: 8)")
+    bc.add_argument("--shard-size", type=int, default=None, help="pairs per shard (default: auto)")
+    bv = bsub.add_parser("validate", help="validate a generated manifest with every kind of bad value",
+                         description="Builds a manifest of --rows rows (about 5%% carry a bad value of some kind), "
+                                     "validates it, and prints the seconds and this process's peak memory; with "
+                                     "--compare N, also validates its first N rows one row at a time and says "
+                                     "whether the answers agree.")
+    bv.add_argument("--rows", type=int, default=100_000, help="(default: 100000)")
+    bv.add_argument("--compare", type=int, default=0, help="rows to check against the row-by-row path (default: 0)")
     return parser
 
 
@@ -267,6 +288,24 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "cluster":
+        if min(args.actors, args.pairs, args.candidates, args.micro_batch) < 1 or args.pair_seconds < 0 \
+                or (args.shard_size is not None and args.shard_size < 1):
+            raise UsageError("pws-batch bench cluster: error: --actors, --pairs, --candidates, --micro-batch and "
+                             "--shard-size must be >= 1, --pair-seconds >= 0")
+        from flows.generate_dataset import generate_dataset
+        from pws_batch.batch.bench import bench_cluster
+
+        bench_cluster(generate_dataset, actors=args.actors, pairs=args.pairs, pair_seconds=args.pair_seconds,
+                      candidates=args.candidates, micro_batch=args.micro_batch, shard_size=args.shard_size)
+        return 0
+    if args.bench_command == "validate":
+        if args.rows < 0 or args.compare < 0:
+            raise UsageError("pws-batch bench validate: error: --rows and --compare must be >= 0")
+        from pws_batch.batch.bench import bench_validate
+
+        bench_validate(args.rows, compare=min(args.compare, args.rows))
+        return 0
     _check_runtime(args)
     if args.candidates < 1 or args.steps < 1:
         raise UsageError("pws-batch bench sampler: error: --candidates and --steps must be >= 1")

@@ -1,6 +1,7 @@
 """Benchmarks of the batch layer that print what they measure side by side (never asserted in tests).
 
 - `synthetic_manifest` / `bench_validate`: a big generated manifest with every kind of bad value, validated.
+- `bench_cluster`: the real flow on a local Ray advertising A logical GPUs, with stand-in actors.
 """
 
 from __future__ import annotations
@@ -102,3 +103,72 @@ def same_answers(a, b) -> bool:
             == [(r.row, r.pair_id, r.params, r.keep, r.target_clip, r.target_clap, r.extra) for r in b.requests]
             and [vars(r) for r in a.rejections] == [vars(r) for r in b.rejections]
             and a.warnings == b.warnings and a.num_rows == b.num_rows)
+
+
+# ---------------------------------------------------------------------------------------------- bench cluster
+def bench_cluster(flow: Callable[..., dict], actors: int = 4, pairs: int = 64, pair_seconds: float = 0.5,
+                  candidates: int = 8, micro_batch: int = 8, shard_size: int | None = None,
+                  workdir: str | None = None, print_fn: Callable[[str], None] = print) -> dict:
+    """The real flow (`flow`: flows.generate_dataset.generate_dataset), engine, writer and Prefect tasks on a local
+    Ray that advertises `actors` GPUs (logical resources), with stand-in actors that take `pair_seconds` per pair
+    (pws_batch.batch.standins). Prints the driver's CPU and memory and `orchestration efficiency E.EE` =
+    pairs x pair_seconds / (actors x steady-state wall), the steady state being the flow's dispatch of the shards
+    (after the actors are up, before finalize)."""
+    import tempfile
+
+    import pandas as pd
+    import ray
+
+    from pws_batch.batch import engine
+    from pws_batch.batch.config import RunConfig
+    from pws_batch.batch.dataset import Output
+    from pws_batch.batch.standins import StandInGenerator, StandInRanker
+
+    folder = workdir or tempfile.mkdtemp(prefix="pws-bench-cluster-")
+    manifest = os.path.join(folder, "bench-cluster.parquet")
+    pd.DataFrame({"pair_id": [f"pair-{i:06d}" for i in range(pairs)],
+                  "image_prompt": [f"a drawing of bell {i}" for i in range(pairs)],
+                  "audio_prompt": [f"a bell ringing {i}" for i in range(pairs)]}).to_parquet(manifest, index=False)
+    out = os.path.join(folder, "out")
+    config = RunConfig().replace(defaults={"num_candidates": candidates, "keep": 1, "steps": 10},
+                                 engine={"actors": actors, "micro_batch": micro_batch, "device": "auto"},
+                                 plan={"shard_size": shard_size, "overwrite": True})
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    started = not ray.is_initialized()
+    if started:  # the GPUs are logical: Ray schedules the actors as on a GPU cluster; the stand-ins use none
+        ray.init(num_cpus=actors + 1, num_gpus=actors, include_dashboard=False, log_to_driver=False)
+    try:
+        t0, cpu0 = time.perf_counter(), _cpu_s()
+        with engine.use_actors(StandInGenerator, StandInRanker, pair_seconds=pair_seconds):
+            flow(manifest, out, config)
+        wall, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
+    finally:
+        if started:
+            ray.shutdown()
+    run = Output(out).read_json("run.json")
+    dispatch_s = run.get("dispatch_s") or float("nan")
+    counts = run.get("counts", {})
+    ideal = pairs * pair_seconds / actors
+    efficiency = ideal / dispatch_s if dispatch_s else float("nan")
+    shards = counts.get("shards", 0)
+    result = {"actors": actors, "pairs": pairs, "pair_seconds": pair_seconds, "shards": shards,
+              "shard_size": run.get("shard_size"), "dispatch_s": dispatch_s, "ideal_s": ideal, "flow_s": wall,
+              "driver_cpu_s": cpu, "driver_peak_rss_mb": peak_rss_mb(), "efficiency": efficiency,
+              "pairs_done": counts.get("pairs_done"), "out": out}
+    print_fn(f"pws-batch bench cluster: {actors} actors (logical GPUs), {pairs} pairs x {pair_seconds:g} s, "
+             f"{candidates} candidates per pair, micro-batch {micro_batch}; {shards} shards of "
+             f"{run.get('shard_size')} pairs")
+    print_fn(f"{'':<28} {'seconds':>9}")
+    print_fn(f"{'ideal (P x X / A)':<28} {ideal:>9.2f}")
+    print_fn(f"{'steady state (dispatch)':<28} {dispatch_s:>9.2f}")
+    print_fn(f"{'whole flow':<28} {wall:>9.2f}")
+    print_fn(f"driver: {cpu:.1f} CPU-s over the flow ({cpu / wall:.2f} cores), peak memory "
+             f"{result['driver_peak_rss_mb']:.0f} MB; {counts.get('pairs_done', 0)}/{pairs} pairs done; "
+             f"feeds {pairs / dispatch_s:.1f} pairs/s")
+    print_fn(f"orchestration efficiency {efficiency:.2f}")
+    return result
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime

@@ -85,7 +85,10 @@ class EngineConfig:
 class PlanConfig:
     """How the pairs are cut into shards (one Prefect task and one commit each), and an existing output."""
 
-    shard_size: int = option(4, "--shard-size", "pairs per shard = per Prefect task and per commit")
+    shard_size: int | None = option(None, "--shard-size", "pairs per shard = per Prefect task and per commit "
+                                    "(default: auto, from the number of good pairs and of actors: about "
+                                    "4 shards per actor, 1 to 256 pairs each; a resumed run keeps its size)",
+                                    type=int)
     overwrite: bool = option(False, "--overwrite", "delete what an earlier run wrote to --out and start over "
                                                    "(default: resume, keeping committed shards)",
                              fingerprint=False, action="store_true")

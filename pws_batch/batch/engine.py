@@ -159,6 +159,7 @@ class Ranker:
         if not batch.ok:
             return batch
         t0 = time.perf_counter()
+        self.pairs += batch.start == 0
         request, candidates = batch.request, batch.generated.candidates
         try:
             clip = self.clip([c.image for c in candidates], request.params.effective_image_prompt)
@@ -197,6 +198,15 @@ class ActorPool:
         import ray
 
         return ray.get([a.info.remote() for a in (*self.generators, *self.rankers)])
+
+    def wait_ready(self, log: Callable[[str], None]) -> list[dict]:
+        """Wait until every actor has loaded its models; log where each runs."""
+        infos = self.infos()
+        for info in infos:
+            log(f"{info['role']} actor {info.get('actor_id')} on {info['host']} pid {info['pid']}: device "
+                f"{info['device']}, GPUs {info.get('gpu_ids') or 'none'}, models loaded {info['model_loads']}x "
+                f"in {info['load_s']:.1f} s")
+        return infos
 
 
 def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
@@ -239,8 +249,10 @@ def describe_cluster(started_here: bool) -> str:
 
 
 def start_actors(config: RunConfig, log: Callable[[str], None], generator_cls: type | None = None,
-                 ranker_cls: type | None = None, actor_kwargs: dict | None = None) -> ActorPool:
+                 ranker_cls: type | None = None, actor_kwargs: dict | None = None, wait: bool = True) -> ActorPool:
     """One generator per GPU (or `--actors`), each with its ranker; on a machine without GPUs, CPU actors.
+
+    `wait=False` returns as soon as the actors are created, while they load their models (`pool.wait_ready`).
 
     `generator_cls` / `ranker_cls` (with `actor_kwargs` for their constructors) replace the model-holding actors:
     `pws_batch.batch.standins` for benchmarks and tests of the orchestration.
@@ -271,11 +283,23 @@ def start_actors(config: RunConfig, log: Callable[[str], None], generator_cls: t
     rankers = [ray.remote(ranker_cls or Ranker).options(**rank_opts, **common).remote(config, **kwargs)
                for _ in range(n)]
     pool = ActorPool(generators, rankers, config)
-    for info in pool.infos():  # waits until every actor has loaded its models
-        log(f"{info['role']} actor {info.get('actor_id')} on {info['host']} pid {info['pid']}: device "
-            f"{info['device']}, GPUs {info.get('gpu_ids') or 'none'}, models loaded {info['model_loads']}x "
-            f"in {info['load_s']:.1f} s")
+    if wait:
+        pool.wait_ready(log)
     return pool
+
+
+# The actor classes the flow's runs use in this process; `use_actors` swaps in stand-ins (pws_batch.batch.standins)
+# so that `pws-batch bench cluster` runs the real flow, dispatch and writer without models.
+ACTOR_CLASSES: dict[str, Any] = {}
+
+
+@contextmanager
+def use_actors(generator_cls: type, ranker_cls: type, **actor_kwargs: Any) -> Iterator[None]:
+    ACTOR_CLASSES.update(generator_cls=generator_cls, ranker_cls=ranker_cls, actor_kwargs=actor_kwargs)
+    try:
+        yield
+    finally:
+        ACTOR_CLASSES.clear()
 
 
 def stop_actors(pool: ActorPool | None) -> None:

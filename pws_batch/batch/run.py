@@ -46,6 +46,7 @@ class RunPlan:
     fingerprint: dict[str, Any]
     model_ids: dict[str, str]
     started_at: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    shard_size: int | None = None  # pairs per shard (--shard-size, or chosen when auto)
 
     @property
     def todo(self) -> list[Shard]:
@@ -84,6 +85,16 @@ def validate(manifest: str, config: RunConfig, check_files: bool = True) -> tupl
     return validate_manifest(df, config.defaults, scheduler_config, check_files=check_files, base=base), model_ids
 
 
+SHARDS_PER_ACTOR = 4  # few enough Prefect tasks and commits; enough that no actor waits long at the end
+MAX_AUTO_SHARD = 256  # a failed shard redoes at most this many pairs
+
+
+def auto_shard_size(pairs: int, actors: int) -> int:
+    """`--shard-size` auto: about SHARDS_PER_ACTOR shards per actor, 1 to MAX_AUTO_SHARD pairs each, so the number
+    of Prefect tasks grows with the cluster, not with the manifest (100,000 pairs on 64 actors: 391 shards of 256)."""
+    return max(1, min(MAX_AUTO_SHARD, -(-pairs // (SHARDS_PER_ACTOR * max(1, actors)))))
+
+
 def plan_shards(requests: list[PairRequest], shard_size: int) -> list[Shard]:
     """Deterministic shards: manifest order, `shard_size` pairs each, named 00000, 00001, ..."""
     return [Shard(shard_name(i // shard_size), requests[i:i + shard_size]) for i in range(0, len(requests), shard_size)]
@@ -110,24 +121,34 @@ def check_output(manifest: str, out: str, config: RunConfig) -> dict[str, Any]:
     return fingerprint
 
 
-def prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], None] = print) -> RunPlan:
-    """Validate the manifest, write rejected.parquet, plan the shards and find those already committed."""
+def prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], None] = print,
+            actors: Callable[[], int] | None = None) -> RunPlan:
+    """Validate the manifest, write rejected.parquet, plan the shards and find those already committed.
+
+    `actors()` says how many actors the run has, for `--shard-size` auto (called only then; default: 1).
+    """
     config.check()
     output = Output(out)
     fingerprint = check_output(manifest, out, config)
     validated, model_ids = validate(manifest, config)
+    shard_size = config.plan.shard_size
+    if shard_size is None and not config.plan.overwrite and output.exists("run.json"):
+        shard_size = output.read_json("run.json").get("shard_size")  # a resumed run keeps its shards
+    if shard_size is None:
+        shard_size = auto_shard_size(len(validated.requests), actors() if actors else 1)
     if config.plan.overwrite:
         output.clear()
-    shards = plan_shards(validated.requests, config.plan.shard_size)
+    shards = plan_shards(validated.requests, shard_size)
     planned = {s.name: s.pair_ids for s in shards}
     done = {name: stats for name, stats in committed_shards(output).items() if stats.get("pair_ids") == planned.get(name)}
     output.write_table("rejected.parquet", rejections_table(validated.rejections))
-    plan = RunPlan(manifest, out, config, validated, shards, done, fingerprint, model_ids)
+    plan = RunPlan(manifest, out, config, validated, shards, done, fingerprint, model_ids, shard_size=shard_size)
     write_run_json(plan, status="running")
     for w in validated.warnings:
         log(f"manifest: {w}")
     log(f"manifest {manifest}: {validated.num_rows} rows, {len(validated.requests)} good, "
-        f"{len(validated.rejections)} rejected; {len(shards)} shards of up to {config.plan.shard_size} pairs, "
+        f"{len(validated.rejections)} rejected; {len(shards)} shards of up to {shard_size} pairs"
+        f"{'' if config.plan.shard_size else ' (auto)'}, "
         f"{len(done)} already committed in {out}")
     return plan
 
@@ -144,6 +165,7 @@ def write_run_json(plan: RunPlan, status: str, counts: dict | None = None, actor
         "models": plan.model_ids,
         "versions": versions(),
         "shards": {s.name: s.pair_ids for s in plan.shards},
+        "shard_size": plan.shard_size,
         "started_at": plan.started_at,
         "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "counts": counts or {},
@@ -251,9 +273,28 @@ def finalize(plan: RunPlan, actors: list | None = None, extra: dict | None = Non
         if counts["pairs_done"] else None
     complete = counts["shards_committed"] == counts["shards"]
     write_run_json(plan, "complete" if complete else "incomplete", counts, actors, extra)
-    table = read_kept(out)
-    kept = table.drop_columns([c for c in ("image", "audio") if c in table.column_names]).to_pylist() if table else []
+    # Only the columns the card and the summary need, never the media: memory stays small at 100k pairs.
+    scores = read_kept(out, columns=["clip_score", "clap_score"])
+    kept = scores.to_pylist() if scores is not None else []
     out.write_bytes("README.md", dataset_card(plan.name, out.read_json("run.json"), kept).encode())
+    del kept, scores
     failed = [f for s in stats.values() for f in s.get("failed", [])]
-    return {"out": plan.out, "name": plan.name, "complete": complete, "counts": counts, "failed": failed,
-            "kept_rows": kept}
+    return {"out": plan.out, "name": plan.name, "complete": complete, "counts": counts, "failed": failed[:TOP_K],
+            "failed_total": len(failed), "kept_rows": top_kept(out)}
+
+
+TOP_K = 50  # rows of the kept table shown in the flow's artifact (the dataset holds them all)
+TOP_COLUMNS = ["pair_id", "image_prompt", "audio_prompt", "candidate_index", "seed", "rank", "clip_score",
+               "clap_score"]
+
+
+def top_kept(out: Output, k: int = TOP_K) -> list[dict[str, Any]]:
+    """The `k` kept rows with the best CLIP + CLAP, read without their media."""
+    import pyarrow.compute as pc
+
+    table = read_kept(out, columns=TOP_COLUMNS)
+    if table is None or table.num_rows == 0:
+        return []
+    total = pc.add(pc.fill_null(table["clip_score"], 0.0), pc.fill_null(table["clap_score"], 0.0))
+    order = pc.sort_indices(pa.table({"total": total}), sort_keys=[("total", "descending")])[:k]
+    return table.take(order).to_pylist()

@@ -93,6 +93,9 @@ class StandInGenerator:
 
 class StandInRanker:
     def __init__(self, config: RunConfig, **_ignored: Any):
+        import PIL.Image  # noqa: F401 - imported up front, as the real ranker loads its models up front
+        import soundfile  # noqa: F401
+
         self.config = config
         self.pairs = 0
 
