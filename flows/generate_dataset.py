@@ -24,6 +24,7 @@ from pws_batch.batch.config import RunConfig
 from pws_batch.batch.manifest import manifest_name
 
 SHARD_RETRIES = 2
+SHARDS_IN_FLIGHT_PER_ACTOR = 2
 # Listeners in this process (the CLI's progress bar): called with (pairs_done, pairs_total).
 PROGRESS_LISTENERS: list[Callable[[int, int], None]] = []
 
@@ -113,7 +114,8 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
 
         report()
 
-        # 2. One task per shard on Ray actors created once for the run; as many shards in flight as actor pairs.
+        # 2. One task per shard on Ray actors created once for the run. Two shards in flight per actor pair: one
+        #    runs, the next has done its Prefect bookkeeping and takes the actors the moment they are free.
         if plan.todo and pool is None:  # the output looked complete but is not: start the engine now
             started_ray = engine.connect_ray(config.engine.ray_address)
             logger.info(engine.describe_cluster(started_ray))
@@ -125,7 +127,7 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
             running: dict[concurrent.futures.Future, Any] = {}
             t_dispatch = time.perf_counter()
             while pending or running:
-                while pending and len(running) < len(pool):
+                while pending and len(running) < SHARDS_IN_FLIGHT_PER_ACTOR * len(pool):
                     shard = pending.pop(0)
                     future = generate_shard.submit(run_key, out, plan.model_ids, shard)
                     running[future.wrapped_future] = (future, shard)

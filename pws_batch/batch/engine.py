@@ -316,7 +316,7 @@ def stop_actors(pool: ActorPool | None) -> None:
 
 # Micro-batches in flight per actor pair (queued or running on the generator, or being scored): the generator
 # always has the next one queued, and the object store holds at most this many micro-batches of arrays.
-LOOKAHEAD = 2
+LOOKAHEAD = 3
 
 
 def run_pairs(pool: ActorPool, requests: list[PairRequest]) -> tuple[list[PairResult], dict]:
@@ -331,7 +331,9 @@ def run_pairs(pool: ActorPool, requests: list[PairRequest]) -> tuple[list[PairRe
     import ray
 
     micro_batch, rule = pool.config.engine.micro_batch, pool.config.ranking
+    t_wait = time.perf_counter()
     with pool.borrow() as (i, generator, ranker):
+        waited = time.perf_counter() - t_wait
         streams = [PairStream(r, micro_batch) for r in requests]
         in_flight: dict[Any, PairStream] = {}
         peak = batches = 0
@@ -350,7 +352,8 @@ def run_pairs(pool: ActorPool, requests: list[PairRequest]) -> tuple[list[PairRe
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             in_flight.pop(ready[0]).add(ray.get(ready[0]))
         return [s.result(rule) for s in streams], {"actor_pair": i, "micro_batches": batches,
-                                                   "micro_batches_in_flight_max": peak}
+                                                   "micro_batches_in_flight_max": peak,
+                                                   "actor_wait_s": round(waited, 3)}
 
 
 # Engines of the runs in this process, by run key: Prefect tasks (threads of the flow run) find theirs here.
