@@ -153,7 +153,8 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
             ray.shutdown()
 
     # 3. Finalize: run.json, dataset card, artifacts.
-    elapsed = time.perf_counter() - t_start
+    t_finalize = time.perf_counter()
+    elapsed = t_finalize - t_start
     summary = run.finalize(plan, actors=actor_infos, extra={"flow_run_id": str(flow_run.id) if flow_run.id else None,
                                                             "seconds": round(elapsed, 2),
                                                             "dispatch_s": round(dispatch_s, 3)})
@@ -192,6 +193,8 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
     logger.info(f"dataset at {out}: {counts['pairs_done']} pairs kept, {counts['pairs_failed']} failed, "
                 f"{counts['rejected']} rejected")
     summary["errors"] = errors
+    summary["timings"] = {"flow_s": round(time.perf_counter() - t_start, 3), "dispatch_s": round(dispatch_s, 3),
+                          "finalize_s": round(time.perf_counter() - t_finalize, 3)}
     if errors:
         raise RuntimeError(f"{len(errors)} shard(s) failed; what was committed is kept, re-run to resume: "
                            + "; ".join(errors))

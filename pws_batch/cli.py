@@ -156,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--candidates", type=int, default=8, help="candidates per pair (default: 8)")
     bc.add_argument("--micro-batch", type=int, default=8, help="(default: 8)")
     bc.add_argument("--shard-size", type=int, default=None, help="pairs per shard (default: auto)")
+    bp = bsub.add_parser("pipeline", help="the bare library vs the whole pipeline on the same work",
+                         description="Runs the bare library (load the models, then generate and score each pair in "
+                                     "one process) and the whole pipeline (the flow: Prefect API, Ray, actors, "
+                                     "writer, finalize) on the same pairs, one after the other; prints a table and "
+                                     "`pipeline efficiency E.EE of bare, start-up U.U s, finalize F.F s`. Uses "
+                                     "$PREFECT_API_URL, else an ephemeral Prefect API.")
+    bp.add_argument("--pairs", type=int, default=4, help="(default: 4)")
+    bp.add_argument("--candidates", type=int, default=8, help="(default: 8)")
+    bp.add_argument("--steps", type=int, default=20, help="(default: 20)")
+    bp.add_argument("--models", default="tiny", help="model set (default: tiny)")
+    bp.add_argument("--micro-batch", type=int, default=8, help="(default: 8)")
     bv = bsub.add_parser("validate", help="validate a generated manifest with every kind of bad value",
                          description="Builds a manifest of --rows rows (about 5%% carry a bad value of some kind), "
                                      "validates it, and prints the seconds and this process's peak memory; with "
@@ -298,6 +309,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         bench_cluster(generate_dataset, actors=args.actors, pairs=args.pairs, pair_seconds=args.pair_seconds,
                       candidates=args.candidates, micro_batch=args.micro_batch, shard_size=args.shard_size)
+        return 0
+    if args.bench_command == "pipeline":
+        if min(args.pairs, args.candidates, args.steps, args.micro_batch) < 1:
+            raise UsageError("pws-batch bench pipeline: error: --pairs, --candidates, --steps and --micro-batch "
+                             "must be >= 1")
+        from flows.generate_dataset import generate_dataset
+        from pws_batch.batch.bench import bench_pipeline
+
+        bench_pipeline(generate_dataset, pairs=args.pairs, candidates=args.candidates, steps=args.steps,
+                       models=args.models, micro_batch=args.micro_batch)
         return 0
     if args.bench_command == "validate":
         if args.rows < 0 or args.compare < 0:

@@ -4,6 +4,7 @@ completes and prints its efficiency as a number, never how fast it is."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from servers import base_env, kill_session, prefect_server
 @pytest.mark.slow
 def test_bench_cluster_small_configuration_runs_and_prints_its_efficiency(tmp_path):
     home = str(tmp_path / "prefect-home")
+    os.makedirs(home)
     with prefect_server(home) as url:
         proc = subprocess.Popen([sys.executable, "-m", "pws_batch.cli", "bench", "cluster", "--actors", "2",
                                  "--pairs", "8", "--pair-seconds", "0.1", "--candidates", "4", "--micro-batch", "2"],

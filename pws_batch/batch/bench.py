@@ -172,3 +172,64 @@ def bench_cluster(flow: Callable[..., dict], actors: int = 4, pairs: int = 64, p
 def _cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+# ---------------------------------------------------------------------------------------------- bench pipeline
+def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 8, steps: int = 20,
+                   models: str = "tiny", micro_batch: int = 8, workdir: str | None = None,
+                   print_fn: Callable[[str], None] = print) -> dict:
+    """The bare library (one process: load the models, then generate and score each pair) and the whole pipeline
+    (the flow with its Prefect API, Ray, actors, writer and finalize) on the same work, one after the other in
+    one process tree. Prints a table and `pipeline efficiency E.EE of bare, start-up U.U s, finalize F.F s`:
+    efficiency = the bare library's work / the pipeline's steady-state shard work."""
+    import tempfile
+
+    import pandas as pd
+
+    from pws_batch.batch.config import RunConfig
+    from pws_batch.core.device import resolve_device
+    from pws_batch.core.models import resolve_model_set
+    from pws_batch.core.params import GenerationParams
+    from pws_batch.core.pipeline import ImagesThatSoundPipeline
+    from pws_batch.core.scorers import ClapScorer, ClipScorer
+
+    rows = [dict(pair_id=f"bench-{i}", image_prompt=f"a painting of bells {i}", audio_prompt=f"bells ringing {i}")
+            for i in range(pairs)]
+    # The bare library: what a script would do by hand.
+    t0 = time.perf_counter()
+    model_set = resolve_model_set(models)
+    pipe = ImagesThatSoundPipeline.from_model_set(model_set, vocoder="hifigan")
+    device = resolve_device("auto")
+    clip, clap = ClipScorer(model_set.clip, device=device), ClapScorer(model_set.clap, device=device)
+    bare_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for r in rows:
+        params = GenerationParams(r["image_prompt"], r["audio_prompt"], num_candidates=candidates, steps=steps)
+        result = pipe(params, micro_batch=micro_batch)
+        clip([c.image for c in result.candidates], params.effective_image_prompt)
+        clap([c.audio for c in result.candidates], params.audio_prompt)
+    bare_work = time.perf_counter() - t0
+    del pipe, clip, clap
+
+    # The whole pipeline on the same pairs.
+    folder = workdir or tempfile.mkdtemp(prefix="pws-bench-pipeline-")
+    manifest = os.path.join(folder, "bench-pipeline.parquet")
+    pd.DataFrame(rows).to_parquet(manifest, index=False)
+    config = RunConfig().replace(defaults={"num_candidates": candidates, "steps": steps, "keep": 1},
+                                 engine={"models": models, "micro_batch": micro_batch},
+                                 plan={"overwrite": True, "shard_size": max(1, pairs)})
+    t0 = time.perf_counter()
+    summary = flow(manifest, os.path.join(folder, "out"), config)
+    whole = time.perf_counter() - t0
+    timings = summary.get("timings", {})
+    work, finalize_s = timings.get("dispatch_s", float("nan")), timings.get("finalize_s", float("nan"))
+    startup = whole - work - finalize_s
+    efficiency = bare_work / work if work else float("nan")
+    print_fn(f"pws-batch bench pipeline: models={models} pairs={pairs} candidates={candidates} steps={steps} "
+             f"micro_batch={micro_batch}")
+    print_fn(f"{'':<10} {'start-up_s':>11} {'work_s':>9} {'finalize_s':>11} {'total_s':>9}")
+    print_fn(f"{'bare':<10} {bare_load:>11.1f} {bare_work:>9.1f} {0.0:>11.1f} {bare_load + bare_work:>9.1f}")
+    print_fn(f"{'pipeline':<10} {startup:>11.1f} {work:>9.1f} {finalize_s:>11.1f} {whole:>9.1f}")
+    print_fn(f"pipeline efficiency {efficiency:.2f} of bare, start-up {startup:.1f} s, finalize {finalize_s:.1f} s")
+    return {"bare_load_s": bare_load, "bare_work_s": bare_work, "startup_s": startup, "work_s": work,
+            "finalize_s": finalize_s, "total_s": whole, "efficiency": efficiency}
