@@ -25,6 +25,7 @@ from pws_batch.batch.manifest import manifest_name
 from pws_batch.batch.pair import PairRequest
 
 SHARD_RETRIES = 2
+SHARDS_IN_FLIGHT_PER_ACTOR = 2
 # The Prefect gallery artifact: the best 4, in at most 1.4 MB of markdown (Prefect refuses events over 1.5 MB).
 GALLERY_TOP, GALLERY_MAX_CHARS = 4, 1_400_000
 # Listeners in this process (the CLI's progress bar): called with (pairs_done, pairs_total), as each pair is
@@ -56,6 +57,18 @@ def generate_shard(run_key: str, out: str, model_ids: dict, shard: run.Shard, au
     return stats
 
 
+def _may_have_work(out: str, config: RunConfig) -> bool:
+    """False when `out` already holds a complete run (a resume with nothing to do starts no Ray)."""
+    from pws_batch.batch.dataset import Output
+
+    if config.plan.overwrite:
+        return True
+    try:
+        return Output(out).read_json("run.json").get("status") != "complete"
+    except Exception:  # noqa: BLE001 - no run.json (a new output) or unreadable: there is work
+        return True
+
+
 def _artifact_key(name: str, suffix: str) -> str:
     cleaned = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
     return f"{cleaned[:40] or 'run'}-{suffix}"
@@ -83,51 +96,74 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
     config = config or RunConfig()
     t_start = time.perf_counter()
 
-    # 1. Load and validate; bad rows go to rejected.parquet; plan shards; skip those already committed.
-    plan = run.prepare(manifest, out, config, log=logger.info,
-                       holder=f"flow run {flow_run.name or ''} ({flow_run.id or 'no id'}) of {manifest}")
-    for rejection in plan.validated.rejections:
-        logger.warning(f"rejected {rejection}")
-    total_pairs = len(plan.validated.requests)
-    pairs_done = sum(len(s.requests) for s in plan.shards if s.name in plan.done)
-    progress_id = create_progress_artifact(
-        progress=100.0 * pairs_done / max(total_pairs, 1), key=_artifact_key(plan.name, "progress"),
-        description=f"pairs of {manifest} written to {out}")
-
-    def report() -> None:
-        update_progress_artifact(progress_id, 100.0 * pairs_done / max(total_pairs, 1))
-        for listener in PROGRESS_LISTENERS:
-            listener(pairs_done, total_pairs)
-
-    report()
-    ranked: set[str] = set()
-    pairs_before = pairs_done
-
-    def on_ranked(request: PairRequest) -> None:  # a pair ranked (a retried shard's pairs count once)
-        ranked.add(request.pair_id)
-        for listener in PROGRESS_LISTENERS:
-            listener(pairs_before + len(ranked), total_pairs)
-
-    # 2. One task per shard on Ray actors created once for the run; as many shards in flight as actor pairs.
-    run_key = str(flow_run.id or id(plan))
+    # 1. Validate (in a thread) while Ray starts and the actors load their models: neither waits on the other.
+    #    Bad rows go to rejected.parquet; shards are planned (auto size: from the pairs and the actors); shards
+    #    already committed are skipped.
+    run_key = str(flow_run.id or id(config))
     started_ray, pool, actor_infos, errors = False, None, [], []
-    if plan.todo:
-        started_ray = engine.connect_ray(config.engine.ray_address)
-        logger.info(engine.describe_cluster(started_ray))
+    dispatch_s = 0.0
+    actor_count: concurrent.futures.Future = concurrent.futures.Future()
+    preparer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare")
+    try:
+        holder = f"flow run {flow_run.name or ''} ({flow_run.id or 'no id'}) of {manifest}"
+        preparing = preparer.submit(run.prepare, manifest, out, config, log=logger.info, holder=holder,
+                                    actors=actor_count.result)
         try:
+            if _may_have_work(out, config):
+                started_ray = engine.connect_ray(config.engine.ray_address)
+                logger.info(engine.describe_cluster(started_ray))
+                pool = engine.start_actors(config, logger.info, wait=False, **engine.ACTOR_CLASSES)
+            actor_count.set_result(len(pool) if pool else config.engine.actors or 1)
+        except BaseException as exc:
+            actor_count.set_exception(exc)
+            raise
+        plan = preparing.result()
+        for rejection in plan.validated.rejections[:run.TOP_K]:  # bounded: the rest are in rejected.parquet
+            logger.warning(f"rejected {rejection}")
+        if len(plan.validated.rejections) > run.TOP_K:
+            logger.warning(f"... and {len(plan.validated.rejections) - run.TOP_K} more rejected rows: "
+                           f"{out}/rejected.parquet")
+        total_pairs = len(plan.validated.requests)
+        pairs_done = sum(len(s.requests) for s in plan.shards if s.name in plan.done)
+        progress_id = create_progress_artifact(
+            progress=100.0 * pairs_done / max(total_pairs, 1), key=_artifact_key(plan.name, "progress"),
+            description=f"pairs of {manifest} written to {out}")
+
+        def report() -> None:
+            update_progress_artifact(progress_id, 100.0 * pairs_done / max(total_pairs, 1))
+            for listener in PROGRESS_LISTENERS:
+                listener(pairs_done, total_pairs)
+
+        report()
+        ranked: set[str] = set()
+        pairs_before = pairs_done
+
+        def on_ranked(request: PairRequest) -> None:  # a pair ranked (a retried shard's pairs count once)
+            ranked.add(request.pair_id)
+            for listener in PROGRESS_LISTENERS:
+                listener(pairs_before + len(ranked), total_pairs)
+
+        # 2. One task per shard on Ray actors created once for the run. Two shards in flight per actor pair: one
+        #    runs, the next has done its Prefect bookkeeping and takes the actors the moment they are free.
+        if plan.todo and pool is None:  # the output looked complete but is not: start the engine now
+            started_ray = engine.connect_ray(config.engine.ray_address)
+            logger.info(engine.describe_cluster(started_ray))
+            pool = engine.start_actors(config, logger.info, wait=False, **engine.ACTOR_CLASSES)
+        pending = []
+        if plan.todo:
             try:
-                pool = engine.start_actors(config, logger.info)
-            except engine.ModelsUnavailable as exc:  # one line, not a traceback per actor restart
-                errors.append(f"models not loaded: {exc}")
-                logger.error(f"the actors could not load their models: {exc}")
-            if pool is not None:
-                actor_infos = pool.infos()
+                actor_infos = pool.wait_ready(logger.info)
                 engine.register_pool(run_key, pool)
                 _ON_RANKED[run_key] = on_ranked
-            pending = list(plan.todo) if pool is not None else []
+                pending = list(plan.todo)
+            except engine.ModelsUnavailable as exc:  # one line, not a traceback per actor restart
+                pool = None  # wait_ready stopped them
+                errors.append(f"models not loaded: {exc}")
+                logger.error(f"the actors could not load their models: {exc}")
             running: dict[concurrent.futures.Future, Any] = {}
+            t_dispatch = time.perf_counter()
             while pending or running:
-                while pending and len(running) < len(pool):
+                while pending and len(running) < SHARDS_IN_FLIGHT_PER_ACTOR * len(pool):
                     shard = pending.pop(0)
                     future = generate_shard.submit(run_key, out, plan.model_ids, shard, config.plan.audio_format,
                                                    run.fingerprint_digest(plan.fingerprint))
@@ -142,25 +178,30 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
                         errors.append(f"shard {shard.name}: {type(exc).__name__}: {exc}")
                         logger.error(f"shard {shard.name} failed after {SHARD_RETRIES} retries: {exc}")
                     report()
+            dispatch_s = time.perf_counter() - t_dispatch
             if pool is not None:  # again at the end: the pairs each actor served, its (single) model load
                 actor_infos = pool.infos()
-        finally:
-            engine.unregister_pool(run_key)
-            _ON_RANKED.pop(run_key, None)
-            engine.stop_actors(pool)
-            if started_ray:
-                import ray
+    finally:
+        preparer.shutdown(wait=True)
+        engine.unregister_pool(run_key)
+        _ON_RANKED.pop(run_key, None)
+        engine.stop_actors(pool)
+        if started_ray:
+            import ray
 
-                ray.shutdown()
+            ray.shutdown()
 
     # 3. Finalize: run.json, dataset card, artifacts.
-    elapsed = time.perf_counter() - t_start
+    t_finalize = time.perf_counter()
+    elapsed = t_finalize - t_start
     summary = run.finalize(plan, actors=actor_infos, extra={"flow_run_id": str(flow_run.id) if flow_run.id else None,
-                                                            "seconds": round(elapsed, 2), "errors": errors})
+                                                            "seconds": round(elapsed, 2),
+                                                            "dispatch_s": round(dispatch_s, 3), "errors": errors})
     counts = summary["counts"]
     kept_rows = summary.pop("kept_rows")
     create_table_artifact(
-        key=_artifact_key(plan.name, "kept"), description=f"kept candidates of {manifest}",
+        key=_artifact_key(plan.name, "kept"),
+        description=f"the {len(kept_rows)} best kept candidates (CLIP + CLAP) of {counts['kept']} in {out}",
         table=[{"pair_id": r["pair_id"], "image_prompt": r["image_prompt"], "audio_prompt": r["audio_prompt"],
                 "candidate": r["candidate_index"], "seed": r["seed"], "rank": r["rank"],
                 "clip_score": round(r["clip_score"], 4), "clap_score": round(r["clap_score"], 4)} for r in kept_rows]
@@ -176,16 +217,24 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
         f"| pairs failed | {counts['pairs_failed']} |",
         f"| rows rejected | {counts['rejected']} (`{out}/rejected.parquet`) |",
         f"| candidates | {counts['candidates']} ({counts['kept']} kept) |",
+        f"| U-Net evaluations | {counts['unet_evals']} ({counts.get('unet_evals_per_kept_pair') or 'n/a'} per kept "
+        f"pair; {counts.get('pairs_stopped_early', 0)} pairs stopped early at their targets) |",
         f"| shards | {counts['shards_committed']}/{counts['shards']} committed, {counts['shards_resumed']} resumed |",
         f"| time | {elapsed:.1f} s ({generated / elapsed if elapsed else 0:.2f} candidates/s this run) |",
         f"| actors | {len(actor_infos)} ({', '.join(sorted({a['device'] for a in actor_infos})) or 'none needed'}) |",
         "", *[f"- rejected {r}" for r in plan.validated.rejections[:50]],
         *[f"- failed pair {f['pair_id']}: {f['error']}" for f in summary["failed"][:50]],
+        *([f"- ... {counts['rejected'] - 50} more rejected rows in `{out}/rejected.parquet`"]
+          if counts["rejected"] > 50 else []),
+        *([f"- ... {summary['failed_total'] - 50} more failed pairs in `{out}/_shards/*.json`"]
+          if summary["failed_total"] > 50 else []),
         *[f"- {e}" for e in errors],
     ]))
     logger.info(f"dataset at {out}: {counts['pairs_done']} pairs kept, {counts['pairs_failed']} failed, "
                 f"{counts['rejected']} rejected")
     summary["errors"] = errors
+    summary["timings"] = {"flow_s": round(time.perf_counter() - t_start, 3), "dispatch_s": round(dispatch_s, 3),
+                          "finalize_s": round(time.perf_counter() - t_finalize, 3)}
     if errors:
         raise RuntimeError(f"{len(errors)} error(s); what was committed is kept, re-run to resume: "
                            + "; ".join(errors))

@@ -192,6 +192,38 @@ def build_parser() -> argparse.ArgumentParser:
                     help="instead of --models: random-weight U-Nets and VAEs in the real SD 1.5 / Auffusion "
                          "architecture (nothing downloaded), to time the real cost on a GPU")
     _add_runtime_args(bs, models_default="tiny")
+    bc = bsub.add_parser("cluster", help="the real flow, engine and writer on a simulated GPU cluster",
+                         description="Runs the real flow, engine, writer and Prefect tasks on a local Ray that "
+                                     "advertises --actors GPUs (logical resources), with stand-in actors that take "
+                                     "--pair-seconds per pair and return small real media; prints the driver's CPU "
+                                     "and memory and `orchestration efficiency E.EE` = pairs x pair-seconds / "
+                                     "(actors x steady-state wall). Uses $PREFECT_API_URL, else an ephemeral "
+                                     "Prefect API.")
+    bc.add_argument("--actors", type=int, default=4, help="generator actors = logical GPUs (default: 4)")
+    bc.add_argument("--pairs", type=int, default=64, help="(default: 64)")
+    bc.add_argument("--pair-seconds", type=float, default=0.5, help="seconds per pair a stand-in generator takes "
+                                                                    "(default: 0.5)")
+    bc.add_argument("--candidates", type=int, default=8, help="candidates per pair (default: 8)")
+    bc.add_argument("--micro-batch", type=int, default=8, help="(default: 8)")
+    bc.add_argument("--shard-size", type=int, default=None, help="pairs per shard (default: auto)")
+    bp = bsub.add_parser("pipeline", help="the bare library vs the whole pipeline on the same work",
+                         description="Runs the bare library (load the models, then generate and score each pair in "
+                                     "one process) and the whole pipeline (the flow: Prefect API, Ray, actors, "
+                                     "writer, finalize) on the same pairs, one after the other; prints a table and "
+                                     "`pipeline efficiency E.EE of bare, start-up U.U s, finalize F.F s`. Uses "
+                                     "$PREFECT_API_URL, else an ephemeral Prefect API.")
+    bp.add_argument("--pairs", type=int, default=4, help="(default: 4)")
+    bp.add_argument("--candidates", type=int, default=8, help="(default: 8)")
+    bp.add_argument("--steps", type=int, default=20, help="(default: 20)")
+    bp.add_argument("--models", default="tiny", help="model set (default: tiny)")
+    bp.add_argument("--micro-batch", type=int, default=8, help="(default: 8)")
+    bv = bsub.add_parser("validate", help="validate a generated manifest with every kind of bad value",
+                         description="Builds a manifest of --rows rows (about 5%% carry a bad value of some kind), "
+                                     "validates it, and prints the seconds and this process's peak memory; with "
+                                     "--compare N, also validates its first N rows one row at a time and says "
+                                     "whether the answers agree.")
+    bv.add_argument("--rows", type=int, default=100_000, help="(default: 100000)")
+    bv.add_argument("--compare", type=int, default=0, help="rows to check against the row-by-row path (default: 0)")
     return parser
 
 
@@ -354,6 +386,34 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "cluster":
+        if min(args.actors, args.pairs, args.candidates, args.micro_batch) < 1 or args.pair_seconds < 0 \
+                or (args.shard_size is not None and args.shard_size < 1):
+            raise UsageError("pws-batch bench cluster: error: --actors, --pairs, --candidates, --micro-batch and "
+                             "--shard-size must be >= 1, --pair-seconds >= 0")
+        from flows.generate_dataset import generate_dataset
+        from pws_batch.batch.bench import bench_cluster
+
+        bench_cluster(generate_dataset, actors=args.actors, pairs=args.pairs, pair_seconds=args.pair_seconds,
+                      candidates=args.candidates, micro_batch=args.micro_batch, shard_size=args.shard_size)
+        return 0
+    if args.bench_command == "pipeline":
+        if min(args.pairs, args.candidates, args.steps, args.micro_batch) < 1:
+            raise UsageError("pws-batch bench pipeline: error: --pairs, --candidates, --steps and --micro-batch "
+                             "must be >= 1")
+        from flows.generate_dataset import generate_dataset
+        from pws_batch.batch.bench import bench_pipeline
+
+        bench_pipeline(generate_dataset, pairs=args.pairs, candidates=args.candidates, steps=args.steps,
+                       models=args.models, micro_batch=args.micro_batch)
+        return 0
+    if args.bench_command == "validate":
+        if args.rows < 0 or args.compare < 0:
+            raise UsageError("pws-batch bench validate: error: --rows and --compare must be >= 0")
+        from pws_batch.batch.bench import bench_validate
+
+        bench_validate(args.rows, compare=min(args.compare, args.rows))
+        return 0
     _check_runtime(args)
     if args.candidates < 1 or args.steps < 1:
         raise UsageError("pws-batch bench sampler: error: --candidates and --steps must be >= 1")
@@ -414,9 +474,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pws_batch.batch.manifest import ManifestError
     from pws_batch.batch.run import check_output, no_good_rows, validate
 
+    _require_models(_resolve_models(config.engine.models, "run"), config.engine.models, "run",
+                    vocoder=config.engine.vocoder)
     try:
-        # Before any flow run is created: a refused resume, a held output or a manifest with nothing to make
-        # costs seconds.
+        # Before any flow run is created: a missing model, a refused resume, a held output or a manifest with
+        # nothing to make costs seconds.
         check_writable(args.out)
         check_lease(args.out)
         validated, _ = validate(args.manifest, config)
@@ -427,8 +489,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_output(args.manifest, args.out, config)
     except (ManifestError, RunError, LeaseError) as exc:
         raise UsageError(f"pws-batch run: error: {exc}") from exc
-    _require_models(_resolve_models(config.engine.models, "run"), config.engine.models, "run",
-                    vocoder=config.engine.vocoder)
     start_prefect_api()
 
     # Prefect's ephemeral server sends no telemetry (offline it logged an ERROR on every run).
@@ -496,8 +556,11 @@ def check_writable(uri: str) -> None:
 
     try:
         out = Output(uri)
+        existed = out.fs.exists(out.root)
         out.write_bytes(".pws-batch-write-check", b"")
         out.fs.rm(out.path(".pws-batch-write-check"))
+        if not existed:  # a refused run leaves nothing behind, not even the folder the probe made
+            out.fs.rm(out.root, recursive=True)
     except Exception as exc:  # noqa: BLE001 - permission, read-only filesystem, bad credentials, no such bucket
         raise UsageError(f"pws-batch run: error: cannot write to --out {uri} ({_one_line(exc)}); choose a location "
                          f"you can write to") from exc

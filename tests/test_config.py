@@ -22,7 +22,8 @@ def other_value(f):
     if f.metadata.get("choices"):
         return next(c for c in f.metadata["choices"] if c != f.default)
     special = {"models": "tiny", "ray_address": "127.0.0.1:6379", "actors": 3, "top_fraction": 0.5,
-               "clip_weight": 0.25, "clap_weight": 0.75, "seed": 11, "crop_columns": 0, "keep": 2}
+               "clip_weight": 0.25, "clap_weight": 0.75, "seed": 11, "crop_columns": 0, "keep": 2, "shard_size": 2,
+               "target_clip": 0.3, "target_clap": 0.2}
     if f.name in special:
         return special[f.name]
     return f.default + 5

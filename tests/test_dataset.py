@@ -204,7 +204,8 @@ def test_datasets_reads_image_and_audio_features(tmp_path):
 
 def test_candidates_table_schema():
     table = candidates_table(candidate_rows(fake_result(request(0))))
-    assert table.schema.names == ["pair_id", "candidate_index", "seed", "clip_score", "clap_score", "rank", "kept"]
+    assert table.schema.names == ["pair_id", "candidate_index", "seed", "clip_score", "clap_score", "rank", "kept",
+                                  "candidates_used"]
     assert table.num_rows == 3 and table["kept"].to_pylist() == [False, True, True]
 
 

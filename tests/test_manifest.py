@@ -546,7 +546,7 @@ def test_an_empty_manifest_or_one_with_no_good_row_validates_to_no_request(tmp_p
     ({"guidance_audio": 101}, "guidance_audio", "at most 100"),
     ({"weight_audio": 1e308}, "weight_audio", "ratio"),
     ({"weight_image": 1e-300}, "weight_image", "ratio"),
-    ({"num_candidates": 10000}, "num_candidates", "one batch"),
+    ({"num_candidates": 10000}, "num_candidates", "one pair runs on one GPU"),
 ])
 def test_absurd_numbers_are_rejected_by_row_with_the_reason(bad, field, reason_part):
     v = validate(pd.DataFrame([row(pair_id="ok"), row(pair_id="bad", **bad)]))

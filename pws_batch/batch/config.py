@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,12 @@ class GenerationDefaults:
     crop_columns: int = option(_PARAMS.crop_columns, "--crop-columns", "dark last columns dropped")
     grayscale_suffix: bool = option(True, "--no-grayscale-suffix", "do not append ', grayscale' to image prompts",
                                     action="store_false")
+    target_clip: float | None = option(None, "--target-clip", "adaptive budget: stop a pair once --keep candidates "
+                                       "score at least this CLIP (and --target-clap); default: no target",
+                                       type=float)
+    target_clap: float | None = option(None, "--target-clap", "adaptive budget: stop a pair once --keep candidates "
+                                       "score at least this CLAP (and --target-clip); default: no target",
+                                       type=float)
 
     def params(self, **row: Any) -> GenerationParams:
         """A pair's parameters: these defaults under the row's own values."""
@@ -80,7 +87,10 @@ class PlanConfig:
     """How the pairs are cut into shards (one Prefect task and one commit each), how they are written, and what
     to do with an existing output."""
 
-    shard_size: int = option(4, "--shard-size", "pairs per shard = per Prefect task and per commit")
+    shard_size: int | None = option(None, "--shard-size", "pairs per shard = per Prefect task and per commit "
+                                    "(default: auto, from the number of good pairs and of actors: about "
+                                    "4 shards per actor, 1 to 256 pairs each; a resumed run keeps its size)",
+                                    type=int)
     audio_format: str = option("wav", "--audio-format", "how the dataset stores the sounds: 16-bit wav, or "
                                                         "lossless flac (about half the size)", choices=AUDIO_FORMATS)
     allow_guides: tuple[str, ...] = option(
@@ -127,6 +137,10 @@ class RunConfig:
         problems = check_params(self.defaults.params(image_prompt="x", audio_prompt="x"))
         if problems:
             raise RunError(f"{_flag_of(problems[0].field)} {problems[0].message} ({problems[0].fix})")
+        for name in ("target_clip", "target_clap"):
+            value = getattr(self.defaults, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise RunError(f"{_flag_of(name)} must be a finite number, got {value!r}")
         if self.defaults.keep > self.defaults.num_candidates:
             raise RunError(f"--keep {self.defaults.keep} is more than --candidates {self.defaults.num_candidates}")
 

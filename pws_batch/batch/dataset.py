@@ -44,7 +44,8 @@ KEPT_SCHEMA = pa.schema([
     ("pair_id", pa.string()), ("image", MEDIA), ("audio", MEDIA),
     ("candidate_index", pa.int64()), ("seed", pa.int64()), ("rank", pa.int64()),
     ("clip_score", pa.float64()), ("clap_score", pa.float64()), ("effective_image_prompt", pa.string()),
-    *_generation_fields(), ("keep", pa.int64()),
+    *_generation_fields(), ("keep", pa.int64()), ("target_clip", pa.float64()), ("target_clap", pa.float64()),
+    ("candidates_used", pa.int64()),
     *[(f"model_{c}", pa.string()) for c in MODEL_COMPONENTS],
     ("generate_s", pa.float64()), ("rank_s", pa.float64()), ("unet_evals", pa.int64()),
     ("shard", pa.string()), ("manifest_row", pa.int64()),
@@ -52,7 +53,7 @@ KEPT_SCHEMA = pa.schema([
 KNOWN_TYPES: dict[str, pa.DataType] = {f.name: f.type for f in KEPT_SCHEMA}
 CANDIDATES_SCHEMA = pa.schema([("pair_id", pa.string()), ("candidate_index", pa.int64()), ("seed", pa.int64()),
                                ("clip_score", pa.float64()), ("clap_score", pa.float64()), ("rank", pa.int64()),
-                               ("kept", pa.bool_())])
+                               ("kept", pa.bool_()), ("candidates_used", pa.int64())])
 
 
 def read_parquet_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:

@@ -2,9 +2,10 @@
 
 Ray's batch-inference pattern: each actor loads its models ONCE, in its constructor, and then serves many
 pairs. A generator actor (one per GPU, or a CPU actor) makes a pair's N candidates in the batched sampler;
-a ranker actor scores them with CLIP and CLAP and keeps the best. A shard's pairs are all queued at once:
-the generator works through them in order while the ranker scores the pair before, so generation of the
-next pair overlaps ranking of the last. Actors restart on failure and retry their calls.
+a ranker actor scores them with CLIP and CLAP and keeps the best. A shard's pairs stream through the pair of
+actors one micro-batch at a time (`run_pairs`): the generator makes the next micro-batch while the ranker scores
+the last, so memory stays flat in N, and a pair with targets stops once they are met
+(pws_batch.batch.stream). Actors restart on failure and retry their calls.
 
 torch is imported only inside the actors: the driver (the Prefect flow) needs ray, not torch.
 """
@@ -22,7 +23,8 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from pws_batch.batch.config import RunConfig
-from pws_batch.batch.pair import PairRequest, PairResult, ScoredCandidate
+from pws_batch.batch.pair import CandidateBatch, PairRequest, PairResult, ScoredCandidate
+from pws_batch.batch.stream import PairStream, score_batch
 
 MAX_RESTARTS = 2
 MAX_TASK_RETRIES = 2
@@ -107,6 +109,22 @@ class Generator:
                           unet_evals_minimum=result.unet_evals_minimum,
                           generate_s=round(time.perf_counter() - t0, 4), generator=_where())
 
+    def generate_batch(self, request: PairRequest, start: int, count: int) -> CandidateBatch:
+        """Candidates `start` .. `start + count - 1` of a pair (one micro-batch), as arrays in `generated`."""
+        t0 = time.perf_counter()
+        if start == 0:
+            self.pairs += 1
+        if self.load_error:
+            return CandidateBatch(request, start, count, error=self.load_error, generator=_where())
+        seeds = request.params.candidate_seeds[start:start + count]
+        try:
+            result = self.pipe(request.params, micro_batch=self.config.engine.micro_batch, seeds=seeds)
+        except Exception as exc:  # noqa: BLE001 - one bad pair must not sink the shard
+            return CandidateBatch(request, start, count, error=f"{type(exc).__name__}: {exc}", generator=_where())
+        return CandidateBatch(request, start, count, generated=result, unet_evals=sum(result.unet_evals.values()),
+                              unet_evals_minimum=result.unet_evals_minimum,
+                              generate_s=round(time.perf_counter() - t0, 4), generator=_where())
+
 
 class Ranker:
     """Holds CLIP and CLAP; scores a pair's candidates, ranks them and returns only the kept ones' media."""
@@ -166,6 +184,31 @@ class Ranker:
         return dataclasses.replace(pair, candidates=scored, generated=None, rank_s=round(time.perf_counter() - t0, 4),
                                    ranker=_where())
 
+    def rank_batch(self, batch: CandidateBatch, held: list[tuple[float, float]]) -> CandidateBatch:
+        """Score one micro-batch; encode the media only of the candidates that may still be kept (see
+        pws_batch.batch.stream); drop the arrays."""
+        from pws_batch.core.media import png_bytes, wav_bytes
+
+        if not batch.ok:
+            return batch
+        if self.load_error:
+            return dataclasses.replace(batch, generated=None, ranker=_where(), error=self.load_error)
+        t0 = time.perf_counter()
+        self.pairs += batch.start == 0
+        request, candidates = batch.request, batch.generated.candidates
+        try:
+            clip = self.clip([c.image for c in candidates], request.params.effective_image_prompt)
+            clap = self.clap([c.audio for c in candidates], request.params.audio_prompt)
+        except Exception as exc:  # noqa: BLE001
+            return dataclasses.replace(batch, generated=None, ranker=_where(),
+                                       error=f"ranking failed: {type(exc).__name__}: {exc}")
+        problem = nonfinite_scores(clip, clap)
+        if problem:  # a NaN score would rank anywhere: the pair fails rather than keep a meaningless row
+            return dataclasses.replace(batch, generated=None, ranker=_where(), error=problem)
+        scored = score_batch(batch, clip, clap, held, lambda c: (png_bytes(c.image), wav_bytes(c.audio)))
+        return dataclasses.replace(batch, generated=None, scored=scored, rank_s=round(time.perf_counter() - t0, 4),
+                                   ranker=_where())
+
 
 def nonfinite_scores(clip, clap) -> str | None:
     """The reason a pair fails when any CLIP or CLAP score is NaN or infinite, else None."""
@@ -184,8 +227,9 @@ def nonfinite_scores(clip, clap) -> str | None:
 class ActorPool:
     """Generator/ranker pairs created once per run; a shard borrows one pair for its whole run."""
 
-    def __init__(self, generators: list, rankers: list):
+    def __init__(self, generators: list, rankers: list, config: RunConfig | None = None):
         self.generators, self.rankers = generators, rankers
+        self.config = config or RunConfig()
         self._free: queue.Queue[int] = queue.Queue()
         for i in range(len(generators)):
             self._free.put(i)
@@ -205,6 +249,20 @@ class ActorPool:
         import ray
 
         return ray.get([a.info.remote() for a in (*self.generators, *self.rankers)])
+
+    def wait_ready(self, log: Callable[[str], None]) -> list[dict]:
+        """Wait until every actor has loaded its models; log where each runs. ModelsUnavailable (and the actors
+        stopped) when they could not load them."""
+        infos = self.infos()
+        errors = sorted({info["load_error"] for info in infos if info.get("load_error")})
+        if errors:  # one line, the same for every actor: not a traceback per restart
+            stop_actors(self)
+            raise ModelsUnavailable("; ".join(errors))
+        for info in infos:
+            log(f"{info['role']} actor {info.get('actor_id')} on {info['host']} pid {info['pid']}: device "
+                f"{info['device']}, GPUs {info.get('gpu_ids') or 'none'}, models loaded {info['model_loads']}x "
+                f"in {info['load_s']:.1f} s")
+        return infos
 
 
 def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
@@ -247,8 +305,10 @@ def describe_cluster(started_here: bool) -> str:
 
 
 def start_actors(config: RunConfig, log: Callable[[str], None], generator_cls: type | None = None,
-                 ranker_cls: type | None = None, actor_kwargs: dict | None = None) -> ActorPool:
+                 ranker_cls: type | None = None, actor_kwargs: dict | None = None, wait: bool = True) -> ActorPool:
     """One generator per GPU (or `--actors`), each with its ranker; on a machine without GPUs, CPU actors.
+
+    `wait=False` returns as soon as the actors are created, while they load their models (`pool.wait_ready`).
 
     `generator_cls` / `ranker_cls` (with `actor_kwargs` for their constructors) replace the model-holding actors:
     `pws_batch.batch.standins` for benchmarks and tests of the orchestration.
@@ -278,17 +338,24 @@ def start_actors(config: RunConfig, log: Callable[[str], None], generator_cls: t
                   for _ in range(n)]
     rankers = [ray.remote(ranker_cls or Ranker).options(**rank_opts, **common).remote(config, **kwargs)
                for _ in range(n)]
-    pool = ActorPool(generators, rankers)
-    infos = pool.infos()  # waits until every actor has loaded its models
-    errors = sorted({info["load_error"] for info in infos if info.get("load_error")})
-    if errors:
-        stop_actors(pool)
-        raise ModelsUnavailable("; ".join(errors))
-    for info in infos:
-        log(f"{info['role']} actor {info.get('actor_id')} on {info['host']} pid {info['pid']}: device "
-            f"{info['device']}, GPUs {info.get('gpu_ids') or 'none'}, models loaded {info['model_loads']}x "
-            f"in {info['load_s']:.1f} s")
+    pool = ActorPool(generators, rankers, config)
+    if wait:
+        pool.wait_ready(log)
     return pool
+
+
+# The actor classes the flow's runs use in this process; `use_actors` swaps in stand-ins (pws_batch.batch.standins)
+# so that `pws-batch bench cluster` runs the real flow, dispatch and writer without models.
+ACTOR_CLASSES: dict[str, Any] = {}
+
+
+@contextmanager
+def use_actors(generator_cls: type, ranker_cls: type, **actor_kwargs: Any) -> Iterator[None]:
+    ACTOR_CLASSES.update(generator_cls=generator_cls, ranker_cls=ranker_cls, actor_kwargs=actor_kwargs)
+    try:
+        yield
+    finally:
+        ACTOR_CLASSES.clear()
 
 
 def stop_actors(pool: ActorPool | None) -> None:
@@ -303,22 +370,50 @@ def stop_actors(pool: ActorPool | None) -> None:
             pass
 
 
+# Micro-batches in flight per actor pair (queued or running on the generator, or being scored): the generator
+# always has the next one queued, and the object store holds at most this many micro-batches of arrays.
+LOOKAHEAD = 3
+
+
 def run_pairs(pool: ActorPool, requests: list[PairRequest],
               on_ranked: Callable[[PairRequest], None] | None = None) -> tuple[list[PairResult], dict]:
-    """Generate and rank a shard's pairs on one borrowed actor pair; results in request order. `on_ranked` is
-    called with each request as soon as its pair is ranked (for a progress bar in pairs)."""
+    """Generate and rank a shard's pairs on one borrowed actor pair, micro-batch by micro-batch; results in
+    request order. `on_ranked` is called with each request as soon as its pair is ranked (a progress bar in pairs).
+
+    Each micro-batch is one generate_batch call whose result (that micro-batch's arrays) goes straight to the
+    ranker's rank_batch; the driver sees only scores and the media that may be kept. A pair with targets queues
+    its next micro-batch only once the last one is scored (and stops when they are met); meanwhile the generator
+    works on the next pair's, so it is never left idle while there is work in the shard.
+    """
     import ray
 
+    micro_batch, rule = pool.config.engine.micro_batch, pool.config.ranking
+    t_wait = time.perf_counter()
     with pool.borrow() as (i, generator, ranker):
-        generated = [generator.generate.remote(r) for r in requests]  # queued: run one after another
-        ranked = [ranker.rank.remote(g) for g in generated]  # each starts when its pair is made
-        if on_ranked is not None:
-            waiting, which = list(ranked), {ref: r for ref, r in zip(ranked, requests)}
-            while waiting:
-                done, waiting = ray.wait(waiting, num_returns=1)
-                for ref in done:
-                    on_ranked(which[ref])
-        return ray.get(ranked), {"actor_pair": i}
+        waited = time.perf_counter() - t_wait
+        streams = [PairStream(r, micro_batch) for r in requests]
+        in_flight: dict[Any, PairStream] = {}
+        peak = batches = 0
+        while True:
+            while len(in_flight) < LOOKAHEAD:
+                stream = next((s for s in streams if s.can_submit()), None)
+                if stream is None:
+                    break
+                start, count = stream.submit()
+                generated = generator.generate_batch.remote(stream.request, start, count)
+                in_flight[ranker.rank_batch.remote(generated, stream.held())] = stream
+                batches += 1
+            if not in_flight:
+                break
+            peak = max(peak, len(in_flight))
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            stream = in_flight.pop(ready[0])
+            stream.add(ray.get(ready[0]))
+            if on_ranked is not None and stream.finished:
+                on_ranked(stream.request)
+        return [s.result(rule) for s in streams], {"actor_pair": i, "micro_batches": batches,
+                                                   "micro_batches_in_flight_max": peak,
+                                                   "actor_wait_s": round(waited, 3)}
 
 
 # Engines of the runs in this process, by run key: Prefect tasks (threads of the flow run) find theirs here.

@@ -28,7 +28,8 @@ REQUIRED = ("image_prompt", "audio_prompt")
 PARAM_COLUMNS = ("negative_image_prompt", "negative_audio_prompt", "guidance_image", "guidance_audio", "t_image",
                  "t_audio", "weight_image", "weight_audio", "strength", "guide_audio", "guide_image",
                  "num_candidates", "seed", "steps", "scheduler")
-OPTIONAL = ("pair_id", "keep", *PARAM_COLUMNS)
+TARGETS = ("target_clip", "target_clap")  # the adaptive budget's per-pair targets (not generation parameters)
+OPTIONAL = ("pair_id", "keep", *TARGETS, *PARAM_COLUMNS)
 KNOWN = (*REQUIRED, *OPTIONAL)
 TEXT = {"image_prompt", "audio_prompt", "negative_image_prompt", "negative_audio_prompt", "guide_audio",
         "guide_image", "pair_id", "scheduler"}
@@ -272,6 +273,10 @@ _FIXES = {
     "seed": "a whole number >= 0",
     "steps": "a whole number, e.g. 100",
     "pair_id": f"text of at most {MAX_PAIR_ID} characters, unique in the manifest",
+    "target_clip": "a number (the CLIP score at which a pair may stop early), or an empty cell for the run's "
+                   "--target-clip",
+    "target_clap": "a number (the CLAP score at which a pair may stop early), or an empty cell for the run's "
+                   "--target-clap",
 }
 
 
@@ -324,23 +329,35 @@ def guide_columns(df, base: str | None) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def validate_manifest(df, defaults: GenerationDefaults | None = None, scheduler_config: dict | None = None,
-                      check_files: bool = True, base: str | None = None, manifest: str | None = None,
-                      allow_guides: list[str] | tuple[str, ...] | None = None) -> Validated:
-    """Split a manifest into good requests and rejected rows; never raises for a bad row.
+def _read_rejections(df) -> list[Rejection]:
+    """The rows the reader itself could not use (ragged CSV rows, broken JSON lines)."""
+    return list(df.attrs.get(READ_REJECTIONS, []))
 
-    `base` is the manifest's folder, against which relative guide paths are resolved. With `allow_guides`
-    given, a guide from anywhere but `manifest`'s own storage and those places is rejected before it is opened
-    (see `guide_allowed`).
-    """
-    from pws_batch.core.pipeline import checked_timesteps
-    from pws_batch.core.sampler import ScheduleError
 
-    defaults = defaults or GenerationDefaults()
+def _row_numbers(df) -> list[int]:
+    """Each row's number in the file: the reader's index when it set rows aside, else the position."""
+    return [int(i) for i in df.index] if READ_REJECTIONS in df.attrs else list(range(len(df)))
+
+
+def _empty(df) -> Validated:
+    """An empty manifest, a header-only CSV, or one whose every line was unreadable: nothing to generate."""
+    read = sorted(_read_rejections(df), key=lambda r: r.row)
+    return Validated([], read, [], [str(c) for c in df.columns], len(read))
+
+
+def _guide_problem(guide: str, value: str, manifest: str | None, allow_guides) -> Problem | None:
+    """A guide from a place this run does not read guides from (checked before the file is opened)."""
+    if allow_guides is None or guide_allowed(value, manifest, allow_guides):
+        return None
+    return Problem(guide, f"{value!r} is outside the places this run reads guides from (the manifest's own storage"
+                          f"{', ' + ', '.join(allow_guides) if allow_guides else ''})",
+                   "put the guide next to the manifest, or allow its place with --allow-guides PREFIX")
+
+
+def _check_columns(df) -> tuple[list[str], list[str], list[str], dict[str, str]]:
+    """The manifest's columns (raises ManifestError without the required ones), warnings, the extra columns carried
+    through and their output names."""
     columns = [str(c) for c in df.columns]
-    if len(df) == 0:  # an empty manifest, a header-only CSV, or one whose every line was unreadable
-        read = sorted(df.attrs.get(READ_REJECTIONS, []), key=lambda r: r.row)
-        return Validated([], read, [], columns, len(read))
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
         hints = [f"{m!r} (is {close[0]!r} a typo?)" if (close := difflib.get_close_matches(m, columns, 1)) else repr(m)
@@ -362,13 +379,27 @@ def validate_manifest(df, defaults: GenerationDefaults | None = None, scheduler_
             renamed[c] = PASS_PREFIX + c
             warnings.append(f"column {c!r} clashes with an output column; it is carried through as "
                             f"{PASS_PREFIX + c!r}")
+    return columns, warnings, extra_columns, renamed
+
+
+def validate_manifest_by_row(df, defaults: GenerationDefaults | None = None, scheduler_config: dict | None = None,
+                             check_files: bool = True, base: str | None = None, manifest: str | None = None,
+                             allow_guides: list[str] | tuple[str, ...] | None = None) -> Validated:
+    """`validate_manifest` one row at a time, every check redone for every row: the reference the vectorised
+    `validate_manifest` must agree with (tests/test_manifest_scale.py); slow on big manifests."""
+    from pws_batch.core.pipeline import checked_timesteps
+    from pws_batch.core.sampler import ScheduleError
+
+    defaults = defaults or GenerationDefaults()
+    if len(df) == 0:
+        return _empty(df)
+    columns, warnings, extra_columns, renamed = _check_columns(df)
 
     requests: list[PairRequest] = []
-    rejections: list[Rejection] = list(df.attrs.get(READ_REJECTIONS, []))
+    rejections: list[Rejection] = _read_rejections(df)
     seen: dict[str, int] = {}
     records = df.to_dict(orient="records")
-    rows = [int(i) for i in df.index] if READ_REJECTIONS in df.attrs else list(range(len(records)))
-    for row, record in zip(rows, records):
+    for row, record in zip(_row_numbers(df), records):
         record = {k: _plain(v) for k, v in record.items()}
         shown = {k: (None if _missing(v) else v) for k, v in record.items()}
 
@@ -389,12 +420,8 @@ def validate_manifest(df, defaults: GenerationDefaults | None = None, scheduler_
         for guide in ("guide_audio", "guide_image"):
             if guide in values:
                 values[guide] = resolve_guide(values[guide], base)
-                if allow_guides is not None and not guide_allowed(values[guide], manifest, allow_guides):
-                    problems.append(Problem(guide, f"{values[guide]!r} is outside the places this run reads guides "
-                                                   f"from (the manifest's own storage"
-                                                   f"{', ' + ', '.join(allow_guides) if allow_guides else ''})",
-                                            "put the guide next to the manifest, or allow its place with "
-                                            "--allow-guides PREFIX"))
+                if (problem := _guide_problem(guide, values[guide], manifest, allow_guides)) is not None:
+                    problems.append(problem)
         explicit_id = values.pop("pair_id", None)
         if problems:
             p = problems[0]
@@ -402,6 +429,7 @@ def validate_manifest(df, defaults: GenerationDefaults | None = None, scheduler_
                    p.fix, explicit_id)
             continue
         keep = values.pop("keep", defaults.keep)
+        targets = {t: values.pop(t, getattr(defaults, t)) for t in TARGETS}
         params = defaults.params(**values)
         problems = check_params(params)
         if not problems and check_files:
@@ -435,9 +463,176 @@ def validate_manifest(df, defaults: GenerationDefaults | None = None, scheduler_
             continue
         seen[pair_id] = row
         extra = {renamed.get(c, c): (None if _missing(record.get(c)) else record.get(c)) for c in extra_columns}
-        requests.append(PairRequest(row, pair_id, params, keep, extra))
+        requests.append(PairRequest(row, pair_id, params, keep, extra, **targets))
     rejections.sort(key=lambda r: r.row)
-    return Validated(requests, rejections, warnings, columns, len(records) + len(df.attrs.get(READ_REJECTIONS, [])))
+    return Validated(requests, rejections, warnings, columns, len(records) + len(_read_rejections(df)))
+
+
+def _coerce_column(name: str, series) -> tuple[list, list]:
+    """One known column at once: (values, errors), a value (None = empty cell) or an error message per row.
+
+    Numeric columns are checked with numpy; other columns cell by cell with `_coerce` (same answers either way).
+    """
+    import numpy as np
+
+    n = len(series)
+    dtype = series.dtype
+    plain_numeric = isinstance(dtype, np.dtype) and dtype.kind in "iuf"
+    if plain_numeric and name not in TEXT:
+        array = series.to_numpy()
+        errors: list = [None] * n
+        if dtype.kind == "f":
+            missing = np.isnan(array)
+            bad = ~missing & ~np.isfinite(array)
+            if name in INTEGER:
+                finite = np.where(np.isfinite(array), array, 0.0)
+                bad |= ~missing & np.isfinite(array) & (finite != np.trunc(finite))
+            for i in np.flatnonzero(bad):
+                try:
+                    _coerce(name, float(array[i]))
+                except ValueError as exc:
+                    errors[i] = str(exc)
+            cast = int if name in INTEGER else float
+            values = [None if (m or b) else cast(v) for v, m, b in zip(array.tolist(), missing.tolist(), bad.tolist())]
+            return values, errors
+        cast = int if name in INTEGER else float
+        return [cast(v) for v in array.tolist()], errors
+    values, errors = [None] * n, [None] * n
+    for i, cell in enumerate(series.tolist()):
+        cell = _plain(cell)
+        if _missing(cell):
+            continue
+        if isinstance(cell, str) and name in TEXT:
+            values[i] = cell
+            continue
+        try:
+            values[i] = _coerce(name, cell)
+        except ValueError as exc:
+            errors[i] = str(exc)
+    return values, errors
+
+
+def validate_manifest(df, defaults: GenerationDefaults | None = None, scheduler_config: dict | None = None,
+                      check_files: bool = True, base: str | None = None, manifest: str | None = None,
+                      allow_guides: list[str] | tuple[str, ...] | None = None) -> Validated:
+    """Split a manifest into good requests and rejected rows; never raises for a bad row.
+
+    `base` is the manifest's folder, against which relative guide paths are resolved. With `allow_guides` given, a
+    guide from anywhere but `manifest`'s own storage and those places is rejected before it is opened (see
+    `guide_allowed`). Vectorised for big manifests:
+    each known column is coerced and checked at once, each distinct schedule and guide file is checked once, and a
+    row is assembled only to build its request; the answers are those of `validate_manifest_by_row`.
+    """
+    from pws_batch.core.pipeline import checked_timesteps
+    from pws_batch.core.sampler import ScheduleError
+
+    defaults = defaults or GenerationDefaults()
+    if len(df) == 0:
+        return _empty(df)
+    columns, warnings, extra_columns, renamed = _check_columns(df)
+    n = len(df)
+    numbers = _row_numbers(df)  # a row's number in the file; `row` below is its position in df
+    present = [name for name in KNOWN if name in columns]
+    coerced = {name: _coerce_column(name, df[name]) for name in present}
+
+    rejections: list[Rejection] = []
+    requests: list[PairRequest] = []
+    seen: dict[str, int] = {}
+    schedules: dict[tuple, tuple[str, str, str] | None] = {}
+    guides: dict[tuple, list[Problem]] = {}
+    extras = {c: df[c].tolist() for c in extra_columns}
+
+    positions: dict[int, int] = {}
+
+    def reject(row: int, field_: str, reason: str, fix: str = "", pair_id: str | None = None) -> None:
+        positions[len(rejections)] = row
+        rejections.append(Rejection(numbers[row], pair_id, field_, reason, fix or _FIXES.get(field_, ""), {}))
+
+    # A row is looked at cell by cell only when one of its cells is bad.
+    has_error = [False] * n
+    for name in present:
+        values_, errors_ = coerced[name]
+        for i in (i for i, e in enumerate(errors_) if e is not None):
+            has_error[i] = True
+        if name in REQUIRED:
+            for i in (i for i, v in enumerate(values_) if v is None):
+                has_error[i] = True
+    lookup = [(name, coerced[name][0]) for name in present]
+    for row in range(n):
+        problems: list[Problem] = []
+        values = {name: col[row] for name, col in lookup if col[row] is not None}
+        if has_error[row]:
+            for name in KNOWN:
+                error = coerced[name][1][row] if name in coerced else None
+                if error is not None:
+                    problems.append(Problem(name, error, _FIXES.get(name, "")))
+                elif name in REQUIRED and values.get(name) is None:
+                    problems.append(Problem(name, "is missing (empty or null)", _FIXES[name]))
+        for guide in ("guide_audio", "guide_image"):
+            if guide in values:
+                values[guide] = resolve_guide(values[guide], base)
+                if (problem := _guide_problem(guide, values[guide], manifest, allow_guides)) is not None:
+                    problems.append(problem)
+        explicit_id = values.pop("pair_id", None)
+        if problems:
+            p = problems[0]
+            reject(row, p.field, p.message + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1
+                                              else ""), p.fix, explicit_id)
+            continue
+        keep = values.pop("keep", defaults.keep)
+        targets = {t: values.pop(t, getattr(defaults, t)) for t in TARGETS}
+        params = defaults.params(**values)
+        problems = check_params(params)
+        if not problems and check_files and (params.guide_audio or params.guide_image):
+            key = (params.guide_audio, params.guide_image)
+            if key not in guides:
+                guides[key] = check_guides(params)
+            problems = guides[key]
+        if problems:
+            p = problems[0]
+            reject(row, p.field, p.message, p.fix, explicit_id)
+            continue
+        if not 1 <= keep <= params.num_candidates:
+            reject(row, "keep", f"must be between 1 and num_candidates ({params.num_candidates}), got {keep}",
+                   pair_id=explicit_id)
+            continue
+        if scheduler_config is not None:
+            key = (params.scheduler, params.steps, params.run_strength, params.t_image, params.t_audio,
+                   params.weight_image, params.weight_audio)
+            if key not in schedules:  # each distinct schedule is built and checked once
+                try:
+                    checked_timesteps(params, scheduler_config)
+                    schedules[key] = None
+                except ScheduleError as exc:
+                    schedules[key] = ("t_image", str(exc), "raise t_image or t_audio as the message says")
+                except ValueError as exc:
+                    schedules[key] = ("scheduler", str(exc), "")
+            if schedules[key] is not None:
+                field_, reason, fix = schedules[key]
+                reject(row, field_, reason, fix, explicit_id)
+                continue
+        pair_id = explicit_id if explicit_id is not None else default_pair_id(params)
+        if not pair_id.strip() or len(pair_id) > MAX_PAIR_ID:
+            reject(row, "pair_id", f"must be non-empty text of at most {MAX_PAIR_ID} characters", pair_id=pair_id)
+            continue
+        if pair_id in seen:
+            reject(row, "pair_id", f"duplicate pair_id {pair_id!r} (first at row {numbers[seen[pair_id]]})",
+                   "give every row its own pair_id" if explicit_id is not None
+                   else "the row repeats an earlier row's parameters exactly; drop it or change its seed",
+                   pair_id)
+            continue
+        seen[pair_id] = row
+        extra = {}
+        for c in extra_columns:
+            v = _plain(extras[c][row])
+            extra[renamed.get(c, c)] = None if _missing(v) else v
+        requests.append(PairRequest(numbers[row], pair_id, params, keep, extra, **targets))
+    if rejections:  # the rejected rows' values, read at once
+        records = df.iloc[[positions[i] for i in range(len(rejections))]].to_dict(orient="records")
+        for rejection, record in zip(rejections, records):
+            rejection.values = {k: (None if _missing(v) else v) for k, v in ((k, _plain(v)) for k, v in record.items())}
+    rejections = sorted([*rejections, *_read_rejections(df)], key=lambda r: r.row)
+    return Validated(requests, rejections, warnings, columns, n + len(_read_rejections(df)))
 
 
 def rejections_table(rejections: list[Rejection]):

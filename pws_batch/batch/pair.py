@@ -20,6 +20,19 @@ class PairRequest:
     params: GenerationParams
     keep: int
     extra: dict[str, Any] = field(default_factory=dict)
+    # The adaptive budget: once `keep` candidates score at least these (CLIP and CLAP), the pair stops making
+    # candidates. None: no target on that score; both None: all `num_candidates` are made (the default).
+    target_clip: float | None = None
+    target_clap: float | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.target_clip is not None or self.target_clap is not None
+
+    def meets_targets(self, clip: float, clap: float) -> bool:
+        """Whether a candidate's scores reach both targets (a score without a target always does)."""
+        return (self.target_clip is None or clip >= self.target_clip) and \
+            (self.target_clap is None or clap >= self.target_clap)
 
 
 @dataclass
@@ -61,6 +74,11 @@ class PairResult:
         return self.request.pair_id
 
     @property
+    def stopped_early(self) -> bool:
+        """The adaptive budget stopped the pair before its `num_candidates`."""
+        return self.ok and len(self.candidates) < self.request.params.num_candidates
+
+    @property
     def ok(self) -> bool:
         return self.error is None
 
@@ -72,3 +90,27 @@ class PairResult:
     @classmethod
     def failed(cls, request: PairRequest, error: str, **where: Any) -> "PairResult":
         return cls(request, error=error, **where)
+
+
+@dataclass
+class CandidateBatch:
+    """One micro-batch of a pair's candidates, `start` .. `start + count - 1`: what streams from the generator to
+    the ranker (`generated`: that micro-batch's arrays only) and from the ranker back (`scored`: their scores, and
+    the media of those that may still be kept)."""
+
+    request: PairRequest
+    start: int
+    count: int
+    generated: Any = None
+    scored: list[ScoredCandidate] = field(default_factory=list)
+    error: str | None = None
+    unet_evals: int = 0
+    unet_evals_minimum: int = 0
+    generate_s: float = 0.0
+    rank_s: float = 0.0
+    generator: dict[str, Any] = field(default_factory=dict)
+    ranker: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

@@ -85,3 +85,35 @@ def rank_candidates(clip: np.ndarray, clap: np.ndarray, rule: RankingRule = Rank
     ranks = np.empty(len(clip), dtype=np.int64)
     ranks[order] = np.arange(1, len(clip) + 1)
     return ranks
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+def dominators_below(clip: np.ndarray, clap: np.ndarray, keep: int, chunk: int = 1024) -> np.ndarray:
+    """Mask of the candidates that fewer than `keep` others beat on BOTH scores (strictly).
+
+    A candidate that `keep` others strictly beat on both scores ranks behind all of them under every rule
+    (reference, weighted, pareto, and with the adaptive targets first), so it can never be kept: its media can be
+    dropped as soon as it is seen. Counting only among the candidates still held is exact (a dropped candidate's
+    beaters are held or beat by held ones), so a stream of micro-batches keeps only these.
+    """
+    clip, clap = np.asarray(clip, dtype=np.float64), np.asarray(clap, dtype=np.float64)
+    counts = np.empty(len(clip), dtype=np.int64)
+    for s in range(0, len(clip), chunk):  # rows in chunks: memory bounded by chunk x n booleans
+        beats = (clip[None, :] > clip[s:s + chunk, None]) & (clap[None, :] > clap[s:s + chunk, None])
+        counts[s:s + chunk] = beats.sum(axis=1)
+    return counts < keep
+
+
+def rank_with_targets(clip: np.ndarray, clap: np.ndarray, rule: RankingRule = RankingRule(),
+                      meets: np.ndarray | None = None) -> np.ndarray:
+    """`rank_candidates`, with the candidates that meet the adaptive targets (`meets`) before those that do not.
+
+    Without `meets` (no targets), exactly `rank_candidates`.
+    """
+    ranks = rank_candidates(clip, clap, rule)
+    if meets is None:
+        return ranks
+    order = np.lexsort((ranks, ~np.asarray(meets, dtype=bool)))
+    out = np.empty(len(ranks), dtype=np.int64)
+    out[order] = np.arange(1, len(ranks) + 1)
+    return out

@@ -53,6 +53,7 @@ class RunPlan:
     features: dict[str, Any] = field(default_factory=dict)  # the data parts' one schema, as datasets.Features
     started_at: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     lease: Any = field(default=None, repr=False)  # the output's lease (pws_batch.batch.lease), held until finalize
+    shard_size: int | None = None  # pairs per shard (--shard-size, or chosen when auto)
 
     @property
     def todo(self) -> list[Shard]:
@@ -132,6 +133,16 @@ def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+SHARDS_PER_ACTOR = 4  # few enough Prefect tasks and commits; enough that no actor waits long at the end
+MAX_AUTO_SHARD = 256  # a failed shard redoes at most this many pairs
+
+
+def auto_shard_size(pairs: int, actors: int) -> int:
+    """`--shard-size` auto: about SHARDS_PER_ACTOR shards per actor, 1 to MAX_AUTO_SHARD pairs each, so the number
+    of Prefect tasks grows with the cluster, not with the manifest (100,000 pairs on 64 actors: 391 shards of 256)."""
+    return max(1, min(MAX_AUTO_SHARD, -(-pairs // (SHARDS_PER_ACTOR * max(1, actors)))))
+
+
 def plan_shards(requests: list[PairRequest], shard_size: int) -> list[Shard]:
     """Deterministic shards: manifest order, `shard_size` pairs each, named 00000, 00001, ..."""
     return [Shard(shard_name(i // shard_size), requests[i:i + shard_size]) for i in range(0, len(requests), shard_size)]
@@ -168,16 +179,19 @@ def check_output(manifest: str, out: str, config: RunConfig) -> dict[str, Any]:
 
 
 def prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], None] = print,
-            holder: str | None = None) -> RunPlan:
+            holder: str | None = None, actors: Callable[[], int] | None = None) -> RunPlan:
     """Take the lease on the output, validate the manifest, write rejected.parquet, plan the shards and find
-    those already committed (verified against their markers). `finalize` gives the lease back."""
+    those already committed (verified against their markers). `finalize` gives the lease back.
+
+    `actors()` says how many actors the run has, for `--shard-size` auto (called only then; default: 1).
+    """
     config.check()
     try:
         held = lease.acquire(out, holder or f"pws-batch run of {manifest}", log)
     except lease.LeaseError as exc:
         raise RunError(str(exc)) from exc
     try:
-        plan = _prepare(manifest, out, config, log)
+        plan = _prepare(manifest, out, config, log, actors)
     except BaseException:
         held.release()
         raise
@@ -185,16 +199,25 @@ def prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], Non
     return plan
 
 
-def _prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], None]) -> RunPlan:
+def _prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], None],
+             actors: Callable[[], int] | None) -> RunPlan:
     output = Output(out)
     fingerprint = check_output(manifest, out, config)
     validated, model_ids = validate(manifest, config)
     check_models(config)  # before run.json says "running" and before Ray: a missing model is one line
-    if config.plan.overwrite:
-        output.clear()
     if not validated.requests:
         raise RunError(no_good_rows(manifest, validated))
-    shards = plan_shards(validated.requests, config.plan.shard_size)
+    shard_size = config.plan.shard_size
+    if shard_size is None and not config.plan.overwrite:
+        try:
+            shard_size = (read_run_json(output) or {}).get("shard_size")  # a resumed run keeps its shards
+        except DatasetError:
+            shard_size = None
+    if shard_size is None:
+        shard_size = auto_shard_size(len(validated.requests), actors() if actors else 1)
+    if config.plan.overwrite:
+        output.clear()
+    shards = plan_shards(validated.requests, shard_size)
     planned = {s.name: s.pair_ids for s in shards}
     done = {}
     for name, stats in committed_shards(output).items():
@@ -208,12 +231,14 @@ def _prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], No
         done[name] = stats
     output.write_table("rejected.parquet", rejections_table(validated.rejections))
     features, schema_warnings = kept_features(validated.requests)
-    plan = RunPlan(manifest, out, config, validated, shards, done, fingerprint, model_ids, features.to_dict())
+    plan = RunPlan(manifest, out, config, validated, shards, done, fingerprint, model_ids, features.to_dict(),
+                   shard_size=shard_size)
     write_run_json(plan, status="running")
     for w in [*validated.warnings, *schema_warnings]:
         log(f"manifest: {w}")
     log(f"manifest {manifest}: {validated.num_rows} rows, {len(validated.requests)} good, "
-        f"{len(validated.rejections)} rejected; {len(shards)} shards of up to {config.plan.shard_size} pairs, "
+        f"{len(validated.rejections)} rejected; {len(shards)} shards of up to {shard_size} pairs"
+        f"{'' if config.plan.shard_size else ' (auto)'}, "
         f"{len(done)} already committed in {out}")
     return plan
 
@@ -237,6 +262,7 @@ def write_run_json(plan: RunPlan, status: str, counts: dict | None = None, actor
         "models": plan.model_ids,
         "versions": versions(),
         "shards": {s.name: s.pair_ids for s in plan.shards},
+        "shard_size": plan.shard_size,
         "started_at": plan.started_at,
         "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "counts": counts or {},
@@ -276,6 +302,8 @@ def kept_rows(result: PairResult, shard: str, model_ids: dict[str, str], audio_f
             "clip_score": c.clip_score, "clap_score": c.clap_score,
             "effective_image_prompt": request.params.effective_image_prompt,
             **params, "base_seed": base_seed, "keep": request.keep,
+            "target_clip": request.target_clip, "target_clap": request.target_clap,
+            "candidates_used": len(result.candidates),
             **{f"model_{c}": model_ids.get(c) for c in MODEL_COMPONENTS},
             "generate_s": result.generate_s, "rank_s": result.rank_s, "unet_evals": result.unet_evals,
             "shard": shard, "manifest_row": request.row,
@@ -297,9 +325,12 @@ def flac_of(wav: bytes) -> bytes:
 
 
 def candidate_rows(result: PairResult) -> list[dict[str, Any]]:
-    """The candidates sidecar's rows: every candidate's seed, scores, rank and kept flag (no media)."""
+    """The candidates sidecar's rows: every candidate made, with its seed, scores, rank and kept flag (no media),
+    and how many candidates its pair used (fewer than num_candidates when the adaptive budget stopped it)."""
+    used = len(result.candidates)
     return [{"pair_id": result.pair_id, "candidate_index": c.candidate_index, "seed": c.seed,
-             "clip_score": c.clip_score, "clap_score": c.clap_score, "rank": c.rank, "kept": c.kept}
+             "clip_score": c.clip_score, "clap_score": c.clap_score, "rank": c.rank, "kept": c.kept,
+             "candidates_used": used}
             for c in result.candidates]
 
 
@@ -349,6 +380,7 @@ def process_shard(out: str, model_ids: dict[str, str], shard: Shard,
         "pairs_done": len(shard.requests) - len(failed), "pairs_failed": len(failed), "failed": failed,
         "candidates": len(scores), "kept": len(rows), "seconds": round(time.perf_counter() - t0, 3),
         "unet_evals": sum(r.unet_evals for r in results if r.ok),
+        "pairs_stopped_early": sum(r.stopped_early for r in results),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **where,
         "parts": parts, "fingerprint": fingerprint,
     }
@@ -403,12 +435,32 @@ def _finalize(plan: RunPlan, actors: list | None, extra: dict | None) -> dict[st
         "pairs_missing": sum(len(s.requests) for s in plan.shards if s.name not in stats),
         "candidates": sum(s["candidates"] for s in stats.values()), "kept": sum(s["kept"] for s in stats.values()),
         "unet_evals": sum(s.get("unet_evals", 0) for s in stats.values()),
+        "pairs_stopped_early": sum(s.get("pairs_stopped_early", 0) for s in stats.values()),
     }
+    counts["unet_evals_per_kept_pair"] = round(counts["unet_evals"] / counts["pairs_done"], 1) \
+        if counts["pairs_done"] else None
     complete = counts["shards_committed"] == counts["shards"]
     write_run_json(plan, "complete" if complete else "incomplete", counts, actors, extra)
     table = read_kept(out, CARD_COLUMNS, list(stats))
     kept = table.to_pylist() if table else []
     write_card(out, plan.name, out.read_json("run.json"), kept)
     failed = [f for s in stats.values() for f in s.get("failed", [])]
-    return {"out": plan.out, "name": plan.name, "complete": complete, "counts": counts, "failed": failed,
-            "kept_rows": kept}
+    return {"out": plan.out, "name": plan.name, "complete": complete, "counts": counts, "failed": failed[:TOP_K],
+            "failed_total": len(failed), "kept_rows": top_kept(out, shards=list(stats))}
+
+
+TOP_K = 50  # rows of the kept table shown in the flow's artifact (the dataset holds them all)
+TOP_COLUMNS = ["pair_id", "image_prompt", "audio_prompt", "candidate_index", "seed", "rank", "clip_score",
+               "clap_score"]
+
+
+def top_kept(out: Output, k: int = TOP_K, shards: list[str] | None = None) -> list[dict[str, Any]]:
+    """The `k` kept rows with the best CLIP + CLAP (of `shards` only, when given), read without their media."""
+    import pyarrow.compute as pc
+
+    table = read_kept(out, columns=TOP_COLUMNS, shards=shards)
+    if table is None or table.num_rows == 0:
+        return []
+    total = pc.add(pc.fill_null(table["clip_score"], 0.0), pc.fill_null(table["clap_score"], 0.0))
+    order = pc.sort_indices(pa.table({"total": total}), sort_keys=[("total", "descending")])[:k]
+    return table.take(order).to_pylist()

@@ -36,6 +36,8 @@ def summarize(uri: str) -> str:
         f"  pairs        {counts.get('pairs_done', 0)} kept, {counts.get('pairs_failed', 0)} failed, "
         f"{counts.get('rejected', 0)} rejected rows, {counts.get('pairs_missing', 0)} not generated",
         f"  candidates   {counts.get('candidates', 0)} generated, {counts.get('kept', 0)} kept",
+        f"  U-Net evals  {counts.get('unet_evals', 0)} ({counts.get('unet_evals_per_kept_pair') or 'n/a'} per kept "
+        f"pair; {counts.get('pairs_stopped_early', 0)} pairs stopped early at their targets)",
     ]
     from pws_batch.batch.run import read_kept
 

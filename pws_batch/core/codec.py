@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-SAMPLE_RATE = 16_000
+from pws_batch.core.media import SAMPLE_RATE  # noqa: E402 - 16 kHz, defined with the media encodings (no torch)
 N_FFT = 2048
 WIN_LENGTH = 1024
 HOP = 160

@@ -6,7 +6,8 @@ import io
 
 import numpy as np
 
-from pws_batch.core.codec import SAMPLE_RATE
+SAMPLE_RATE = 16_000  # Hz, of every sound (pws_batch.core.codec uses this one); defined here so that encoding
+                     # media needs no torch (the orchestration's stand-in actors import this module)
 
 
 def png_bytes(gray: np.ndarray) -> bytes:

@@ -18,10 +18,10 @@ MAX_STEPS = 1000
 VOCODERS = ("hifigan", "griffin-lim")  # Auffusion's HiFi-GAN, or the weight-free Griffin-Lim
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "fp16", "bf16")  # auto = fp16 on CUDA, fp32 on CPU
-# A pair's N candidates travel from the generator to the ranker as one Ray object (picture + sound, about
-# 0.9 MB each) and CLAP scores them in one batch (about 2 MB each at 48 kHz): 512 keep one pair within about
-# 1.5 GB. Ask for more candidates as more rows (other seeds) of the manifest.
-MAX_CANDIDATES = 512
+# A pair's candidates stream from the generator to the ranker one micro-batch at a time, so memory does not grow
+# with N; what grows is one pair's time on one GPU (and one shard task's): 4096 candidates at SD 1.5 speeds are
+# about a GPU-day. Ask for more candidates as more rows (other seeds) of the manifest.
+MAX_CANDIDATES = 4096
 # Classifier-free guidance scales the difference of two noise estimates: the reference uses 7.5-10; at a few
 # hundred the picture is saturated and the estimate overflows half precision (65504) within a few steps.
 MAX_GUIDANCE = 100.0
@@ -157,8 +157,8 @@ def check_params(p: GenerationParams) -> list[Problem]:
     if not isinstance(p.num_candidates, int) or isinstance(p.num_candidates, bool) \
             or not 1 <= p.num_candidates <= MAX_CANDIDATES:
         problems.append(Problem("num_candidates", f"must be an integer in [1, {MAX_CANDIDATES}], "
-                                                  f"got {p.num_candidates!r}: a pair's candidates go to the ranker "
-                                                  f"as one batch, about 3 MB of memory each",
+                                                  f"got {p.num_candidates!r}: one pair runs on one GPU, and at SD 1.5 "
+                                                  f"speeds {MAX_CANDIDATES} candidates take about a day",
                                 "e.g. 50; for more, add rows with other seeds"))
     if not isinstance(p.seed, int) or isinstance(p.seed, bool) or not 0 <= p.seed < 2**63 - MAX_CANDIDATES:
         problems.append(Problem("seed", f"must be a non-negative integer, got {p.seed!r}", "e.g. 0"))

@@ -188,7 +188,9 @@ class ImagesThatSoundPipeline:
         return out
 
     def __call__(self, params: GenerationParams, *, micro_batch: int = 8, skip_inactive: bool = True,
-                 on_step: Callable[[int], None] | None = None) -> GenerationResult:
+                 on_step: Callable[[int], None] | None = None, seeds: list[int] | None = None) -> GenerationResult:
+        """The pair's candidates; `seeds` (default: all of `params.candidate_seeds`): only these candidates, each
+        still numbered seed - params.seed (a stream of micro-batches makes a pair piece by piece)."""
         timings: Counter = Counter()
         clock = time.perf_counter()
 
@@ -203,7 +205,7 @@ class ImagesThatSoundPipeline:
         # 3-5. Prepare latents, denoise, decode: one micro-batch at a time so big N fits in memory.
         candidates: list[Candidate] = []
         evals: Counter = Counter()
-        seeds = params.candidate_seeds
+        seeds = params.candidate_seeds if seeds is None else list(seeds)
 
         def finish(batch_seeds: list[int], z: torch.Tensor) -> None:
             check_finite("the denoised latents", z, batch_seeds, params)
@@ -219,7 +221,7 @@ class ImagesThatSoundPipeline:
             timings["vocode_s"] += time.perf_counter() - t1
             images = codec.to_uint8(picture)
             for j, seed in enumerate(batch_seeds):
-                candidates.append(Candidate(len(candidates), seed, images[j], audio[j]))
+                candidates.append(Candidate(seed - params.seed, seed, images[j], audio[j]))
 
         t_denoise = time.perf_counter()
         self.denoise_latents(params, seeds, micro_batch=micro_batch, skip_inactive=skip_inactive, evals=evals,

@@ -1,0 +1,235 @@
+"""Benchmarks of the batch layer that print what they measure side by side (never asserted in tests).
+
+- `synthetic_manifest` / `bench_validate`: a big generated manifest with every kind of bad value, validated.
+- `bench_cluster`: the real flow on a local Ray advertising A logical GPUs, with stand-in actors.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from typing import Any, Callable
+
+
+def synthetic_manifest(rows: int, seed: int = 0, bad_fraction: float = 0.05):
+    """A manifest of `rows` prompt pairs in which about `bad_fraction` of the rows carry one bad value each, of
+    every kind validation knows (missing / empty / too long text, wrong types, out-of-range numbers, non-whole
+    integers, a schedule with no active model, unknown schedulers, keep > candidates, duplicate ids, bad
+    targets), plus pass-through columns (one clashing with an output column)."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    idx = np.arange(rows)
+    df = pd.DataFrame({
+        "pair_id": [f"pair-{i:07d}" for i in idx],
+        "image_prompt": [f"a painting of castle number {i % 977}" for i in idx],
+        "audio_prompt": [f"bells ringing, take {i % 613}" for i in idx],
+        "guidance_image": rng.choice([7.5, 10.0, 12.0], rows),
+        "t_image": rng.choice([0.8, 0.9, 1.0], rows),
+        "t_audio": np.ones(rows),
+        "steps": rng.choice([10.0, 20.0, 25.0], rows),
+        "seed": idx.astype(np.int64),
+        "num_candidates": pd.Series(rng.choice([4, 8], rows), dtype=object),
+        "keep": rng.choice([1, 2], rows).astype(np.int64),
+        "scheduler": pd.Series(rng.choice(["DDIMScheduler", "EulerDiscreteScheduler"], rows), dtype=object),
+        "target_clip": rng.choice([np.nan, 0.25, 0.3], rows),
+        "note": [f"n{i}" for i in idx],
+        "rank": idx % 5,  # clashes with an output column: carried as manifest_rank
+    })
+    kinds: list[tuple[str, Any]] = [
+        ("image_prompt", ""), ("image_prompt", None), ("audio_prompt", "x" * 1200), ("audio_prompt", float("nan")),
+        ("guidance_image", -1.0), ("guidance_image", float("inf")), ("t_image", 1.5), ("steps", 2.5),
+        ("steps", 0.0), ("steps", 5000.0), ("steps", float("nan")), ("seed", -3), ("num_candidates", "many"),
+        ("num_candidates", True), ("num_candidates", "8"), ("num_candidates", 0), ("keep", 99),
+        ("scheduler", "NoSuchScheduler"), ("scheduler", "bogus"), ("scheduler", 3), ("target_clip", float("inf")),
+        ("pair_id", ""), ("pair_id", "p" * 300), ("pair_id", "pair-0000000"), ("pair_id", None),
+        ("t_image", 0.5), ("t_audio", 0.5),  # both together below: a schedule with no active model
+    ]
+    bad_rows = rng.choice(rows, size=int(rows * bad_fraction), replace=False) if rows else []
+    for n, r in enumerate(bad_rows):
+        column, value = kinds[n % len(kinds)]
+        if column in ("t_image", "t_audio") and value == 0.5:
+            df.loc[r, ["t_image", "t_audio"]] = 0.5
+            continue
+        if column in ("seed", "keep") and not isinstance(value, int):
+            df[column] = df[column].astype(object)
+        df.at[r, column] = value
+    return df
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_validate(rows: int = 100_000, compare: int = 0, print_fn: Callable[[str], None] = print) -> dict:
+    """Validate a synthetic manifest of `rows` rows, printing seconds and this process's peak memory; with
+    `compare`, also validate its first `compare` rows one row at a time and say whether the answers agree."""
+    from pws_batch.batch.manifest import validate_manifest, validate_manifest_by_row
+    from pws_batch.core.models import SD15_SCHEDULER_CONFIG
+
+    t0 = time.perf_counter()
+    df = synthetic_manifest(rows)
+    made_s = time.perf_counter() - t0
+    rss0 = peak_rss_mb()
+    t0 = time.perf_counter()
+    validated = validate_manifest(df, scheduler_config=SD15_SCHEDULER_CONFIG)
+    seconds = time.perf_counter() - t0
+    out = {"rows": rows, "good": len(validated.requests), "rejected": len(validated.rejections),
+           "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "peak_rss_before_mb": rss0, "pid": os.getpid()}
+    print_fn(f"validate: {rows} rows ({out['good']} good, {out['rejected']} rejected) in {seconds:.2f} s; "
+             f"peak memory of this process {out['peak_rss_mb']:.0f} MB ({rss0:.0f} MB before validating; "
+             f"manifest made in {made_s:.1f} s)")
+    if compare:
+        part = df.iloc[:compare].reset_index(drop=True)
+        t0 = time.perf_counter()
+        by_row = validate_manifest_by_row(part, scheduler_config=SD15_SCHEDULER_CONFIG)
+        row_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        vec = validate_manifest(part, scheduler_config=SD15_SCHEDULER_CONFIG)
+        vec_s = time.perf_counter() - t0
+        same = same_answers(by_row, vec)
+        print_fn(f"first {compare} rows: row by row {row_s:.2f} s, vectorised {vec_s:.2f} s "
+                 f"({row_s / vec_s:.1f}x); same answers: {same}")
+        out.update(compare=compare, same=same, by_row_s=row_s, vectorised_s=vec_s)
+    return out
+
+
+def same_answers(a, b) -> bool:
+    """Two validations agree: the same requests (row, id, parameters, keep, targets, extras) and rejections."""
+    return ([(r.row, r.pair_id, r.params, r.keep, r.target_clip, r.target_clap, r.extra) for r in a.requests]
+            == [(r.row, r.pair_id, r.params, r.keep, r.target_clip, r.target_clap, r.extra) for r in b.requests]
+            and [vars(r) for r in a.rejections] == [vars(r) for r in b.rejections]
+            and a.warnings == b.warnings and a.num_rows == b.num_rows)
+
+
+# ---------------------------------------------------------------------------------------------- bench cluster
+def bench_cluster(flow: Callable[..., dict], actors: int = 4, pairs: int = 64, pair_seconds: float = 0.5,
+                  candidates: int = 8, micro_batch: int = 8, shard_size: int | None = None,
+                  workdir: str | None = None, print_fn: Callable[[str], None] = print) -> dict:
+    """The real flow (`flow`: flows.generate_dataset.generate_dataset), engine, writer and Prefect tasks on a local
+    Ray that advertises `actors` GPUs (logical resources), with stand-in actors that take `pair_seconds` per pair
+    (pws_batch.batch.standins). Prints the driver's CPU and memory and `orchestration efficiency E.EE` =
+    pairs x pair_seconds / (actors x steady-state wall), the steady state being the flow's dispatch of the shards
+    (after the actors are up, before finalize)."""
+    import tempfile
+
+    import pandas as pd
+    import ray
+
+    from pws_batch.batch import engine
+    from pws_batch.batch.config import RunConfig
+    from pws_batch.batch.dataset import Output
+    from pws_batch.batch.standins import StandInGenerator, StandInRanker
+
+    folder = workdir or tempfile.mkdtemp(prefix="pws-bench-cluster-")
+    manifest = os.path.join(folder, "bench-cluster.parquet")
+    pd.DataFrame({"pair_id": [f"pair-{i:06d}" for i in range(pairs)],
+                  "image_prompt": [f"a drawing of bell {i}" for i in range(pairs)],
+                  "audio_prompt": [f"a bell ringing {i}" for i in range(pairs)]}).to_parquet(manifest, index=False)
+    out = os.path.join(folder, "out")
+    config = RunConfig().replace(defaults={"num_candidates": candidates, "keep": 1, "steps": 10},
+                                 engine={"actors": actors, "micro_batch": micro_batch, "device": "auto"},
+                                 plan={"shard_size": shard_size, "overwrite": True})
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    started = not ray.is_initialized()
+    if started:  # the GPUs are logical: Ray schedules the actors as on a GPU cluster; the stand-ins use none
+        ray.init(num_cpus=actors + 1, num_gpus=actors, include_dashboard=False, log_to_driver=False)
+    try:
+        t0, cpu0 = time.perf_counter(), _cpu_s()
+        with engine.use_actors(StandInGenerator, StandInRanker, pair_seconds=pair_seconds):
+            flow(manifest, out, config)
+        wall, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
+    finally:
+        if started:
+            ray.shutdown()
+    run = Output(out).read_json("run.json")
+    dispatch_s = run.get("dispatch_s") or float("nan")
+    counts = run.get("counts", {})
+    ideal = pairs * pair_seconds / actors
+    efficiency = ideal / dispatch_s if dispatch_s else float("nan")
+    shards = counts.get("shards", 0)
+    result = {"actors": actors, "pairs": pairs, "pair_seconds": pair_seconds, "shards": shards,
+              "shard_size": run.get("shard_size"), "dispatch_s": dispatch_s, "ideal_s": ideal, "flow_s": wall,
+              "driver_cpu_s": cpu, "driver_peak_rss_mb": peak_rss_mb(), "efficiency": efficiency,
+              "pairs_done": counts.get("pairs_done"), "out": out}
+    print_fn(f"pws-batch bench cluster: {actors} actors (logical GPUs), {pairs} pairs x {pair_seconds:g} s, "
+             f"{candidates} candidates per pair, micro-batch {micro_batch}; {shards} shards of "
+             f"{run.get('shard_size')} pairs")
+    print_fn(f"{'':<28} {'seconds':>9}")
+    print_fn(f"{'ideal (P x X / A)':<28} {ideal:>9.2f}")
+    print_fn(f"{'steady state (dispatch)':<28} {dispatch_s:>9.2f}")
+    print_fn(f"{'whole flow':<28} {wall:>9.2f}")
+    print_fn(f"driver: {cpu:.1f} CPU-s over the flow ({cpu / wall:.2f} cores), peak memory "
+             f"{result['driver_peak_rss_mb']:.0f} MB; {counts.get('pairs_done', 0)}/{pairs} pairs done; "
+             f"feeds {pairs / dispatch_s:.1f} pairs/s")
+    print_fn(f"orchestration efficiency {efficiency:.2f}")
+    return result
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# ---------------------------------------------------------------------------------------------- bench pipeline
+def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 8, steps: int = 20,
+                   models: str = "tiny", micro_batch: int = 8, workdir: str | None = None,
+                   print_fn: Callable[[str], None] = print) -> dict:
+    """The bare library (one process: load the models, then generate and score each pair) and the whole pipeline
+    (the flow with its Prefect API, Ray, actors, writer and finalize) on the same work, one after the other in
+    one process tree. Prints a table and `pipeline efficiency E.EE of bare, start-up U.U s, finalize F.F s`:
+    efficiency = the bare library's work / the pipeline's steady-state shard work."""
+    import tempfile
+
+    import pandas as pd
+
+    from pws_batch.batch.config import RunConfig
+    from pws_batch.core.device import resolve_device
+    from pws_batch.core.models import resolve_model_set
+    from pws_batch.core.params import GenerationParams
+    from pws_batch.core.pipeline import ImagesThatSoundPipeline
+    from pws_batch.core.scorers import ClapScorer, ClipScorer
+
+    rows = [dict(pair_id=f"bench-{i}", image_prompt=f"a painting of bells {i}", audio_prompt=f"bells ringing {i}")
+            for i in range(pairs)]
+    # The bare library: what a script would do by hand.
+    t0 = time.perf_counter()
+    model_set = resolve_model_set(models)
+    pipe = ImagesThatSoundPipeline.from_model_set(model_set, vocoder="hifigan")
+    device = resolve_device("auto")
+    clip, clap = ClipScorer(model_set.clip, device=device), ClapScorer(model_set.clap, device=device)
+    bare_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for r in rows:
+        params = GenerationParams(r["image_prompt"], r["audio_prompt"], num_candidates=candidates, steps=steps)
+        result = pipe(params, micro_batch=micro_batch)
+        clip([c.image for c in result.candidates], params.effective_image_prompt)
+        clap([c.audio for c in result.candidates], params.audio_prompt)
+    bare_work = time.perf_counter() - t0
+    del pipe, clip, clap
+
+    # The whole pipeline on the same pairs.
+    folder = workdir or tempfile.mkdtemp(prefix="pws-bench-pipeline-")
+    manifest = os.path.join(folder, "bench-pipeline.parquet")
+    pd.DataFrame(rows).to_parquet(manifest, index=False)
+    config = RunConfig().replace(defaults={"num_candidates": candidates, "steps": steps, "keep": 1},
+                                 engine={"models": models, "micro_batch": micro_batch},
+                                 plan={"overwrite": True, "shard_size": max(1, pairs)})
+    t0 = time.perf_counter()
+    summary = flow(manifest, os.path.join(folder, "out"), config)
+    whole = time.perf_counter() - t0
+    timings = summary.get("timings", {})
+    work, finalize_s = timings.get("dispatch_s", float("nan")), timings.get("finalize_s", float("nan"))
+    startup = whole - work - finalize_s
+    efficiency = bare_work / work if work else float("nan")
+    print_fn(f"pws-batch bench pipeline: models={models} pairs={pairs} candidates={candidates} steps={steps} "
+             f"micro_batch={micro_batch}")
+    print_fn(f"{'':<10} {'start-up_s':>11} {'work_s':>9} {'finalize_s':>11} {'total_s':>9}")
+    print_fn(f"{'bare':<10} {bare_load:>11.1f} {bare_work:>9.1f} {0.0:>11.1f} {bare_load + bare_work:>9.1f}")
+    print_fn(f"{'pipeline':<10} {startup:>11.1f} {work:>9.1f} {finalize_s:>11.1f} {whole:>9.1f}")
+    print_fn(f"pipeline efficiency {efficiency:.2f} of bare, start-up {startup:.1f} s, finalize {finalize_s:.1f} s")
+    return {"bare_load_s": bare_load, "bare_work_s": bare_work, "startup_s": startup, "work_s": work,
+            "finalize_s": finalize_s, "total_s": whole, "efficiency": efficiency}

@@ -1,0 +1,34 @@
+"""`pws-batch bench cluster` in a small configuration: the real flow, engine, writer and Prefect tasks (against a
+real Prefect server on loopback) on a local Ray advertising logical GPUs, with stand-in actors. Asserts that it
+completes and prints its efficiency as a number, never how fast it is."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from servers import base_env, kill_session, prefect_server
+
+
+@pytest.mark.slow
+def test_bench_cluster_small_configuration_runs_and_prints_its_efficiency(tmp_path):
+    home = str(tmp_path / "prefect-home")
+    os.makedirs(home)
+    with prefect_server(home) as url:
+        proc = subprocess.Popen([sys.executable, "-m", "pws_batch.cli", "bench", "cluster", "--actors", "2",
+                                 "--pairs", "8", "--pair-seconds", "0.1", "--candidates", "4", "--micro-batch", "2"],
+                                env=base_env(home, PREFECT_API_URL=url), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=600)
+        finally:
+            kill_session(proc)
+    assert proc.returncode == 0, output[-4000:]
+    lines = output.strip().splitlines()
+    assert re.fullmatch(r"orchestration efficiency \d+\.\d\d", lines[-1]), lines[-5:]
+    assert any(re.search(r"driver: [\d.]+ CPU-s .* peak memory \d+ MB; 8/8 pairs done", line) for line in lines)
+    assert "2 actors (logical GPUs), 8 pairs x 0.1 s" in output

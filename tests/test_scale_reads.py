@@ -1,0 +1,79 @@
+"""At scale, the end of a run reads no media: finalize (card, counts, the flow's top-K table) and `inspect` read
+only the score and prompt columns of the data parts; the artifacts' table is bounded; --shard-size auto keeps
+the number of Prefect tasks bounded."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from pws_batch.batch import run as run_mod
+from pws_batch.batch.config import RunConfig
+from pws_batch.batch.dataset import Output
+from pws_batch.batch.manifest import Validated
+from pws_batch.batch.pair import PairRequest, PairResult, ScoredCandidate
+from pws_batch.batch.run import (RunPlan, auto_shard_size, finalize, plan_shards, process_shard, top_kept,
+                                 write_run_json)
+from pws_batch.batch.summary import summarize
+from pws_batch.core.params import GenerationParams
+
+MODEL_IDS = {"image": "i", "audio": "a", "vocoder": "v", "clip": "c", "clap": "l"}
+
+
+def result(req: PairRequest) -> PairResult:
+    n = req.params.num_candidates
+    candidates = [ScoredCandidate(c, req.params.seed + c, 0.01 * req.row + 0.1 * c, 0.2 * c, n - c, n - c <= req.keep,
+                                  b"png" if n - c <= req.keep else None, b"wav" if n - c <= req.keep else None)
+                  for c in range(n)]
+    return PairResult(req, candidates, unet_evals=10 * n)
+
+
+@pytest.fixture
+def dataset():
+    uri = f"memory://pws-scale/{uuid.uuid4().hex}"
+    requests = [PairRequest(i, f"p{i}", GenerationParams(f"picture {i}", f"sound {i}", num_candidates=3, seed=i),
+                            keep=1) for i in range(60)]
+    shards = plan_shards(requests, 7)
+    plan = RunPlan("memory://pws-scale/m.parquet", uri, RunConfig(), Validated(requests, [], [], [], 60), shards, {},
+                   {}, MODEL_IDS, shard_size=7)
+    write_run_json(plan, "running")
+    for shard in shards:
+        process_shard(uri, MODEL_IDS, shard, lambda reqs: ([result(r) for r in reqs], {"actor_pair": 0}))
+    return plan
+
+
+def test_finalize_and_inspect_never_read_media_columns(dataset, monkeypatch):
+    """Every Parquet read of the dataset goes through Output.read_table (which decodes only the columns asked
+    for): watched there, no data part is read whole or with its media columns."""
+    reads: list[tuple[str, list | None]] = []
+    real = Output.read_table
+
+    def watched(self, rel, columns=None):
+        reads.append((rel, columns))
+        if "part-" in rel and rel.startswith("data/") and (columns is None or {"image", "audio"} & set(columns)):
+            raise AssertionError(f"read the media of {rel}: columns {columns}")
+        return real(self, rel, columns=columns)
+
+    monkeypatch.setattr(Output, "read_table", watched)
+    summary = finalize(dataset)
+    assert summary["complete"] and summary["counts"]["kept"] == 60
+    text = summarize(dataset.out)
+    assert "180 generated, 60 kept" in text and "CLIP (kept)  mean" in text
+    data_reads = [cols for name, cols in reads if name.startswith("data/part-")]
+    assert len(data_reads) >= 3 * len(dataset.shards)  # card, top-K table, inspect: all through read_table
+    assert all(cols and not {"image", "audio"} & set(cols) for cols in data_reads)
+
+
+def test_the_artifact_table_is_the_top_k_without_media(dataset):
+    finalize(dataset)
+    top = top_kept(Output(dataset.out), k=5)
+    assert len(top) == 5 and [r["pair_id"] for r in top] == ["p59", "p58", "p57", "p56", "p55"]
+    assert set(top[0]) == set(run_mod.TOP_COLUMNS)
+
+
+def test_auto_shard_size_bounds_the_number_of_tasks():
+    assert auto_shard_size(4, 1) == 1 and auto_shard_size(1024, 32) == 8
+    assert auto_shard_size(100_000, 64) == 256
+    assert -(-100_000 // auto_shard_size(100_000, 64)) == 391  # Prefect tasks for 100k pairs on 64 actors
+    assert auto_shard_size(10_000_000, 8) == run_mod.MAX_AUTO_SHARD and auto_shard_size(0, 4) == 1

@@ -1,0 +1,141 @@
+"""Streaming a pair micro-batch by micro-batch, and the adaptive budget (pws_batch.batch.stream, engine.run_pairs).
+
+Without targets the stream keeps exactly the candidates a whole-pair ranking keeps, holding media only for those
+that may still be kept; with targets a pair stops after the first micro-batch that meets them, and runs all N
+when they are never met. The Ray tests use the stand-in actors on a real local Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pws_batch.batch import engine
+from pws_batch.batch.config import RunConfig
+from pws_batch.batch.pair import CandidateBatch, PairRequest
+from pws_batch.batch.ranking import RankingRule, dominators_below, rank_candidates, rank_with_targets
+from pws_batch.batch.standins import StandInGenerator, StandInRanker
+from pws_batch.batch.stream import PairStream, score_batch
+from pws_batch.core.params import GenerationParams
+
+
+def request(i: int, n: int = 20, keep: int = 2, **targets) -> PairRequest:
+    return PairRequest(i, f"p{i}", GenerationParams(f"picture {i}", f"sound {i}", num_candidates=n, seed=100 * i),
+                       keep=keep, **targets)
+
+
+# ------------------------------------------------------------------------------------------------ pure
+def test_dominators_below_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for keep in (1, 2, 5):
+        clip, clap = rng.random(200), rng.random(200)
+        clip[::7] = clip[0]  # ties must not count as beating
+        brute = np.array([sum((clip[j] > clip[i]) and (clap[j] > clap[i]) for j in range(200)) < keep
+                          for i in range(200)])
+        assert (dominators_below(clip, clap, keep, chunk=64) == brute).all()
+
+
+def stream_in_batches(req: PairRequest, clip: np.ndarray, clap: np.ndarray, micro_batch: int,
+                      rule: RankingRule) -> tuple[PairStream, list[int]]:
+    """Drive a PairStream as the engine does, scoring with `score_batch` from fixed scores."""
+    stream, media_held = PairStream(req, micro_batch), []
+    while stream.can_submit():
+        start, count = stream.submit()
+        generated = SimpleNamespace(candidates=[SimpleNamespace(seed=req.params.seed + start + j)
+                                                for j in range(count)])
+        batch = CandidateBatch(req, start, count, generated=generated, unet_evals=2 * count)
+        batch.scored = score_batch(batch, clip[start:start + count], clap[start:start + count], stream.held(),
+                                   lambda c: (b"png%d" % c.seed, b"wav%d" % c.seed))
+        stream.add(batch)
+        media_held.append(len(stream.held()))
+    return stream, media_held
+
+
+@pytest.mark.parametrize("rule", [RankingRule(), RankingRule("weighted", clip_weight=0.0, clap_weight=1.0),
+                                  RankingRule("pareto")])
+@pytest.mark.parametrize("keep", [1, 3])
+def test_stream_without_targets_keeps_what_a_whole_pair_ranking_keeps(rule, keep):
+    rng = np.random.default_rng(keep)
+    n = 37
+    clip, clap = rng.random(n).round(2), rng.random(n).round(2)  # rounded: ties happen
+    req = request(1, n=n, keep=keep)
+    stream, held = stream_in_batches(req, clip, clap, micro_batch=5, rule=rule)
+    result = stream.result(rule)
+    assert result.ok and len(result.candidates) == n and not result.stopped_early
+    expected = rank_candidates(clip, clap, rule)
+    assert [c.rank for c in result.candidates] == list(expected)
+    assert [c.seed for c in result.candidates] == req.params.candidate_seeds
+    assert sorted(c.candidate_index for c in result.kept) == sorted(np.flatnonzero(expected <= keep).tolist())
+    assert all(c.image_png == b"png%d" % c.seed for c in result.kept)
+    assert all(c.image_png is None for c in result.candidates if not c.kept)
+    assert result.unet_evals == 2 * n
+    assert max(held) < n  # media was dropped along the way, not held for every candidate
+
+
+def test_targets_stop_the_pair_once_keep_candidates_meet_them():
+    clip = np.array([0.1, 0.9, 0.95, 0.2, 0.99, 0.99, 0.99, 0.99])
+    clap = np.array([0.9, 0.9, 0.1, 0.2, 0.99, 0.99, 0.99, 0.99])
+    req = request(2, n=8, keep=1, target_clip=0.5, target_clap=0.5)  # candidate 1 meets both
+    stream, _ = stream_in_batches(req, clip, clap, micro_batch=2, rule=RankingRule())
+    result = stream.result(RankingRule())
+    assert stream.stopped and len(result.candidates) == 2 and result.stopped_early
+    assert result.kept[0].candidate_index == 1 and result.unet_evals == 4
+    # keep 2: candidate 4 (third micro-batch) is the second to meet both
+    stream, _ = stream_in_batches(request(2, n=8, keep=2, target_clip=0.5, target_clap=0.5), clip, clap, 2,
+                                  RankingRule())
+    assert len(stream.scored) == 6
+    # the candidates that meet the targets rank first even when the rule alone would put another first
+    ranks = rank_with_targets(np.array([0.9, 0.6]), np.array([0.1, 0.6]), RankingRule("weighted", 1.0, 1.0, 0.0),
+                              meets=np.array([False, True]))
+    assert list(ranks) == [2, 1]
+
+
+# ------------------------------------------------------------------------------------------------ on Ray
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    started = engine.connect_ray(None, num_cpus=2)
+    yield
+    if started:
+        import ray
+
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool(local_ray):
+    config = RunConfig().replace(engine={"actors": 1, "device": "cpu", "micro_batch": 4})
+    pool = engine.start_actors(config, log=lambda line: None, generator_cls=StandInGenerator,
+                               ranker_cls=StandInRanker)
+    yield pool
+    engine.stop_actors(pool)
+
+
+def test_run_pairs_streams_one_micro_batch_at_a_time(pool):
+    import ray
+
+    requests = [request(i, n=16, keep=2) for i in range(3)]
+    results, where = engine.run_pairs(pool, requests)
+    assert [len(r.candidates) for r in results] == [16, 16, 16] and all(r.ok for r in results)
+    assert where["micro_batches"] == 12 and where["micro_batches_in_flight_max"] <= engine.LOOKAHEAD
+    info = ray.get(pool.generators[0].info.remote())
+    assert info["largest_micro_batch"] == 4  # no call, and so no Ray object, holds more than one micro-batch
+    # the same kept candidates and scores as the stand-in ranker's whole-pair ranking
+    whole = ray.get(pool.rankers[0].rank.remote(ray.get(pool.generators[0].generate.remote(requests[1]))))
+    assert [(c.seed, c.clip_score, c.clap_score, c.rank, c.kept) for c in results[1].candidates] == \
+        [(c.seed, c.clip_score, c.clap_score, c.rank, c.kept) for c in whole.candidates]
+    assert [c.image_png for c in results[1].kept] == [c.image_png for c in whole.kept]
+
+
+def test_adaptive_budget_stops_after_first_micro_batch_or_runs_all(pool):
+    met = request(5, n=16, keep=1, target_clip=0.0, target_clap=0.0)
+    never = request(6, n=16, keep=1, target_clip=1.01, target_clap=0.0)
+    plain = request(7, n=16, keep=1)
+    results, where = engine.run_pairs(pool, [met, never, plain])
+    assert [len(r.candidates) for r in results] == [4, 16, 16]
+    assert [r.stopped_early for r in results] == [True, False, False]
+    assert results[0].unet_evals == 2 * 4 and results[1].unet_evals == 2 * 16
+    assert len(results[0].kept) == 1 and results[0].kept[0].image_png.startswith(b"\x89PNG")
