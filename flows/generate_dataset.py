@@ -2,8 +2,8 @@
 
 Orchestration only (no model code, no torch): load and validate, plan deterministic shards, one Prefect task
 per shard (with retries) running on Ray actors created once per run, then finalize. The flow run is named
-after the manifest and publishes a progress artifact (updated as shards finish), a table of the kept pairs
-with their scores, and a markdown summary.
+after the manifest and publishes a progress artifact (updated as shards finish), a table of the 50 best kept
+candidates with their scores, and a markdown summary: bounded however many pairs the manifest holds.
 """
 
 from __future__ import annotations
