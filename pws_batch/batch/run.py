@@ -99,9 +99,12 @@ def validate(manifest: str, config: RunConfig, check_files: bool = True) -> tupl
 
 def check_models(config: RunConfig) -> None:
     """Every file the run's actors will load is there (offline, no weights loaded); else RunError, one line."""
+    from pws_batch.batch.engine import ACTOR_CLASSES
     from pws_batch.core.model_files import check_model_set, needed_components, summary_line
     from pws_batch.core.models import resolve_model_set
 
+    if ACTOR_CLASSES.get("generator_cls"):  # stand-in actors (`bench cluster`) load no models
+        return
     models = config.engine.models
     problems = check_model_set(resolve_model_set(models), models, needed_components(config.engine.vocoder))
     if problems:
