@@ -229,6 +229,8 @@ def _broken_set(tmp_path, tiny_models, component="audio") -> str:
 def test_run_with_a_missing_component_fails_fast_in_one_line(tmp_path, capsys, tiny_models):
     import ray
 
+    if ray.is_initialized():  # left by an earlier in-process test: the check below is about this run's Ray
+        ray.shutdown()
     manifest = tmp_path / "m.csv"
     pd.DataFrame([dict(pair_id="a", image_prompt="dogs", audio_prompt="barking")]).to_csv(manifest, index=False)
     out = tmp_path / "out"
