@@ -31,6 +31,69 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
 
 
+# The long --help text of each command (argparse re-wraps it).
+DESCRIPTIONS = {
+    "generate": """
+        Make N candidates for one prompt pair: candidate-NNN.png (8-bit grayscale picture), candidate-NNN.wav
+        (16 kHz mono), candidates.json (all parameters, seeds, model ids, U-Net evaluation counts, timings).""",
+    "models fetch": """
+        Download only the files each component reads (safetensors where a repository publishes them, else its
+        .bin files; no .ckpt, no non-EMA or fp16 variants, no safety checker) with
+        huggingface_hub.snapshot_download: resumable (run it again after an interruption), with progress bars.
+        Without --dir the files go to the Hugging Face cache (HF_HOME), where `--models sd15-auffusion` finds
+        them offline; with --dir, one folder per repository and a model_set.json to pass to --models. Then run
+        `pws-batch models check`.""",
+    "models check": """
+        Offline and without loading any weights: one line per missing or inconsistent file (component, id, file,
+        problem, fix); checks that both diffusion models share SD 1.5's latent space (4 channels, VAE factor 8),
+        that each U-Net takes its text encoder's width, and that the vocoder reads Auffusion's mels (256 mels,
+        hop 160). Exit status 1 if anything is wrong. Hub ids are looked up in the Hugging Face cache (HF_HOME).""",
+    "run": """
+        Generate a curated dataset from a manifest of prompt pairs: the Prefect flow generate-dataset validates
+        the manifest (bad rows go to rejected.parquet), runs one task per shard on Ray actors, ranks every
+        candidate by CLIP and CLAP and keeps the best. Re-running into the same --out resumes: only shards not
+        yet committed are generated. Uses the Prefect API at PREFECT_API_URL, or Prefect's ephemeral one; Ray at
+        --ray-address / RAY_ADDRESS, or a local Ray.""",
+    "submit": """
+        Check the manifest (as `validate`; a manifest with no good row is refused), create a flow run of the
+        generate-dataset deployment through the Prefect API at PREFECT_API_URL, print its id and its URL in the
+        Prefect UI, and return. The manifest and --out must be reachable from the cluster's workers (shared
+        paths or URIs such as s3://).""",
+    "validate": """
+        Report every bad row of a manifest (row number, field, what is wrong, how to fix it); exit status 1 if
+        any row is bad.""",
+    "gallery": """
+        Write a static HTML page (no server, no CDN) with each kept pair's picture, an audio player, prompts,
+        scores, seed and parameters, sortable by score and paginated; the media are files next to the page, so
+        it works opened from disk.""",
+    "export": """
+        Write every kept row as NNNNN.png (the picture), NNNNN.wav or .flac (the sound, as stored) and
+        NNNNN.json (every other column), img2dataset-style.""",
+    "push": """
+        Create the dataset repository REPO_ID if needed and upload the card, the data and candidates parts,
+        rejected.parquet and run.json with huggingface_hub's upload_large_folder (resumable). Log in first with
+        `hf auth login` or set HF_TOKEN.""",
+    "bench sampler": """
+        Runs, in one process, the batched sampler (all candidates together, inactive models skipped) and the
+        naive way (one candidate at a time, every model at every step) on the same work; prints a table and the
+        ratios.""",
+    "bench cluster": """
+        Runs the real flow, engine, writer and Prefect tasks on a local Ray that advertises --actors GPUs
+        (logical resources), with stand-in actors that take --pair-seconds per pair and return small real media;
+        prints the driver's CPU and memory and `orchestration efficiency E.EE` = pairs x pair-seconds / (actors
+        x steady-state wall). Uses $PREFECT_API_URL, else an ephemeral Prefect API.""",
+    "bench pipeline": """
+        Runs the bare library (load the models, then generate and score each pair in one process) and the whole
+        pipeline (the flow: Prefect API, Ray, actors, writer, finalize) on the same pairs, one after the other;
+        prints a table and `pipeline efficiency E.EE of bare, start-up U.U s, finalize F.F s`. Uses
+        $PREFECT_API_URL, else an ephemeral Prefect API.""",
+    "bench validate": """
+        Builds a manifest of --rows rows (about 5% carry a bad value of some kind), validates it, and prints
+        the seconds and this process's peak memory; with --compare N, also validates its first N rows one row at
+        a time and says whether the answers agree.""",
+}
+
+
 # ------------------------------------------------------------------------------------------------ arguments
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prompts")
@@ -79,9 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="make N candidate images that sound for one prompt pair",
-                         description="Make N candidates for one prompt pair: candidate-NNN.png (8-bit grayscale "
-                                     "picture), candidate-NNN.wav (16 kHz mono), candidates.json (all parameters, "
-                                     "seeds, model ids, U-Net evaluation counts, timings).")
+                         description=DESCRIPTIONS["generate"])
     _add_generation_args(gen)
     _add_runtime_args(gen)
     gen.add_argument("--vocoder", default="hifigan", choices=VOCODERS,
@@ -95,41 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     show = msub.add_parser("show", help="print the components of a model set as JSON")
     show.add_argument("name", nargs="?", default="sd15-auffusion", help="a built-in name or a path")
     fetch = msub.add_parser("fetch", help="download a model set's files from the Hugging Face hub",
-                            description="Download only the files each component reads (safetensors where a repository "
-                                        "publishes them, else its .bin files; no .ckpt, no non-EMA or fp16 variants, "
-                                        "no safety checker) with huggingface_hub.snapshot_download: resumable (run it "
-                                        "again after an interruption), with progress bars. Without --dir the files go "
-                                        "to the Hugging Face cache (HF_HOME), where `--models sd15-auffusion` finds "
-                                        "them offline; with --dir, one folder per repository and a model_set.json to "
-                                        "pass to --models. Then run `pws-batch models check`.")
+                            description=DESCRIPTIONS["models fetch"])
     fetch.add_argument("name", nargs="?", default="sd15-auffusion", help="a built-in name or a path (default: sd15-auffusion)")
     fetch.add_argument("--dir", help="download into this folder instead of the Hugging Face cache")
     check = msub.add_parser("check", help="check a model set's files offline, without loading weights",
-                            description="Offline and without loading any weights: one line per missing or "
-                                        "inconsistent file (component, id, file, problem, fix); checks that both "
-                                        "diffusion models share SD 1.5's latent space (4 channels, VAE factor 8), "
-                                        "that each U-Net takes its text encoder's width, and that the vocoder reads "
-                                        "Auffusion's mels (256 mels, hop 160). Exit status 1 if anything is wrong. "
-                                        "Hub ids are looked up in the Hugging Face cache (HF_HOME).")
+                            description=DESCRIPTIONS["models check"])
     check.add_argument("name", nargs="?", default="sd15-auffusion", help="a built-in name or a path (default: sd15-auffusion)")
 
     runp = sub.add_parser("run", help="manifest -> Prefect flow -> Ray actors -> curated dataset",
-                          description="Generate a curated dataset from a manifest of prompt pairs: the Prefect flow "
-                                      "generate-dataset validates the manifest (bad rows go to rejected.parquet), "
-                                      "runs one task per shard on Ray actors, ranks every candidate by CLIP and CLAP "
-                                      "and keeps the best. Re-running into the same --out resumes: only shards not "
-                                      "yet committed are generated. Uses the Prefect API at PREFECT_API_URL, or "
-                                      "Prefect's ephemeral one; Ray at --ray-address / RAY_ADDRESS, or a local Ray.")
+                          description=DESCRIPTIONS["run"])
     runp.add_argument("manifest", help="Parquet, CSV or JSON Lines manifest (path or fsspec URI)")
     runp.add_argument("--out", required=True, help="dataset location: a path or fsspec URI (s3://, gs://, memory://)")
     _add_run_args(runp)
 
     sb = sub.add_parser("submit", help="submit a manifest to a Prefect deployment (a cluster) and return at once",
-                        description="Check the manifest (as `validate`; a manifest with no good row is refused), "
-                                    "create a flow run of the generate-dataset deployment through the Prefect API "
-                                    "at PREFECT_API_URL, print its id and its URL in the Prefect UI, and return. "
-                                    "The manifest and --out must be reachable from the cluster's workers (shared "
-                                    "paths or URIs such as s3://).")
+                        description=DESCRIPTIONS["submit"])
     sb.add_argument("manifest", help="Parquet, CSV or JSON Lines manifest (path or fsspec URI)")
     sb.add_argument("--out", required=True, help="dataset location, as the workers see it (e.g. s3://bucket/name)")
     sb.add_argument("--deployment", default="generate-dataset/local",
@@ -144,8 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("run_id", help="the flow run id printed by `pws-batch submit`")
 
     val = sub.add_parser("validate", help="check a manifest: every bad row with its field, problem and fix",
-                         description="Report every bad row of a manifest (row number, field, what is wrong, how to "
-                                     "fix it); exit status 1 if any row is bad.")
+                         description=DESCRIPTIONS["validate"])
     val.add_argument("manifest", help="Parquet, CSV or JSON Lines manifest (path or fsspec URI)")
     add_flags(val, sections=("defaults",))
     add_flags(val, sections=("engine",), only=("models",))
@@ -155,25 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("out", help="the dataset's location (path or fsspec URI)")
 
     gal = sub.add_parser("gallery", help="a static HTML page to look at and listen to a dataset's kept pairs",
-                         description="Write a static HTML page (no server, no CDN) with each kept pair's picture, an "
-                                     "audio player, prompts, scores, seed and parameters, sortable by score and "
-                                     "paginated; the media are files next to the page, so it works opened from disk.")
+                         description=DESCRIPTIONS["gallery"])
     gal.add_argument("out", help="the dataset's location (path or fsspec URI)")
     gal.add_argument("--top", type=int, default=None, help="only the N best rows by CLIP + CLAP (default: all)")
     gal.add_argument("--out", dest="dest", default=None, help="where to write it (default: OUT/gallery)")
 
     exp = sub.add_parser("export", help="write a dataset as a folder of files (NNNNN.png, .wav/.flac, .json)",
-                         description="Write every kept row as NNNNN.png (the picture), NNNNN.wav or .flac (the "
-                                     "sound, as stored) and NNNNN.json (every other column), img2dataset-style.")
+                         description=DESCRIPTIONS["export"])
     exp.add_argument("out", help="the dataset's location (path or fsspec URI)")
     exp.add_argument("dir", help="the folder to write (path or fsspec URI)")
     exp.add_argument("--format", default="files", choices=["files"], help="(default: files)")
 
     push = sub.add_parser("push", help="upload a dataset to the Hugging Face Hub (needs the network and a token)",
-                          description="Create the dataset repository REPO_ID if needed and upload the card, the "
-                                      "data and candidates parts, rejected.parquet and run.json with "
-                                      "huggingface_hub's upload_large_folder (resumable). Log in first with "
-                                      "`hf auth login` or set HF_TOKEN.")
+                          description=DESCRIPTIONS["push"])
     push.add_argument("out", help="the dataset's local folder")
     push.add_argument("repo_id", help="USER/NAME of the dataset repository on the Hub")
     push.add_argument("--private", action="store_true", help="create the repository private")
@@ -181,9 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
     bsub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
     bs = bsub.add_parser("sampler", help="batched sampler vs the naive way, on the same work",
-                         description="Runs, in one process, the batched sampler (all candidates together, inactive "
-                                     "models skipped) and the naive way (one candidate at a time, every model at "
-                                     "every step) on the same work; prints a table and the ratios.")
+                         description=DESCRIPTIONS["bench sampler"])
     bs.add_argument("--candidates", type=int, default=8, help="(default: 8)")
     bs.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
     bs.add_argument("--t-image", type=float, default=DEFAULTS.t_image, help=f"(default: {DEFAULTS.t_image:g})")
@@ -193,12 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "architecture (nothing downloaded), to time the real cost on a GPU")
     _add_runtime_args(bs, models_default="tiny")
     bc = bsub.add_parser("cluster", help="the real flow, engine and writer on a simulated GPU cluster",
-                         description="Runs the real flow, engine, writer and Prefect tasks on a local Ray that "
-                                     "advertises --actors GPUs (logical resources), with stand-in actors that take "
-                                     "--pair-seconds per pair and return small real media; prints the driver's CPU "
-                                     "and memory and `orchestration efficiency E.EE` = pairs x pair-seconds / "
-                                     "(actors x steady-state wall). Uses $PREFECT_API_URL, else an ephemeral "
-                                     "Prefect API.")
+                         description=DESCRIPTIONS["bench cluster"])
     bc.add_argument("--actors", type=int, default=4, help="generator actors = logical GPUs (default: 4)")
     bc.add_argument("--pairs", type=int, default=64, help="(default: 64)")
     bc.add_argument("--pair-seconds", type=float, default=0.5, help="seconds per pair a stand-in generator takes "
@@ -207,21 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--micro-batch", type=int, default=8, help="(default: 8)")
     bc.add_argument("--shard-size", type=int, default=None, help="pairs per shard (default: auto)")
     bp = bsub.add_parser("pipeline", help="the bare library vs the whole pipeline on the same work",
-                         description="Runs the bare library (load the models, then generate and score each pair in "
-                                     "one process) and the whole pipeline (the flow: Prefect API, Ray, actors, "
-                                     "writer, finalize) on the same pairs, one after the other; prints a table and "
-                                     "`pipeline efficiency E.EE of bare, start-up U.U s, finalize F.F s`. Uses "
-                                     "$PREFECT_API_URL, else an ephemeral Prefect API.")
+                         description=DESCRIPTIONS["bench pipeline"])
     bp.add_argument("--pairs", type=int, default=4, help="(default: 4)")
     bp.add_argument("--candidates", type=int, default=8, help="(default: 8)")
     bp.add_argument("--steps", type=int, default=20, help="(default: 20)")
     bp.add_argument("--models", default="tiny", help="model set (default: tiny)")
     bp.add_argument("--micro-batch", type=int, default=8, help="(default: 8)")
     bv = bsub.add_parser("validate", help="validate a generated manifest with every kind of bad value",
-                         description="Builds a manifest of --rows rows (about 5%% carry a bad value of some kind), "
-                                     "validates it, and prints the seconds and this process's peak memory; with "
-                                     "--compare N, also validates its first N rows one row at a time and says "
-                                     "whether the answers agree.")
+                         description=DESCRIPTIONS["bench validate"])
     bv.add_argument("--rows", type=int, default=100_000, help="(default: 100000)")
     bv.add_argument("--compare", type=int, default=0, help="rows to check against the row-by-row path (default: 0)")
     return parser

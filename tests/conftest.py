@@ -32,3 +32,17 @@ def tiny_pipeline(tiny_models):
     from pws_batch.core.pipeline import ImagesThatSoundPipeline
 
     return ImagesThatSoundPipeline.from_model_set("tiny", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray with 2 CPUs for the tests of one module (shut down after them if this fixture started it)."""
+    from pws_batch.batch import engine
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    started = engine.connect_ray(None, num_cpus=2)
+    yield
+    if started:
+        import ray
+
+        ray.shutdown()

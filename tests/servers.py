@@ -103,6 +103,21 @@ def prefect_server(home: str, ui: bool = False) -> Iterator[str]:
         log.close()
 
 
+def cli_with_server(folder, *args: str, timeout: float = 900) -> tuple[int, str]:
+    """`pws-batch ARGS` against a Prefect server of its own (PREFECT_HOME under `folder`): exit status and output.
+    Whatever the command leaves behind (its local Ray) is killed with its session."""
+    home = os.path.join(str(folder), "prefect-home")
+    os.makedirs(home, exist_ok=True)
+    with prefect_server(home) as url:
+        proc = subprocess.Popen([sys.executable, "-m", "pws_batch.cli", *args], env=base_env(home, PREFECT_API_URL=url),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        finally:
+            kill_session(proc)
+    return proc.returncode, output
+
+
 def api(url: str, path: str, body: dict | None = None) -> object:
     response = httpx.post(f"{url}{path}", json=body or {}, timeout=30)
     response.raise_for_status()

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
-from servers import base_env, kill_session, prefect_server
+from servers import cli_with_server
 
 
 @pytest.mark.slow
@@ -24,19 +22,10 @@ def test_targets_stop_a_pair_after_its_first_micro_batch_or_never(tmp_path, tiny
                   dict(pair_id="plain", image_prompt="a cat", audio_prompt="meowing", target_clip=None,
                        target_clap=None)]).to_parquet(manifest, index=False)
     out = str(tmp_path / "out")
-    home = str(tmp_path / "prefect-home")
-    os.makedirs(home)
-    with prefect_server(home) as url:
-        proc = subprocess.Popen([sys.executable, "-m", "pws_batch.cli", "run", str(manifest), "--out", out,
-                                 "--models", "tiny", "--candidates", "4", "--micro-batch", "2", "--steps", "3",
-                                 "--keep", "1", "--vocoder", "griffin-lim"],
-                                env=base_env(home, PREFECT_API_URL=url), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            log, _ = proc.communicate(timeout=900)
-        finally:
-            kill_session(proc)
-    assert proc.returncode == 0, log[-4000:]
+    returncode, log = cli_with_server(tmp_path, "run", str(manifest), "--out", out, "--models", "tiny", "--candidates",
+                                      "4", "--micro-batch", "2", "--steps", "3", "--keep", "1", "--vocoder",
+                                      "griffin-lim")
+    assert returncode == 0, log[-4000:]
     candidates = pd.read_parquet(os.path.join(out, "candidates"))
     used = candidates.groupby("pair_id")["candidates_used"].first().to_dict()
     assert used == {"met": 2, "never": 4, "plain": 4}

@@ -95,13 +95,31 @@ def finish(proc: subprocess.Popen, out: str, timeout: float = 400) -> str:
 def first_run(manifest, server, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "full")
     proc = start_run(manifest, out, server)
-    log = finish(proc, out)
-    assert proc.returncode == 0, log[-4000:]
+    log = finish_ok(proc, out)
     return out, log
 
 
 def read_data(out: str) -> pd.DataFrame:
     return pd.read_parquet(os.path.join(out, "data")).sort_values(["pair_id", "rank"]).reset_index(drop=True)
+
+
+def finish_ok(proc: subprocess.Popen, out: str) -> str:
+    """The run's log once it has ended with exit status 0."""
+    log = finish_ok(proc, out)
+    return log
+
+
+def run_json(out: str) -> dict:
+    with open(os.path.join(out, "run.json")) as f:
+        return json.load(f)
+
+
+def assert_same_data(out: str, reference: str) -> None:
+    """The kept rows of `out` equal the reference run's, but for timings."""
+    data, expected = read_data(out), read_data(reference)
+    assert not data.duplicated(["pair_id", "candidate_index"]).any()
+    columns = [c for c in expected.columns if c not in TIMING_COLUMNS]
+    pd.testing.assert_frame_equal(data[columns], expected[columns])
 
 
 def test_kept_rows_rejected_rows_sidecar_markers_and_card(first_run):
@@ -159,7 +177,7 @@ def test_kept_rows_rejected_rows_sidecar_markers_and_card(first_run):
     card = open(os.path.join(out, "README.md")).read()
     assert card.startswith("---\n") and "path: data/part-*.parquet" in card and "pairs kept: 5" in card
 
-    run = json.load(open(os.path.join(out, "run.json")))
+    run = run_json(out)
     assert run["status"] == "complete" and run["counts"]["rejected"] == 6 and run["counts"]["kept"] == 6
     assert run["versions"]["torch"].startswith("2.") and run["models"]["image"].endswith("image")
     # Each actor's process loaded its models once (in its constructor) and then served every pair of the run:
@@ -184,7 +202,7 @@ def test_dataset_loads_with_hugging_face_datasets(first_run):
 def test_prefect_api_shows_the_flow_run_tasks_and_artifacts(first_run, server):
     out, _ = first_run
     url, _ = server
-    run = json.load(open(os.path.join(out, "run.json")))
+    run = run_json(out)
     flow_run = httpx_get(url, f"/flow_runs/{run['flow_run_id']}")
     assert flow_run["state_type"] == "COMPLETED" and flow_run["name"].startswith("pairs-")
     config = flow_run["parameters"]["config"]  # the whole typed run config is the flow's parameter
@@ -236,16 +254,12 @@ def test_a_run_killed_after_its_first_shard_resumes_to_the_same_dataset(manifest
         f.write(b"PAR1 half-written")
 
     again = start_run(manifest, out, server)
-    log = finish(again, out)
-    assert again.returncode == 0, log[-4000:]
+    finish_ok(again, out)
     assert open(marker).read() == first_marker  # the committed shard was skipped, not redone
     assert sorted(os.listdir(os.path.join(out, "_shards"))) == ["00000.json", "00001.json", "00002.json"]
 
-    resumed, full = read_data(out), read_data(reference)
-    assert not resumed.duplicated(["pair_id", "candidate_index"]).any()
-    columns = [c for c in full.columns if c not in TIMING_COLUMNS]
-    pd.testing.assert_frame_equal(resumed[columns], full[columns])
-    run = json.load(open(os.path.join(out, "run.json")))
+    assert_same_data(out, reference)
+    run = run_json(out)
     assert run["counts"]["shards_resumed"] == 1 or len(committed) == 2
 
 
@@ -286,12 +300,10 @@ def test_a_generator_actor_killed_mid_run_is_restarted_and_the_run_completes(man
                if any("Generator" in part for part in psutil.Process(pid).cmdline())]
     assert len(victims) == 1, [psutil.Process(p).cmdline() for p in session_pids(proc.pid)]
     os.kill(victims[0], 9)
-    log = finish(proc, out)
-    assert proc.returncode == 0, log[-4000:]
-    run = json.load(open(os.path.join(out, "run.json")))
+    finish_ok(proc, out)
+    run = run_json(out)
     assert run["status"] == "complete" and run["counts"]["pairs_done"] == 5
-    columns = [c for c in read_data(reference).columns if c not in TIMING_COLUMNS]
-    pd.testing.assert_frame_equal(read_data(out)[columns], read_data(reference)[columns])
+    assert_same_data(out, reference)
 
 
 # ------------------------------------------------------------------------------------------------ faults (issue 11)
@@ -315,13 +327,11 @@ def test_a_corrupt_part_and_a_truncated_run_json_are_repaired_by_a_re_run(manife
     assert "run.json is unreadable" in inspect.stderr and "pws-batch run` again" in inspect.stderr
 
     again = start_run(manifest, out, server)
-    log = finish(again, out)
-    assert again.returncode == 0, log[-4000:]
+    log = finish_ok(again, out)
     assert "shard 00001: data/part-00001.parquet has" in log and "regenerating it" in log
-    run = json.load(open(os.path.join(out, "run.json")))
+    run = run_json(out)
     assert run["status"] == "complete" and run["counts"]["shards_resumed"] == 2
-    columns = [c for c in read_data(reference).columns if c not in TIMING_COLUMNS]
-    pd.testing.assert_frame_equal(read_data(out)[columns], read_data(reference)[columns])
+    assert_same_data(out, reference)
 
 
 def test_a_second_run_is_refused_and_the_lease_of_a_killed_run_is_taken_over(manifest, server, first_run, tmp_path):
@@ -345,12 +355,10 @@ def test_a_second_run_is_refused_and_the_lease_of_a_killed_run_is_taken_over(man
     kill_session(first)  # kill -9 the holder, its Ray and its actors: the lease stays behind, unreleased
     assert json.load(open(lease))["pid"] == holder["pid"]
     third = start_run(manifest, out, server)
-    log = finish(third, out)
-    assert third.returncode == 0, log[-4000:]
+    log = finish_ok(third, out)
     assert f"taking over the lease on {out}" in log and "whose process is gone" in log
     assert not os.path.exists(lease)  # released at the end
-    columns = [c for c in read_data(reference).columns if c not in TIMING_COLUMNS]
-    pd.testing.assert_frame_equal(read_data(out)[columns], read_data(reference)[columns])
+    assert_same_data(out, reference)
 
 
 def test_inspect_repeated_ten_times_exits_0(first_run, server):

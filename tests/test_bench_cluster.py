@@ -4,30 +4,19 @@ completes and prints its efficiency as a number, never how fast it is."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from servers import base_env, kill_session, prefect_server
+from servers import cli_with_server
 
 
 @pytest.mark.slow
 def test_bench_cluster_small_configuration_runs_and_prints_its_efficiency(tmp_path):
-    home = str(tmp_path / "prefect-home")
-    os.makedirs(home)
-    with prefect_server(home) as url:
-        proc = subprocess.Popen([sys.executable, "-m", "pws_batch.cli", "bench", "cluster", "--actors", "2",
-                                 "--pairs", "8", "--pair-seconds", "0.1", "--candidates", "4", "--micro-batch", "2"],
-                                env=base_env(home, PREFECT_API_URL=url), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            output, _ = proc.communicate(timeout=600)
-        finally:
-            kill_session(proc)
-    assert proc.returncode == 0, output[-4000:]
+    returncode, output = cli_with_server(tmp_path, "bench", "cluster", "--actors", "2", "--pairs", "8",
+                                         "--pair-seconds", "0.1", "--candidates", "4", "--micro-batch", "2",
+                                         timeout=600)
+    assert returncode == 0, output[-4000:]
     lines = output.strip().splitlines()
     assert re.fullmatch(r"orchestration efficiency \d+\.\d\d", lines[-1]), lines[-5:]
     assert any(re.search(r"driver: [\d.]+ CPU-s .* peak memory \d+ MB; 8/8 pairs done", line) for line in lines)

@@ -147,18 +147,18 @@ def test_a_pair_whose_latents_blow_up_fails_with_the_reason_and_is_never_kept(ti
                                          "micro_batch": 2})
     generator = Generator(config)
     request = PairRequest(0, "p", GenerationParams("x", "y", steps=2, num_candidates=2), 1)
-    good = generator.generate(request)
+    good = generator.generate_batch(request, 0, 2)
     assert good.ok and len(good.generated.candidates) == 2
     with torch.no_grad():  # a U-Net that overflows, as absurd guidance would
         generator.pipe.image_pipe.unet.conv_out.bias.fill_(float("inf"))
-    broken = generator.generate(request)
+    broken = generator.generate_batch(request, 0, 2)
     assert broken.error.startswith("NonFiniteError: the denoised latents hold NaN or infinite values")
     assert "lower the guidance" in broken.error
     ranker = Ranker(config)
-    assert ranker.rank(broken) == broken  # nothing to rank, nothing kept
+    assert ranker.rank_batch(broken, []) == broken  # nothing to rank, nothing kept
     for c in good.generated.candidates:
         c.audio = np.full_like(c.audio, np.nan)
-    ranked = ranker.rank(good)
-    assert ranked.kept == [] and "non-finite scores" in ranked.error
+    ranked = ranker.rank_batch(good, [])
+    assert ranked.scored == [] and "non-finite scores" in ranked.error
     assert nonfinite_scores([0.1, 0.2], [0.3, 0.4]) is None
     assert "CLIP of candidates [1]" in nonfinite_scores([0.1, float("nan")], [0.3, 0.4])

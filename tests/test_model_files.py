@@ -274,7 +274,7 @@ def test_a_load_failure_inside_an_actor_is_one_line(tmp_path, tiny_models):
     """Weights that pass the file check but do not load: the actor keeps one line, returned for every pair."""
     from pws_batch.batch.config import RunConfig
     from pws_batch.batch.engine import Ranker
-    from pws_batch.batch.pair import PairRequest, PairResult
+    from pws_batch.batch.pair import CandidateBatch, PairRequest
     from pws_batch.core.params import GenerationParams
 
     broken = tmp_path / "clip"
@@ -288,8 +288,8 @@ def test_a_load_failure_inside_an_actor_is_one_line(tmp_path, tiny_models):
     assert info["model_loads"] == 0 and len(info["load_error"].splitlines()) == 1
     assert info["load_error"].startswith(f"cannot load the clip model '{broken}'")
     request = PairRequest(0, "p", GenerationParams("a", "b"), keep=1)
-    ranked = ranker.rank(PairResult(request, generated=object()))
-    assert ranked.pair_id == "p" and ranked.error == info["load_error"] and ranked.generated is None
+    ranked = ranker.rank_batch(CandidateBatch(request, 0, 1, generated=object()), held=[])
+    assert ranked.request.pair_id == "p" and ranked.error == info["load_error"] and ranked.generated is None
 
 
 # ---------------------------------------------------------------------------------------------- bench

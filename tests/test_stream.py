@@ -7,7 +7,6 @@ when they are never met. The Ray tests use the stand-in actors on a real local R
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -95,17 +94,6 @@ def test_targets_stop_the_pair_once_keep_candidates_meet_them():
 
 # ------------------------------------------------------------------------------------------------ on Ray
 @pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    started = engine.connect_ray(None, num_cpus=2)
-    yield
-    if started:
-        import ray
-
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def pool(local_ray):
     config = RunConfig().replace(engine={"actors": 1, "device": "cpu", "micro_batch": 4})
     pool = engine.start_actors(config, log=lambda line: None, generator_cls=StandInGenerator,
@@ -123,11 +111,16 @@ def test_run_pairs_streams_one_micro_batch_at_a_time(pool):
     assert where["micro_batches"] == 12 and where["micro_batches_in_flight_max"] <= engine.LOOKAHEAD
     info = ray.get(pool.generators[0].info.remote())
     assert info["largest_micro_batch"] == 4  # no call, and so no Ray object, holds more than one micro-batch
-    # the same kept candidates and scores as the stand-in ranker's whole-pair ranking
-    whole = ray.get(pool.rankers[0].rank.remote(ray.get(pool.generators[0].generate.remote(requests[1]))))
+    # the same kept candidates and scores as ranking the whole pair at once (all 16 in one batch, in-process)
+    from pws_batch.core.media import png_bytes
+
+    whole = StandInGenerator(RunConfig()).generate_batch(requests[1], 0, 16).generated.candidates
+    clip, clap = StandInRanker.scores(whole)
+    ranks = rank_candidates(clip, clap, RankingRule())
     assert [(c.seed, c.clip_score, c.clap_score, c.rank, c.kept) for c in results[1].candidates] == \
-        [(c.seed, c.clip_score, c.clap_score, c.rank, c.kept) for c in whole.candidates]
-    assert [c.image_png for c in results[1].kept] == [c.image_png for c in whole.kept]
+        [(c.seed, clip[i], clap[i], ranks[i], bool(ranks[i] <= 2)) for i, c in enumerate(whole)]
+    best = sorted(range(16), key=lambda i: ranks[i])[:2]
+    assert [c.image_png for c in results[1].kept] == [png_bytes(whole[i].image) for i in best]
 
 
 def test_adaptive_budget_stops_after_first_micro_batch_or_runs_all(pool):

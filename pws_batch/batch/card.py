@@ -147,7 +147,7 @@ def dataset_card(name: str, run: dict[str, Any], kept_rows: list[dict[str, Any]]
         f"from it). Two diffusion models denoised one shared latent (Chen, Geng & Owens, *Images that Sound*, "
         f"NeurIPS 2024); every pair's candidates were ranked by CLIP and CLAP and the best kept.", "",
         "## License", "",
-        *([f"The data are outputs of the models below and inherit their terms: "
+        *(["The data are outputs of the models below and inherit their terms: "
            + "; ".join(f"the {c} model [`{m}`]({link}) is under `{lic}`" for c, m, lic, link in terms)
            + ". In particular `cc-by-nc-sa-4.0` allows no commercial use, and CreativeML OpenRAIL-M's use "
              "restrictions apply to the pictures."] if terms else

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from pws_batch.batch.config import RunConfig
-from pws_batch.batch.pair import CandidateBatch, PairRequest, PairResult, ScoredCandidate
+from pws_batch.batch.pair import CandidateBatch, PairRequest, PairResult
 from pws_batch.batch.stream import PairStream, score_batch
 
 MAX_RESTARTS = 2
@@ -95,20 +95,6 @@ class Generator:
                 "dtype": dtype_name(self.pipe.dtype), "models": self.pipe.model_set.to_dict(),
                 **_where()}
 
-    def generate(self, request: PairRequest) -> PairResult:
-        """A pair's candidates as arrays (in `generated`), or the error that stopped it (the shard goes on)."""
-        if self.load_error:
-            return PairResult.failed(request, self.load_error, generator=_where())
-        t0 = time.perf_counter()
-        self.pairs += 1
-        try:
-            result = self.pipe(request.params, micro_batch=self.config.engine.micro_batch)
-        except Exception as exc:  # noqa: BLE001 - one bad pair must not sink the shard
-            return PairResult.failed(request, f"{type(exc).__name__}: {exc}", generator=_where())
-        return PairResult(request, generated=result, unet_evals=sum(result.unet_evals.values()),
-                          unet_evals_minimum=result.unet_evals_minimum,
-                          generate_s=round(time.perf_counter() - t0, 4), generator=_where())
-
     def generate_batch(self, request: PairRequest, start: int, count: int) -> CandidateBatch:
         """Candidates `start` .. `start + count - 1` of a pair (one micro-batch), as arrays in `generated`."""
         t0 = time.perf_counter()
@@ -153,36 +139,6 @@ class Ranker:
                 "load_s": round(self.load_s, 3),
                 "device": _device_info(self.device) if not self.load_error else "none",
                 **({"load_error": self.load_error} if self.load_error else {}), **_where()}
-
-    def rank(self, pair: PairResult) -> PairResult:
-        """Score every candidate, rank them, keep the best `keep` with their media; drop the arrays."""
-        from pws_batch.batch.ranking import rank_candidates
-        from pws_batch.core.media import png_bytes, wav_bytes
-
-        if not pair.ok:  # the generator failed: pass its error on
-            return pair
-        if self.load_error:
-            return dataclasses.replace(pair, generated=None, ranker=_where(), error=self.load_error)
-        self.pairs += 1
-        t0 = time.perf_counter()
-        request, candidates = pair.request, pair.generated.candidates
-        try:
-            clip = self.clip([c.image for c in candidates], request.params.effective_image_prompt)
-            clap = self.clap([c.audio for c in candidates], request.params.audio_prompt)
-        except Exception as exc:  # noqa: BLE001
-            return dataclasses.replace(pair, generated=None, ranker=_where(),
-                                       error=f"ranking failed: {type(exc).__name__}: {exc}")
-        problem = nonfinite_scores(clip, clap)
-        if problem:  # a NaN score would rank anywhere: the pair fails rather than keep a meaningless row
-            return dataclasses.replace(pair, generated=None, ranker=_where(), error=problem)
-        ranks = rank_candidates(clip, clap, self.config.ranking)
-        scored = []
-        for i, c in enumerate(candidates):
-            kept = bool(ranks[i] <= request.keep)
-            scored.append(ScoredCandidate(c.index, c.seed, float(clip[i]), float(clap[i]), int(ranks[i]), kept,
-                                          png_bytes(c.image) if kept else None, wav_bytes(c.audio) if kept else None))
-        return dataclasses.replace(pair, candidates=scored, generated=None, rank_s=round(time.perf_counter() - t0, 4),
-                                   ranker=_where())
 
     def rank_batch(self, batch: CandidateBatch, held: list[tuple[float, float]]) -> CandidateBatch:
         """Score one micro-batch; encode the media only of the candidates that may still be kept (see

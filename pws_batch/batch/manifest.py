@@ -16,8 +16,8 @@ import math
 import os
 import posixpath
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 from pws_batch.batch.config import GenerationDefaults
 from pws_batch.batch.dataset import CANDIDATES_SCHEMA, KEPT_SCHEMA
@@ -79,7 +79,6 @@ def read_manifest(uri: str):
     naming its row and line) and the other rows are read as if it were not there.
     """
     import fsspec
-    import pandas as pd
 
     lower = uri.lower().split("?")[0]
     try:
@@ -345,6 +344,25 @@ def _empty(df) -> Validated:
     return Validated([], read, [], [str(c) for c in df.columns], len(read))
 
 
+def _resolve_guides(values: dict[str, Any], base: str, manifest: str | None,
+                    allow_guides: Sequence[str] | None) -> list[Problem]:
+    """Resolve a row's guide paths in `values` against the manifest's folder; the problems of those not allowed."""
+    problems = []
+    for guide in ("guide_audio", "guide_image"):
+        if guide in values:
+            values[guide] = resolve_guide(values[guide], base)
+            if (problem := _guide_problem(guide, values[guide], manifest, allow_guides)) is not None:
+                problems.append(problem)
+    return problems
+
+
+def _first_of(problems: list[Problem]) -> Problem:
+    """The problem a row is rejected for: the first, saying how many more there are."""
+    p = problems[0]
+    more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+    return Problem(p.field, p.message + more, p.fix)
+
+
 def _guide_problem(guide: str, value: str, manifest: str | None, allow_guides) -> Problem | None:
     """A guide from a place this run does not read guides from (checked before the file is opened)."""
     if allow_guides is None or guide_allowed(value, manifest, allow_guides):
@@ -417,16 +435,11 @@ def validate_manifest_by_row(df, defaults: GenerationDefaults | None = None, sch
                 values[name] = _coerce(name, record[name])
             except ValueError as exc:
                 problems.append(Problem(name, str(exc), _FIXES.get(name, "")))
-        for guide in ("guide_audio", "guide_image"):
-            if guide in values:
-                values[guide] = resolve_guide(values[guide], base)
-                if (problem := _guide_problem(guide, values[guide], manifest, allow_guides)) is not None:
-                    problems.append(problem)
+        problems += _resolve_guides(values, base, manifest, allow_guides)
         explicit_id = values.pop("pair_id", None)
         if problems:
-            p = problems[0]
-            reject(p.field, p.message + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""),
-                   p.fix, explicit_id)
+            p = _first_of(problems)
+            reject(p.field, p.message, p.fix, explicit_id)
             continue
         keep = values.pop("keep", defaults.keep)
         targets = {t: values.pop(t, getattr(defaults, t)) for t in TARGETS}
@@ -568,16 +581,11 @@ def validate_manifest(df, defaults: GenerationDefaults | None = None, scheduler_
                     problems.append(Problem(name, error, _FIXES.get(name, "")))
                 elif name in REQUIRED and values.get(name) is None:
                     problems.append(Problem(name, "is missing (empty or null)", _FIXES[name]))
-        for guide in ("guide_audio", "guide_image"):
-            if guide in values:
-                values[guide] = resolve_guide(values[guide], base)
-                if (problem := _guide_problem(guide, values[guide], manifest, allow_guides)) is not None:
-                    problems.append(problem)
+        problems += _resolve_guides(values, base, manifest, allow_guides)
         explicit_id = values.pop("pair_id", None)
         if problems:
-            p = problems[0]
-            reject(row, p.field, p.message + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1
-                                              else ""), p.fix, explicit_id)
+            p = _first_of(problems)
+            reject(row, p.field, p.message, p.fix, explicit_id)
             continue
         keep = values.pop("keep", defaults.keep)
         targets = {t: values.pop(t, getattr(defaults, t)) for t in TARGETS}

@@ -49,25 +49,30 @@ class ScoredCandidate:
     audio_wav: bytes | None = None
 
 
-@dataclass
-class PairResult:
-    """What became of one request: every candidate scored and the best kept, or the error that stopped it.
+@dataclass(kw_only=True)
+class _Work:
+    """What the actors add to a request on its way: the error that stopped it, the U-Net counts, the timings and
+    where it ran (host, pid, actor, GPUs)."""
 
-    The generator fills `generated`, the U-Net counts and its timing; the ranker fills `candidates`.
-    """
-
-    request: PairRequest
-    candidates: list[ScoredCandidate] = field(default_factory=list)
     error: str | None = None
     unet_evals: int = 0
     unet_evals_minimum: int = 0
     generate_s: float = 0.0
     rank_s: float = 0.0
-    generator: dict[str, Any] = field(default_factory=dict)  # where it was generated (host, pid, actor, GPUs)
+    generator: dict[str, Any] = field(default_factory=dict)
     ranker: dict[str, Any] = field(default_factory=dict)
-    # Between generator and ranker only: the candidates' arrays (pws_batch.core.pipeline.GenerationResult).
-    # The ranker scores them, encodes the kept ones' media and drops the rest.
-    generated: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class PairResult(_Work):
+    """What became of one request: every candidate scored and the best kept, or the error that stopped it."""
+
+    request: PairRequest
+    candidates: list[ScoredCandidate] = field(default_factory=list)
 
     @property
     def pair_id(self) -> str:
@@ -77,10 +82,6 @@ class PairResult:
     def stopped_early(self) -> bool:
         """The adaptive budget stopped the pair before its `num_candidates`."""
         return self.ok and len(self.candidates) < self.request.params.num_candidates
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
     @property
     def kept(self) -> list[ScoredCandidate]:
@@ -93,24 +94,13 @@ class PairResult:
 
 
 @dataclass
-class CandidateBatch:
+class CandidateBatch(_Work):
     """One micro-batch of a pair's candidates, `start` .. `start + count - 1`: what streams from the generator to
-    the ranker (`generated`: that micro-batch's arrays only) and from the ranker back (`scored`: their scores, and
-    the media of those that may still be kept)."""
+    the ranker (`generated`: that micro-batch's arrays only, pws_batch.core.pipeline.GenerationResult) and from the
+    ranker back (`scored`: their scores, and the media of those that may still be kept)."""
 
     request: PairRequest
     start: int
     count: int
     generated: Any = None
     scored: list[ScoredCandidate] = field(default_factory=list)
-    error: str | None = None
-    unet_evals: int = 0
-    unet_evals_minimum: int = 0
-    generate_s: float = 0.0
-    rank_s: float = 0.0
-    generator: dict[str, Any] = field(default_factory=dict)
-    ranker: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None

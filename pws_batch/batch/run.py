@@ -269,7 +269,6 @@ def write_run_json(plan: RunPlan, status: str, counts: dict | None = None, actor
         "started_at": plan.started_at,
         "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "counts": counts or {},
-        "features": plan.features,
         "actors": actors or [],
         "features": plan.features,
         **(extra or {}),

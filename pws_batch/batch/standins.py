@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pws_batch.batch.config import RunConfig
-from pws_batch.batch.pair import CandidateBatch, PairRequest, PairResult, ScoredCandidate
+from pws_batch.batch.pair import CandidateBatch, PairRequest
 from pws_batch.batch.stream import score_batch
 
 FAIL_MARK = "standin-fail"  # a pair whose id contains this fails in the generator (to test failure paths)
@@ -50,18 +50,6 @@ class StandInGenerator:
     def info(self) -> dict[str, Any]:
         return {"role": "generator", "model_loads": 0, "pairs": self.pairs, "load_s": 0.0, "device": "stand-in",
                 "micro_batches": self.batches, "largest_micro_batch": self.largest_batch, **_where()}
-
-    def generate(self, request: PairRequest) -> PairResult:
-        t0 = time.perf_counter()
-        self.pairs += 1
-        if FAIL_MARK in request.pair_id:
-            return PairResult.failed(request, "ValueError: a stand-in pair asked to fail", generator=_where())
-        if self.pair_seconds:
-            time.sleep(self.pair_seconds)
-        generated = self._make(request, 0, request.params.num_candidates)
-        n = len(generated.candidates)
-        return PairResult(request, generated=generated, unet_evals=2 * n, unet_evals_minimum=2 * n,
-                          generate_s=round(time.perf_counter() - t0, 4), generator=_where())
 
     def _make(self, request: PairRequest, start: int, count: int) -> StandInGeneration:
         candidates = []
@@ -102,26 +90,6 @@ class StandInRanker:
     def info(self) -> dict[str, Any]:
         return {"role": "ranker", "model_loads": 0, "pairs": self.pairs, "load_s": 0.0, "device": "stand-in",
                 **_where()}
-
-    def rank(self, pair: PairResult) -> PairResult:
-        from pws_batch.batch.ranking import rank_candidates
-        from pws_batch.core.media import png_bytes, wav_bytes
-
-        if not pair.ok:
-            return pair
-        t0 = time.perf_counter()
-        self.pairs += 1
-        candidates = pair.generated.candidates
-        clip, clap = self.scores(candidates)
-        ranks = rank_candidates(clip, clap, self.config.ranking)
-        scored = []
-        for i, c in enumerate(candidates):
-            kept = bool(ranks[i] <= pair.request.keep)
-            scored.append(ScoredCandidate(c.index, c.seed, float(clip[i]), float(clap[i]), int(ranks[i]), kept,
-                                          png_bytes(c.image) if kept else None, wav_bytes(c.audio) if kept else None))
-        return PairResult(pair.request, scored, unet_evals=pair.unet_evals,
-                          unet_evals_minimum=pair.unet_evals_minimum, generate_s=pair.generate_s,
-                          rank_s=round(time.perf_counter() - t0, 4), generator=pair.generator, ranker=_where())
 
     @staticmethod
     def scores(candidates: list) -> tuple[np.ndarray, np.ndarray]:
