@@ -89,8 +89,8 @@ DESCRIPTIONS = {
         $PREFECT_API_URL, else an ephemeral Prefect API.""",
     "bench validate": """
         Builds a manifest of --rows rows (about 5% carry a bad value of some kind), validates it, and prints
-        the seconds and this process's peak memory; with --compare N, also validates its first N rows one row at
-        a time and says whether the answers agree.""",
+        the seconds, this process's peak memory and whether torch was imported; with --compare N, also validates
+        its first N rows one row at a time and says whether the answers agree.""",
 }
 
 
@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description=DESCRIPTIONS["bench validate"])
     bv.add_argument("--rows", type=int, default=100_000, help="(default: 100000)")
     bv.add_argument("--compare", type=int, default=0, help="rows to check against the row-by-row path (default: 0)")
+    bv.add_argument("--ddim-only", action="store_true",
+                    help="every good row uses DDIMScheduler, the default, whose schedule is checked without torch "
+                         "(default: a mix with EulerDiscreteScheduler, checked through diffusers)")
     return parser
 
 
@@ -296,7 +299,7 @@ def _prepare(args: argparse.Namespace, params: GenerationParams):
     from pws_batch.core.models import load_scheduler_config, resolve_model_set
     from pws_batch.core.device import resolve_device
     from pws_batch.core.pipeline import check_request
-    from pws_batch.core.sampler import ScheduleError
+    from pws_batch.core.schedule import ScheduleError
 
     try:
         resolve_device(args.device)
@@ -432,7 +435,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UsageError("pws-batch bench validate: error: --rows and --compare must be >= 0")
         from pws_batch.batch.bench import bench_validate
 
-        bench_validate(args.rows, compare=min(args.compare, args.rows))
+        bench_validate(args.rows, compare=min(args.compare, args.rows), ddim_only=args.ddim_only)
         return 0
     _check_runtime(args)
     if args.candidates < 1 or args.steps < 1:

@@ -84,3 +84,23 @@ def test_importing_the_driver_side_loads_no_torch(module):
            f"print(heavy); sys.exit(1 if heavy else 0)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"importing {module} loaded {result.stdout.strip()} {result.stderr[-2000:]}"
+
+
+def test_validating_a_manifest_of_ddim_schedules_loads_no_torch(tmp_path):
+    """`pws-batch validate` checks DDIM schedules (the default) with numpy: no torch, no diffusers. A row with an
+    scheduler name that cannot be a diffusers class is told without diffusers too."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image_prompt,audio_prompt,steps,t_image,t_audio,scheduler\n"
+                        "a castle,bells,25,1.0,1.0,\n"
+                        "a dog,barking,50,0.5,0.5,DDIMScheduler\n"
+                        "a cat,meowing,10,1.0,1.0,bogus\n")
+    code = ("import sys; from pws_batch import cli; sys.argv = ['pws-batch', 'validate', sys.argv[1]]\n"
+            "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
+            "print('heavy', heavy); sys.exit(3 if heavy else code)")
+    result = subprocess.run([sys.executable, "-c", code, str(manifest)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr[-2000:]  # two bad rows, and no torch
+    assert "heavy []" in result.stdout
+    assert "row 1" in result.stdout and "no model is active at timestep" in result.stdout
+    assert "row 2: scheduler" in result.stdout and "'bogus'" in result.stdout

@@ -24,7 +24,7 @@ import torch
 
 from pws_batch.core import sampler
 from pws_batch.core.params import GenerationParams
-from pws_batch.core.pipeline import make_scheduler
+from pws_batch.core.schedule import make_scheduler
 from pws_batch.core.sampler import Branch, ScheduleError
 
 SD15_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -532,3 +532,28 @@ def test_composite_is_the_lambda_weighted_sum_of_both_guided_estimates():
             eps = eps + (w_i / (w_i + w_a)) * cfg_by_hand(ref_image, z, t, image.cond, image.uncond, 8.0)
         z = ref_scheduler.step(eps, t, z).prev_sample
     torch.testing.assert_close(out, z, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("spacing,offset", [("leading", 1), ("leading", 0), ("trailing", 0), ("linspace", 0)])
+@pytest.mark.parametrize("steps,strength", [(1, 1.0), (3, 1.0), (20, 0.8), (25, 0.5), (50, 1.0), (100, 0.9),
+                                            (333, 0.3), (1000, 1.0)])
+def test_the_torch_free_ddim_schedule_is_diffusers_own(spacing, offset, steps, strength):
+    """Validation computes DDIM's timesteps with numpy (pws_batch.core.schedule): they must be exactly the ones
+    diffusers' DDIMScheduler runs, for every timestep_spacing."""
+    from pws_batch.core.schedule import schedule_timesteps
+
+    config = {**SD15_SCHEDULER_CONFIG, "timestep_spacing": spacing, "steps_offset": offset}
+    expected = [float(t) for t in sampler.run_timesteps(make_scheduler("DDIMScheduler", config), steps, strength)]
+    assert schedule_timesteps("DDIMScheduler", config, steps, strength) == (expected, T)
+
+
+def test_the_torch_free_ddim_schedule_takes_ddims_defaults_for_missing_keys():
+    """SD 1.5 ships a PNDMScheduler config: keys DDIM lacks are ignored, keys it has but the config lacks take
+    DDIMScheduler's defaults, as `DDIMScheduler.from_config` does."""
+    from pws_batch.core.schedule import schedule_timesteps
+
+    for config in ({}, {"num_train_timesteps": 500, "skip_prk_steps": True, "_class_name": "PNDMScheduler"}):
+        expected = [float(t) for t in sampler.run_timesteps(make_scheduler("DDIMScheduler", config), 30, 1.0)]
+        assert schedule_timesteps("DDIMScheduler", config, 30, 1.0)[0] == expected
+    with pytest.raises(ValueError, match="cannot be larger"):
+        schedule_timesteps("DDIMScheduler", {}, 1001, 1.0)

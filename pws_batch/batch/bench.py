@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
 from typing import Any, Callable
 
 
-def synthetic_manifest(rows: int, seed: int = 0, bad_fraction: float = 0.05):
+def synthetic_manifest(rows: int, seed: int = 0, bad_fraction: float = 0.05, ddim_only: bool = False):
     """A manifest of `rows` prompt pairs in which about `bad_fraction` of the rows carry one bad value each, of
     every kind validation knows (missing / empty / too long text, wrong types, out-of-range numbers, non-whole
     integers, a schedule with no active model, unknown schedulers, keep > candidates, duplicate ids, bad
-    targets), plus pass-through columns (one clashing with an output column)."""
+    targets), plus pass-through columns (one clashing with an output column). Good rows use DDIMScheduler and
+    EulerDiscreteScheduler; with `ddim_only`, DDIMScheduler alone (the default, checked without torch)."""
     import numpy as np
     import pandas as pd
 
@@ -33,7 +35,8 @@ def synthetic_manifest(rows: int, seed: int = 0, bad_fraction: float = 0.05):
         "seed": idx.astype(np.int64),
         "num_candidates": pd.Series(rng.choice([4, 8], rows), dtype=object),
         "keep": rng.choice([1, 2], rows).astype(np.int64),
-        "scheduler": pd.Series(rng.choice(["DDIMScheduler", "EulerDiscreteScheduler"], rows), dtype=object),
+        "scheduler": pd.Series(rng.choice(["DDIMScheduler"] if ddim_only else ["DDIMScheduler", "EulerDiscreteScheduler"],
+                                          rows), dtype=object),
         "target_clip": rng.choice([np.nan, 0.25, 0.3], rows),
         "note": [f"n{i}" for i in idx],
         "rank": idx % 5,  # clashes with an output column: carried as manifest_rank
@@ -43,7 +46,7 @@ def synthetic_manifest(rows: int, seed: int = 0, bad_fraction: float = 0.05):
         ("guidance_image", -1.0), ("guidance_image", float("inf")), ("t_image", 1.5), ("steps", 2.5),
         ("steps", 0.0), ("steps", 5000.0), ("steps", float("nan")), ("seed", -3), ("num_candidates", "many"),
         ("num_candidates", True), ("num_candidates", "8"), ("num_candidates", 0), ("keep", 99),
-        ("scheduler", "NoSuchScheduler"), ("scheduler", "bogus"), ("scheduler", 3), ("target_clip", float("inf")),
+        ("scheduler", "bogus" if ddim_only else "NoSuchScheduler"), ("scheduler", "bogus"), ("scheduler", 3), ("target_clip", float("inf")),
         ("pair_id", ""), ("pair_id", "p" * 300), ("pair_id", "pair-0000000"), ("pair_id", None),
         ("t_image", 0.5), ("t_audio", 0.5),  # both together below: a schedule with no active model
     ]
@@ -64,14 +67,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_validate(rows: int = 100_000, compare: int = 0, print_fn: Callable[[str], None] = print) -> dict:
-    """Validate a synthetic manifest of `rows` rows, printing seconds and this process's peak memory; with
-    `compare`, also validate its first `compare` rows one row at a time and say whether the answers agree."""
+def bench_validate(rows: int = 100_000, compare: int = 0, print_fn: Callable[[str], None] = print,
+                   ddim_only: bool = False) -> dict:
+    """Validate a synthetic manifest of `rows` rows, printing seconds, this process's peak memory and whether
+    torch was imported; with `compare`, also validate its first `compare` rows one row at a time and say whether
+    the answers agree."""
     from pws_batch.batch.manifest import validate_manifest, validate_manifest_by_row
     from pws_batch.core.models import SD15_SCHEDULER_CONFIG
 
     t0 = time.perf_counter()
-    df = synthetic_manifest(rows)
+    df = synthetic_manifest(rows, ddim_only=ddim_only)
     made_s = time.perf_counter() - t0
     rss0 = peak_rss_mb()
     t0 = time.perf_counter()
@@ -81,7 +86,7 @@ def bench_validate(rows: int = 100_000, compare: int = 0, print_fn: Callable[[st
            "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "peak_rss_before_mb": rss0, "pid": os.getpid()}
     print_fn(f"validate: {rows} rows ({out['good']} good, {out['rejected']} rejected) in {seconds:.2f} s; "
              f"peak memory of this process {out['peak_rss_mb']:.0f} MB ({rss0:.0f} MB before validating; "
-             f"manifest made in {made_s:.1f} s)")
+             f"manifest made in {made_s:.1f} s; torch imported: {'yes' if 'torch' in sys.modules else 'no'})")
     if compare:
         part = df.iloc[:compare].reset_index(drop=True)
         t0 = time.perf_counter()

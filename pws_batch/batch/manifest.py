@@ -405,8 +405,8 @@ def validate_manifest_by_row(df, defaults: GenerationDefaults | None = None, sch
                              allow_guides: list[str] | tuple[str, ...] | None = None) -> Validated:
     """`validate_manifest` one row at a time, every check redone for every row: the reference the vectorised
     `validate_manifest` must agree with (tests/test_manifest_scale.py); slow on big manifests."""
-    from pws_batch.core.pipeline import checked_timesteps
-    from pws_batch.core.sampler import ScheduleError
+    from pws_batch.core.schedule import checked_timesteps
+    from pws_batch.core.schedule import ScheduleError
 
     defaults = defaults or GenerationDefaults()
     if len(df) == 0:
@@ -536,8 +536,8 @@ def validate_manifest(df, defaults: GenerationDefaults | None = None, scheduler_
     each known column is coerced and checked at once, each distinct schedule and guide file is checked once, and a
     row is assembled only to build its request; the answers are those of `validate_manifest_by_row`.
     """
-    from pws_batch.core.pipeline import checked_timesteps
-    from pws_batch.core.sampler import ScheduleError
+    from pws_batch.core.schedule import checked_timesteps
+    from pws_batch.core.schedule import ScheduleError
 
     defaults = defaults or GenerationDefaults()
     if len(df) == 0:

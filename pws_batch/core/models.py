@@ -184,14 +184,19 @@ SD15_SCHEDULER_CONFIG = _sd15_scheduler_config()
 
 def load_scheduler_config(model_id: str, fallback: bool = False) -> dict:
     """The image model's scheduler config (a small JSON, no weights); with `fallback`, SD 1.5's if missing."""
+    from pws_batch.core.model_files import locate
+
+    found = locate(model_id, "scheduler/scheduler_config.json")  # a folder or the HF cache: read without torch
+    if found is not None:
+        with open(found) as f:
+            return json.load(f)
+    if fallback:  # validating a manifest must not wait on the network
+        return dict(SD15_SCHEDULER_CONFIG)
     from diffusers import DDIMScheduler
 
     try:
-        # With a fallback, only look in local files: validating a manifest must not wait on the network.
-        return dict(DDIMScheduler.load_config(model_id, subfolder="scheduler", local_files_only=fallback))
+        return dict(DDIMScheduler.load_config(model_id, subfolder="scheduler"))
     except Exception as exc:  # noqa: BLE001
-        if fallback:
-            return dict(SD15_SCHEDULER_CONFIG)
         raise _missing("image", model_id, exc) from exc
 
 

@@ -16,35 +16,11 @@ import numpy as np
 import torch
 
 from pws_batch.core import codec, sampler
+from pws_batch.core.schedule import checked_timesteps, make_scheduler
 from pws_batch.core.models import (ModelSet, load_diffusion_pipeline, load_vocoder,
                               resolve_model_set)
 from pws_batch.core.device import resolve_device, resolve_dtype
 from pws_batch.core.params import VOCODERS, GenerationParams, check_guides, check_params, raise_for_problems
-
-def make_scheduler(name: str, config: dict):
-    """Any diffusers scheduler class by name, built from the image model's scheduler config."""
-    import diffusers
-
-    cls = getattr(diffusers, name, None)
-    if cls is None or not hasattr(cls, "from_config") or not name.endswith("Scheduler"):
-        raise ValueError(f"unknown scheduler {name!r}: use a diffusers scheduler class name such as "
-                         f"DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler")
-    return cls.from_config(config)
-
-
-def schedule_timesteps(params: GenerationParams, scheduler_config: dict) -> tuple[list[float], int]:
-    """The timesteps a request runs and T, without any model: for checking parameters up front."""
-    scheduler = make_scheduler(params.scheduler, scheduler_config)
-    timesteps = sampler.run_timesteps(scheduler, params.steps, params.run_strength)
-    return [float(t) for t in timesteps], int(scheduler.config.num_train_timesteps)
-
-
-def checked_timesteps(params: GenerationParams, scheduler_config: dict) -> tuple[list[float], int]:
-    """The timesteps a request runs and T, after rejecting a schedule with no active model (ScheduleError)."""
-    timesteps, T = schedule_timesteps(params, scheduler_config)
-    sampler.check_schedule(timesteps, T, params.t_image, params.t_audio, params.weight_image, params.weight_audio)
-    return timesteps, T
-
 
 def check_request(params: GenerationParams, scheduler_config: dict) -> tuple[list[float], int]:
     """Every check that needs no model weights: fields, guide files, the schedule (raises).

@@ -7,16 +7,14 @@ the U-Nets come in as callables `unet(sample, timestep, encoder_hidden_states=..
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
-
-class ScheduleError(ValueError):
-    """A parameter set under which no model is active at some step."""
+# The schedule's torch-free half, used here and re-exported (pws_batch.core.schedule).
+from pws_batch.core.schedule import ScheduleError, branch_weight, check_schedule, heaviside, steps_run  # noqa: F401
 
 
 @dataclass
@@ -35,16 +33,6 @@ class Branch:
         return branch_weight(t, self.t_start, self.base_weight, num_train_timesteps)
 
 
-def heaviside(x: float) -> float:
-    """H(x) = 1 if x >= 0 else 0 (x within float rounding of 0 counts as 0: 0.9 * 1000 may be 899.99...)."""
-    return 1.0 if x >= -1e-6 else 0.0
-
-
-def branch_weight(t: float, t_start: float, base_weight: float, num_train_timesteps: int) -> float:
-    """w_x(t) = a_x * H(t_x * T - t)."""
-    return base_weight * heaviside(t_start * num_train_timesteps - float(t))
-
-
 def mixing_weights(t: float, branches: Sequence[Branch], num_train_timesteps: int) -> list[float]:
     """lambda_x = w_x / sum(w): the share of each model's noise estimate at timestep t."""
     weights = [b.weight(t, num_train_timesteps) for b in branches]
@@ -57,30 +45,6 @@ def mixing_weights(t: float, branches: Sequence[Branch], num_train_timesteps: in
 def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """eps = eps(uncond) + g * (eps(cond) - eps(uncond))."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
-
-
-def check_schedule(timesteps: Sequence[float], num_train_timesteps: int,
-                   t_image: float, t_audio: float, weight_image: float = 0.5, weight_audio: float = 0.5) -> None:
-    """Reject, before any work, a schedule under which both weights are 0 at some step that is run.
-
-    The message names the first such timestep and the smallest t that would fix it (rounded UP to 6 decimals,
-    so the printed value itself fixes it).
-    """
-    T = num_train_timesteps
-    for step, t in enumerate(timesteps):
-        t = float(t)
-        if branch_weight(t, t_image, weight_image, T) + branch_weight(t, t_audio, weight_audio, T) > 0:
-            continue
-        # Both are off at the first timesteps run; the largest of them is the first.
-        needed = math.ceil(max(float(x) for x in timesteps) / T * 1e6 - 1e-6) / 1e6
-        models = (("image", t_image, weight_image), ("audio", t_audio, weight_audio))
-        why = [f"the {name} model joins at t <= {t_x * T:g} (t_{name}={t_x:g})" if base > 0
-               else f"the {name} model has base weight 0" for name, t_x, base in models]
-        fixes = [f"t_{name} >= {needed:.6f}".rstrip("0") for name, _, base in models if base > 0]
-        raise ScheduleError(
-            f"no model is active at timestep {t:.4f}".rstrip("0").rstrip(".") +
-            f" (step {step + 1} of {len(timesteps)}): {' and '.join(why)} of T={T}; set {' or '.join(fixes)}")
-    return None
 
 
 def minimum_unet_evals(timesteps: Sequence[float], branches: Sequence[Branch], num_train_timesteps: int) -> int:
@@ -127,12 +91,11 @@ def denoise(z: torch.Tensor, timesteps: Sequence[torch.Tensor], scheduler: Any, 
 def run_timesteps(scheduler: Any, steps: int, strength: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """Set the scheduler up for `steps` steps and return the timesteps actually run for `strength`.
 
-    `n = int(steps * strength)` steps are run: the last n of the full schedule (strength 1 runs them all).
+    `n = int(steps * strength)` steps are run: the last n of the full schedule (strength 1 runs them all); for
+    DDIMScheduler these are the timesteps `pws_batch.core.schedule.schedule_timesteps` computes without torch.
     """
+    n = steps_run(steps, strength)
     scheduler.set_timesteps(steps, device=device)
-    n = min(int(steps * strength), steps)
-    if n < 1:
-        raise ScheduleError(f"steps x strength = {steps} x {strength} runs no step")
     start = (steps - n) * getattr(scheduler, "order", 1)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)

@@ -1,0 +1,116 @@
+"""The schedule without torch: which timesteps a request runs, and whether some model is active at each.
+
+Validating a manifest checks every distinct schedule before any work (docs/algorithm.md, "The schedule"). For the
+default DDIMScheduler the timesteps are computed here with numpy exactly as diffusers' `DDIMScheduler.set_timesteps`
+computes them (its three `timestep_spacing` modes; tests compare the two), so `pws-batch validate` and a run's
+driver never import torch or diffusers. Any other scheduler class is built through diffusers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+# DDIMScheduler's own defaults for the keys a scheduler config may lack (SD 1.5 ships a PNDMScheduler config:
+# DDIMScheduler.from_config keeps the keys it knows and takes its defaults for the rest).
+DDIM_DEFAULTS = {"num_train_timesteps": 1000, "steps_offset": 0, "timestep_spacing": "leading"}
+
+
+class ScheduleError(ValueError):
+    """A parameter set under which no model is active at some step."""
+
+
+def heaviside(x: float) -> float:
+    """H(x) = 1 if x >= 0 else 0 (x within float rounding of 0 counts as 0: 0.9 * 1000 may be 899.99...)."""
+    return 1.0 if x >= -1e-6 else 0.0
+
+
+def branch_weight(t: float, t_start: float, base_weight: float, num_train_timesteps: int) -> float:
+    """w_x(t) = a_x * H(t_x * T - t)."""
+    return base_weight * heaviside(t_start * num_train_timesteps - float(t))
+
+
+def check_schedule(timesteps: Sequence[float], num_train_timesteps: int,
+                   t_image: float, t_audio: float, weight_image: float = 0.5, weight_audio: float = 0.5) -> None:
+    """Reject, before any work, a schedule under which both weights are 0 at some step that is run.
+
+    The message names the first such timestep and the smallest t that would fix it (rounded UP to 6 decimals,
+    so the printed value itself fixes it).
+    """
+    T = num_train_timesteps
+    for step, t in enumerate(timesteps):
+        t = float(t)
+        if branch_weight(t, t_image, weight_image, T) + branch_weight(t, t_audio, weight_audio, T) > 0:
+            continue
+        # Both are off at the first timesteps run; the largest of them is the first.
+        needed = math.ceil(max(float(x) for x in timesteps) / T * 1e6 - 1e-6) / 1e6
+        models = (("image", t_image, weight_image), ("audio", t_audio, weight_audio))
+        why = [f"the {name} model joins at t <= {t_x * T:g} (t_{name}={t_x:g})" if base > 0
+               else f"the {name} model has base weight 0" for name, t_x, base in models]
+        fixes = [f"t_{name} >= {needed:.6f}".rstrip("0") for name, _, base in models if base > 0]
+        raise ScheduleError(
+            f"no model is active at timestep {t:.4f}".rstrip("0").rstrip(".") +
+            f" (step {step + 1} of {len(timesteps)}): {' and '.join(why)} of T={T}; set {' or '.join(fixes)}")
+    return None
+
+
+def steps_run(steps: int, strength: float) -> int:
+    """`n = int(steps * strength)` steps are run: the last n of the full schedule (strength 1 runs them all)."""
+    n = min(int(steps * strength), steps)
+    if n < 1:
+        raise ScheduleError(f"steps x strength = {steps} x {strength} runs no step")
+    return n
+
+
+def ddim_timesteps(scheduler_config: dict, steps: int) -> tuple[np.ndarray, int]:
+    """DDIMScheduler's full schedule for `steps` steps (int64, descending) and T, as diffusers sets it."""
+    config = {**DDIM_DEFAULTS, **{k: v for k, v in scheduler_config.items() if k in DDIM_DEFAULTS}}
+    T, spacing = int(config["num_train_timesteps"]), config["timestep_spacing"]
+    if steps > T:
+        raise ValueError(f"`num_inference_steps`: {steps} cannot be larger than `self.config.train_timesteps`: {T} "
+                         f"as the unet model trained with this scheduler can only handle maximal {T} timesteps.")
+    if spacing == "linspace":
+        timesteps = np.linspace(0, T - 1, steps).round()[::-1].copy().astype(np.int64)
+    elif spacing == "leading":
+        timesteps = (np.arange(0, steps) * (T // steps)).round()[::-1].copy().astype(np.int64)
+        timesteps += int(config["steps_offset"])
+    elif spacing == "trailing":
+        timesteps = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+    else:
+        raise ValueError(f"{spacing} is not supported. Please make sure to choose one of 'leading' or 'trailing'.")
+    return timesteps, T
+
+
+def schedule_timesteps(scheduler: str, scheduler_config: dict, steps: int, strength: float) -> tuple[list[float], int]:
+    """The timesteps a request runs and T, without any model: for checking parameters up front."""
+    if scheduler == "DDIMScheduler":
+        timesteps, T = ddim_timesteps(scheduler_config, steps)
+        return [float(t) for t in timesteps[steps - steps_run(steps, strength):]], T
+    from pws_batch.core.sampler import run_timesteps  # any other class: through diffusers (imports torch)
+
+    built = make_scheduler(scheduler, scheduler_config)
+    return [float(t) for t in run_timesteps(built, steps, strength)], int(built.config.num_train_timesteps)
+
+
+def make_scheduler(name: str, config: dict):
+    """Any diffusers scheduler class by name, built from the image model's scheduler config."""
+    unknown = ValueError(f"unknown scheduler {name!r}: use a diffusers scheduler class name such as "
+                         f"DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler")
+    if not name.endswith("Scheduler"):  # told without importing diffusers
+        raise unknown
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise unknown
+    return cls.from_config(config)
+
+
+def checked_timesteps(params, scheduler_config: dict) -> tuple[list[float], int]:
+    """The timesteps a request (GenerationParams) runs and T, after rejecting a schedule with no active model
+    (ScheduleError)."""
+    timesteps, T = schedule_timesteps(params.scheduler, scheduler_config, params.steps, params.run_strength)
+    check_schedule(timesteps, T, params.t_image, params.t_audio, params.weight_image, params.weight_audio)
+    return timesteps, T
