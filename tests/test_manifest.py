@@ -584,3 +584,19 @@ def test_guides_come_only_from_the_manifest_storage_and_allowed_places(tmp_path)
     assert guide_allowed("s3://other/g/x.wav", "s3://b/m.parquet", ["s3://other/g/"])
     assert not guide_allowed("s3://other/gx/x.wav", "s3://b/m.parquet", ["s3://other/g"])
     assert guide_allowed("http://h/x.wav", "s3://b/m.parquet", ["any"])
+
+
+def test_the_run_validates_an_unchanged_manifest_once(tmp_path):
+    """`pws-batch run` validates before creating the flow run and the flow's prepare again in the same process:
+    the second call reuses the answer while the file is unchanged, and a changed file is validated anew."""
+    from pws_batch.batch.config import RunConfig
+    from pws_batch.batch.run import validate
+
+    path = tmp_path / "m.csv"
+    path.write_text("image_prompt,audio_prompt\na castle,bells\n")
+    config = RunConfig()
+    first, _ = validate(str(path), config)
+    assert validate(str(path), config)[0] is first and len(first.requests) == 1
+    assert validate(str(path), config.replace(defaults={"steps": 30}))[0] is not first  # other settings: anew
+    path.write_text("image_prompt,audio_prompt\na castle,bells\na dog,barking\n")
+    assert len(validate(str(path), config)[0].requests) == 2

@@ -89,12 +89,38 @@ def manifest_base(manifest: str) -> str:
     return manifest.rsplit("/", 1)[0] if "/" in manifest else "."
 
 
+# `pws-batch run` validates before it creates a flow run (a manifest with nothing to make fails in seconds) and
+# the flow's prepare validates again in the same process: the second asks for the same answer, kept here while
+# the manifest file is unchanged (same fsspec checksum: size and modification time). One entry: the latest.
+_LAST_VALIDATION: dict[tuple, tuple[Validated, dict[str, str]]] = {}
+
+
+def _manifest_stamp(manifest: str) -> Any:
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(manifest)
+        return fs.checksum(path)
+    except Exception:  # noqa: BLE001 - cannot tell: validate again
+        return None
+
+
 def validate(manifest: str, config: RunConfig, check_files: bool = True) -> tuple[Validated, dict[str, str]]:
+    """The manifest's good requests and rejected rows under this config, and the model ids."""
+    stamp = _manifest_stamp(manifest)
+    key = (manifest, stamp, repr(config.defaults), config.engine.models, tuple(config.plan.allow_guides or ()),
+           check_files)
+    if stamp is not None and key in _LAST_VALIDATION:
+        return _LAST_VALIDATION[key]
     scheduler_config, model_ids = scheduler_config_for(config.engine.models)
     df = read_manifest(manifest)
-    return validate_manifest(df, config.defaults, scheduler_config, check_files=check_files,
-                             base=manifest_base(manifest), manifest=manifest,
-                             allow_guides=config.plan.allow_guides), model_ids
+    answer = (validate_manifest(df, config.defaults, scheduler_config, check_files=check_files,
+                                base=manifest_base(manifest), manifest=manifest,
+                                allow_guides=config.plan.allow_guides), model_ids)
+    _LAST_VALIDATION.clear()
+    if stamp is not None:
+        _LAST_VALIDATION[key] = answer
+    return answer
 
 
 def check_models(config: RunConfig) -> None:
