@@ -57,16 +57,19 @@ def generate_shard(run_key: str, out: str, model_ids: dict, shard: run.Shard, au
     return stats
 
 
-def _may_have_work(out: str, config: RunConfig) -> bool:
-    """False when `out` already holds a complete run (a resume with nothing to do starts no Ray)."""
-    from pws_batch.batch.dataset import Output
-
-    if config.plan.overwrite:
-        return True
-    try:
-        return Output(out).read_json("run.json").get("status") != "complete"
-    except Exception:  # noqa: BLE001 - no run.json (a new output) or unreadable: there is work
-        return True
+def _start_engine(config: RunConfig, logger) -> tuple[bool, engine.ActorPool]:
+    """Ray and the run's actors (loading their models): those the CLI started while Prefect's API started
+    (engine.warm_up), else started now. Returns whether this run started Ray (and so must stop it) and the pool."""
+    warm = engine.take_warm(config)
+    if warm is not None:
+        started_ray, pool = warm
+    else:
+        started_ray = engine.connect_ray(config.engine.ray_address)
+        pool = None
+    logger.info(engine.describe_cluster(started_ray))
+    if pool is None:
+        pool = engine.start_actors(config, logger.info, wait=False, **engine.ACTOR_CLASSES)
+    return started_ray, pool
 
 
 def _artifact_key(name: str, suffix: str) -> str:
@@ -101,7 +104,7 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
     #    already committed are skipped.
     run_key = str(flow_run.id or id(config))
     started_ray, pool, actor_infos, errors = False, None, [], []
-    dispatch_s = 0.0
+    dispatch_s = ready_s = 0.0
     actor_count: concurrent.futures.Future = concurrent.futures.Future()
     preparer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare")
     try:
@@ -109,10 +112,8 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
         preparing = preparer.submit(run.prepare, manifest, out, config, log=logger.info, holder=holder,
                                     actors=actor_count.result)
         try:
-            if _may_have_work(out, config):
-                started_ray = engine.connect_ray(config.engine.ray_address)
-                logger.info(engine.describe_cluster(started_ray))
-                pool = engine.start_actors(config, logger.info, wait=False, **engine.ACTOR_CLASSES)
+            if run.may_have_work(out, config):
+                started_ray, pool = _start_engine(config, logger)
             actor_count.set_result(len(pool) if pool else config.engine.actors or 1)
         except BaseException as exc:
             actor_count.set_exception(exc)
@@ -146,13 +147,12 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
         # 2. One task per shard on Ray actors created once for the run. Two shards in flight per actor pair: one
         #    runs, the next has done its Prefect bookkeeping and takes the actors the moment they are free.
         if plan.todo and pool is None:  # the output looked complete but is not: start the engine now
-            started_ray = engine.connect_ray(config.engine.ray_address)
-            logger.info(engine.describe_cluster(started_ray))
-            pool = engine.start_actors(config, logger.info, wait=False, **engine.ACTOR_CLASSES)
+            started_ray, pool = _start_engine(config, logger)
         pending = []
         if plan.todo:
             try:
                 actor_infos = pool.wait_ready(logger.info)
+                ready_s = time.perf_counter() - t_start
                 engine.register_pool(run_key, pool)
                 _ON_RANKED[run_key] = on_ranked
                 pending = list(plan.todo)
@@ -233,7 +233,8 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
     logger.info(f"dataset at {out}: {counts['pairs_done']} pairs kept, {counts['pairs_failed']} failed, "
                 f"{counts['rejected']} rejected")
     summary["errors"] = errors
-    summary["timings"] = {"flow_s": round(time.perf_counter() - t_start, 3), "dispatch_s": round(dispatch_s, 3),
+    summary["timings"] = {"flow_s": round(time.perf_counter() - t_start, 3), "ready_s": round(ready_s, 3),
+                          "dispatch_s": round(dispatch_s, 3),
                           "finalize_s": round(time.perf_counter() - t_finalize, 3)}
     if errors:
         raise RuntimeError(f"{len(errors)} error(s); what was committed is kept, re-run to resume: "

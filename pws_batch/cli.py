@@ -425,9 +425,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UsageError("pws-batch bench pipeline: error: --pairs, --candidates, --steps and --micro-batch "
                              "must be >= 1")
         from flows.generate_dataset import generate_dataset
+        from pws_batch.batch import engine
         from pws_batch.batch.bench import bench_pipeline
 
-        bench_pipeline(generate_dataset, pairs=args.pairs, candidates=args.candidates, steps=args.steps,
+        def run_flow(manifest: str, out: str, config) -> dict:  # as `pws-batch run` runs it
+            try:
+                t0 = time.perf_counter()
+                start_prefect_api_and_engine(config, out)
+                api_s = time.perf_counter() - t0
+                summary = generate_dataset(manifest, out, config)
+                summary["timings"]["api_and_ray_s"] = round(api_s, 3)
+                return summary
+            finally:
+                engine.discard_warm()
+
+        bench_pipeline(run_flow, pairs=args.pairs, candidates=args.candidates, steps=args.steps,
                        models=args.models, micro_batch=args.micro_batch)
         return 0
     if args.bench_command == "validate":
@@ -512,17 +524,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_output(args.manifest, args.out, config)
     except (ManifestError, RunError, LeaseError) as exc:
         raise UsageError(f"pws-batch run: error: {exc}") from exc
-    start_prefect_api()
-
-    # Prefect's ephemeral server sends no telemetry (offline it logged an ERROR on every run).
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Its first start migrates a new database: on a busy small machine that takes more than Prefect's 20 s.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     import logging
 
+    from pws_batch.batch import engine
+
+    engine.ray_environment(config.engine.ray_address)  # before ray is imported: it reads them then
     import ray  # noqa: F401 - imported first so that its log handler exists and is redirected above the bar
 
     logging.getLogger("ray").setLevel(logging.ERROR)  # its start-up notes (token auth is on...) say nothing to a user
+    start_prefect_api_and_engine(config, args.out)
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -544,6 +554,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         PROGRESS_LISTENERS.remove(on_progress)
         bar.close()
+        engine.discard_warm()  # the flow took them, unless it ended before
     from pws_batch.batch.dataset import DatasetError, read_run_json
 
     try:
@@ -603,10 +614,32 @@ EPHEMERAL_TIMEOUT_S = 120  # Prefect's default (20 s) is too short for a loaded 
 TIMEOUT_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
 
+def start_prefect_api_and_engine(config, out: str) -> None:
+    """Start Prefect's API (when no PREFECT_API_URL is set) in a thread while this thread starts Ray and the run's
+    actors, which load their models meanwhile: the flow run takes them (engine.take_warm). Nothing is started on
+    the engine's side when `out` holds a complete run (a resume with nothing to do)."""
+    import concurrent.futures
+
+    from pws_batch.batch import engine
+    from pws_batch.batch.run import may_have_work
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefect-api") as pool:
+        api = pool.submit(start_prefect_api)
+        try:
+            if may_have_work(out, config):
+                engine.warm_up(config, log=lambda line: None)
+            api.result()
+        except BaseException:
+            engine.discard_warm()
+            raise
+
+
 def start_prefect_api() -> None:
     """Without PREFECT_API_URL the flow runs against Prefect's ephemeral API server: create PREFECT_HOME if it is
     missing (its database lives there), start the server with the time a loaded machine needs (a user's own
     setting wins), try once more if it does not answer, and fail in one line naming what to set."""
+    # Prefect's ephemeral server sends no telemetry (offline it logged an ERROR on every run).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()

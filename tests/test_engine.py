@@ -98,3 +98,29 @@ def test_too_many_actors_for_the_cluster_is_refused(local_ray):
     with pytest.raises(ValueError, match="--actors 5: the cluster has 2 CPU"):
         engine.start_actors(RunConfig().replace(engine={"actors": 5, "device": "cpu"}), log=print,
                             generator_cls=StandInGenerator, ranker_cls=StandInRanker)
+
+
+def test_a_warm_engine_is_taken_once_by_its_settings_and_what_is_left_is_stopped(local_ray):
+    """`pws-batch run` starts the actors while Prefect's API starts (engine.warm_up); the flow takes them
+    (take_warm) for the same settings only, once; what no flow took is stopped (discard_warm)."""
+    import ray
+
+    config = RunConfig().replace(engine={"actors": 1, "device": "cpu"})
+    with engine.use_actors(StandInGenerator, StandInRanker):
+        assert engine.warm_up(config, log=lambda line: None)
+        assert engine.take_warm(config.replace(engine={"micro_batch": 3})) is None  # other settings: not these
+        started, pool = engine.take_warm(config)
+        assert started is False and len(pool) == 1  # the test's Ray was already up: the run must not stop it
+        assert pool.wait_ready(lambda line: None)[0]["role"] == "generator"
+        assert engine.take_warm(config) is None  # taken once
+        engine.stop_actors(pool)
+
+        assert engine.warm_up(config, log=lambda line: None)
+        (_, left), = engine._WARM.values()
+        engine.discard_warm()
+        assert engine._WARM == {}
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(left.generators[0].info.remote(), timeout=60)
+        # more actors than the cluster holds: nothing is left running, the flow will say why in its own words
+        assert not engine.warm_up(config.replace(engine={"actors": 5}), log=lambda line: None)
+        assert engine._WARM == {}

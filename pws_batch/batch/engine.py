@@ -221,13 +221,10 @@ class ActorPool:
         return infos
 
 
-def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
-    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local Ray for this run.
-
-    Returns True when this call started (and so must stop) a local Ray.
-    """
+def ray_environment(address: str | None) -> str | None:
+    """Set what Ray reads when it is IMPORTED (call this before any `import ray`); returns the address to join
+    (`address`, else $RAY_ADDRESS, else None: a local Ray)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
-    # Both settings are read when ray is imported, so they are set first.
     if address:
         # Ray 2.60 keeps token auth on; a client joining by address (host:port, or ray:// for Ray Client) must
         # say so. The token is ~/.ray/auth_token or $RAY_AUTH_TOKEN, set up by the operator.
@@ -236,6 +233,15 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
         # A Ray started for one run serves this machine only: keep it on loopback. Ray otherwise swaps 127.0.0.1
         # for the machine's address; this setting is how it runs single-machine clusters.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    return address
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local Ray for this run.
+
+    Returns True when this call started (and so must stop) a local Ray.
+    """
+    address = ray_environment(address)
     import ray
 
     if ray.is_initialized():
@@ -392,3 +398,52 @@ def get_pool(key: str) -> ActorPool:
 def unregister_pool(key: str) -> ActorPool | None:
     with _LOCK:
         return _POOLS.pop(key, None)
+
+
+# ---------------------------------------------------------------------------------------------- warm start
+# `pws-batch run` starts Ray and the run's actors (they load their models) while Prefect's API server starts, and
+# the flow run it then makes in this process takes them (`take_warm`) instead of starting its own: start-up costs
+# the longer of the two, not their sum. Keyed by the engine settings and actor classes; what no flow took is
+# stopped by `discard_warm`.
+_WARM: dict[str, tuple[bool, ActorPool]] = {}
+
+
+def _engine_key(config: RunConfig) -> str:
+    return repr(config.engine) + repr(sorted((k, repr(v)) for k, v in ACTOR_CLASSES.items()))
+
+
+def warm_up(config: RunConfig, log: Callable[[str], None]) -> bool:
+    """Start (or join) Ray and create the run's actors without waiting for their models. False, with nothing
+    left running, when that fails: the flow then starts the engine itself and reports why it cannot."""
+    started = False
+    try:
+        started = connect_ray(config.engine.ray_address)
+        pool = start_actors(config, log, wait=False, **ACTOR_CLASSES)
+    except Exception:  # noqa: BLE001 - e.g. --actors beyond the cluster: said by the flow, in its words
+        if started:
+            import ray
+
+            ray.shutdown()
+        return False
+    with _LOCK:
+        _WARM[_engine_key(config)] = (started, pool)
+    return True
+
+
+def take_warm(config: RunConfig) -> tuple[bool, ActorPool] | None:
+    """The Ray (whether this process started it) and actors `warm_up` made for these settings, if any."""
+    with _LOCK:
+        return _WARM.pop(_engine_key(config), None)
+
+
+def discard_warm() -> None:
+    """Stop what `warm_up` started and no flow took."""
+    import ray
+
+    with _LOCK:
+        left = list(_WARM.values())
+        _WARM.clear()
+    for started, pool in left:
+        stop_actors(pool)
+        if started:
+            ray.shutdown()

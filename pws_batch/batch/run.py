@@ -207,6 +207,16 @@ def check_output(manifest: str, out: str, config: RunConfig) -> dict[str, Any]:
     return fingerprint
 
 
+def may_have_work(out: str, config: RunConfig) -> bool:
+    """False when `out` already holds a complete run (a resume with nothing to do starts no Ray)."""
+    if config.plan.overwrite:
+        return True
+    try:
+        return Output(out).read_json("run.json").get("status") != "complete"
+    except Exception:  # noqa: BLE001 - no run.json (a new output) or unreadable: there is work
+        return True
+
+
 def prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], None] = print,
             holder: str | None = None, actors: Callable[[], int] | None = None) -> RunPlan:
     """Take the lease on the output, validate the manifest, write rejected.parquet, plan the shards and find
