@@ -77,3 +77,45 @@ def test_auto_shard_size_bounds_the_number_of_tasks():
     assert auto_shard_size(100_000, 64) == 256
     assert -(-100_000 // auto_shard_size(100_000, 64)) == 391  # Prefect tasks for 100k pairs on 64 actors
     assert auto_shard_size(10_000_000, 8) == run_mod.MAX_AUTO_SHARD and auto_shard_size(0, 4) == 1
+
+
+def test_reading_some_columns_fetches_only_their_bytes(tmp_path):
+    """Output.read_table with columns fetches the footer and those columns' chunks (ranged reads), not the media
+    of the part; the table equals the one read whole, for every column set, over several row groups."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pws_batch.batch.dataset import read_parquet_bytes
+
+    rng = np.random.default_rng(0)
+    n = 300
+    table = pa.table({"pair_id": [f"p{i}" for i in range(n)], "clip_score": rng.random(n),
+                      "kept": rng.random(n) > 0.5, "note": pa.array(["x" * (i % 7) for i in range(n)]).dictionary_encode(),
+                      "image": [rng.bytes(20_000) for _ in range(n)],  # incompressible "media"
+                      "audio": [rng.bytes(30_000) for _ in range(n)]})
+    path = tmp_path / "part.parquet"
+    pq.write_table(table, path, row_group_size=64)
+    out = Output(str(tmp_path))
+    fetched: list[int] = []
+    real_cat_file = out.fs.cat_file
+
+    def cat_file(p, start=None, end=None, **kw):  # every read of the file (cat_ranges reads through it)
+        data = real_cat_file(p, start=start, end=end, **kw)
+        fetched.append(len(data))
+        return data
+
+    out.fs.cat_file = cat_file
+    whole = read_parquet_bytes(path.read_bytes())
+    for columns in (["pair_id", "clip_score"], ["kept", "note"], ["clip_score", "not-a-column"], ["audio"]):
+        fetched.clear()
+        part = out.read_table("part.parquet", columns)
+        names = [c for c in columns if c in table.column_names]
+        assert part.equals(whole.select(names)), columns
+        media = 50_000 * n if "audio" not in columns else 20_000 * n
+        assert sum(fetched) < path.stat().st_size - media + 100_000, (columns, sum(fetched))
+    fetched.clear()
+    assert out.read_table("part.parquet", ["pair_id"]).num_rows == n and 0 < sum(fetched) < 200_000
+    (tmp_path / "cut.parquet").write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="magic bytes"):
+        out.read_table("cut.parquet", ["pair_id"])

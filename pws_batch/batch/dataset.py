@@ -69,6 +69,63 @@ def read_parquet_bytes(data: bytes, columns: list[str] | None = None) -> pa.Tabl
     return parquet.read(columns=columns, use_threads=False)
 
 
+FOOTER_GUESS = 64 * 1024  # one ranged read usually holds a part's whole footer
+
+
+def read_columns(fs, path: str, columns: list[str]) -> pa.Table:
+    """Some columns of one Parquet file, fetching only the footer and those columns' chunks (ranged reads through
+    fsspec: a few requests on an object store, not the whole object with its media).
+
+    The fetched ranges are laid at their offsets in an anonymous memory map of the file's size (pages never
+    written take no memory) and read from there as one Arrow buffer, on this thread (see read_parquet_bytes)."""
+    import mmap
+
+    size = int(fs.size(path))
+    if size < 12:
+        raise ValueError(f"{path} is {size} bytes: not a Parquet file")
+    tail = fs.cat_file(path, start=max(0, size - FOOTER_GUESS), end=size)
+    if tail[-4:] != b"PAR1":
+        raise ValueError(f"{path} does not end with Parquet's magic bytes: not a Parquet file, or cut off")
+    footer = int.from_bytes(tail[-8:-4], "little") + 8
+    if footer > size - 4:
+        raise ValueError(f"{path}: its Parquet footer says {footer} bytes, more than the file holds")
+    if footer > len(tail):
+        tail = fs.cat_file(path, start=size - footer, end=size)
+    image = mmap.mmap(-1, size)
+    try:
+        image[:4] = b"PAR1"
+        image[size - len(tail):] = tail
+        buffer = pa.py_buffer(image)
+        parquet = pq.ParquetFile(pa.BufferReader(buffer))
+        wanted = [c for c in columns if c in parquet.schema_arrow.names]
+        ranges = []
+        meta = parquet.metadata
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for i in range(group.num_columns):
+                chunk = group.column(i)
+                if chunk.path_in_schema.split(".")[0] not in wanted:
+                    continue
+                start = chunk.data_page_offset
+                if chunk.has_dictionary_page and chunk.dictionary_page_offset is not None:
+                    start = min(start, chunk.dictionary_page_offset)
+                ranges.append((start, start + chunk.total_compressed_size))
+        if ranges:
+            starts, ends = zip(*ranges)
+            for (start, end), data in zip(ranges, fs.cat_ranges([path] * len(ranges), list(starts), list(ends))):
+                if isinstance(data, Exception):
+                    raise data
+                image[start:start + len(data)] = data
+        table = parquet.read(columns=wanted, use_threads=False)
+        del parquet, buffer
+        return table
+    finally:
+        try:
+            image.close()
+        except BufferError:  # an Arrow buffer still refers to it: the map goes when that does
+            pass
+
+
 def parquet_rows(data: bytes) -> int:
     """The row count in a Parquet file's footer (raises if it is not Parquet)."""
     return pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
@@ -142,8 +199,11 @@ class Output:
         return part_record(data, table.num_rows)
 
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
-        """The table at `rel`; with `columns`, only those are decoded (media blobs stay undecoded)."""
-        return read_parquet_bytes(self.read_bytes(rel), columns)
+        """The table at `rel`; with `columns`, only the bytes of those columns are fetched (`read_columns`): the
+        media of a data part stay on the disk or in the bucket."""
+        if columns is None:
+            return read_parquet_bytes(self.read_bytes(rel))
+        return read_columns(self.fs, self.path(rel), columns)
 
     def list(self, rel: str) -> list[str]:
         if not self.exists(rel):
