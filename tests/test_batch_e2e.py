@@ -105,7 +105,8 @@ def read_data(out: str) -> pd.DataFrame:
 
 def finish_ok(proc: subprocess.Popen, out: str) -> str:
     """The run's log once it has ended with exit status 0."""
-    log = finish_ok(proc, out)
+    log = finish(proc, out)
+    assert proc.returncode == 0, log[-4000:]
     return log
 
 
