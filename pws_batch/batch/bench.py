@@ -122,9 +122,11 @@ def bench_cluster(flow: Callable[..., dict], actors: int = 4, pairs: int = 64, p
     import tempfile
 
     import pandas as pd
-    import ray
 
     from pws_batch.batch import engine
+
+    engine.ray_environment(None)  # a local Ray on loopback: set before ray is imported, which reads it
+    import ray
     from pws_batch.batch.config import RunConfig
     from pws_batch.batch.dataset import Output
     from pws_batch.batch.standins import StandInGenerator, StandInRanker
@@ -138,7 +140,6 @@ def bench_cluster(flow: Callable[..., dict], actors: int = 4, pairs: int = 64, p
     config = RunConfig().replace(defaults={"num_candidates": candidates, "keep": 1, "steps": 10},
                                  engine={"actors": actors, "micro_batch": micro_batch, "device": "auto"},
                                  plan={"shard_size": shard_size, "overwrite": True})
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     started = not ray.is_initialized()
     if started:  # the GPUs are logical: Ray schedules the actors as on a GPU cluster; the stand-ins use none
         ray.init(num_cpus=actors + 1, num_gpus=actors, include_dashboard=False, log_to_driver=False)
