@@ -87,13 +87,21 @@ def test_importing_the_driver_side_loads_no_torch(module):
 
 
 def test_validating_a_manifest_of_ddim_schedules_loads_no_torch(tmp_path):
-    """`pws-batch validate` checks DDIM schedules (the default) with numpy: no torch, no diffusers. A row with an
-    scheduler name that cannot be a diffusers class is told without diffusers too."""
+    """`pws-batch validate` (and so the driver of `pws-batch run`) checks DDIM schedules (the default) with numpy and
+    opens guide files without torch or diffusers. A scheduler name that cannot be a diffusers class is told without
+    diffusers too."""
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image
+
+    sf.write(tmp_path / "guide.wav", np.zeros(1600, dtype=np.float32), 16000)
+    Image.new("L", (64, 32)).save(tmp_path / "guide.png")
     manifest = tmp_path / "m.csv"
-    manifest.write_text("image_prompt,audio_prompt,steps,t_image,t_audio,scheduler\n"
-                        "a castle,bells,25,1.0,1.0,\n"
-                        "a dog,barking,50,0.5,0.5,DDIMScheduler\n"
-                        "a cat,meowing,10,1.0,1.0,bogus\n")
+    manifest.write_text("image_prompt,audio_prompt,steps,t_image,t_audio,scheduler,guide_audio,guide_image\n"
+                        "a castle,bells,25,1.0,1.0,,guide.wav,\n"
+                        "a dog,barking,50,0.5,0.5,DDIMScheduler,,\n"
+                        "a cat,meowing,10,1.0,1.0,bogus,,\n"
+                        "a cow,mooing,10,1.0,1.0,,,guide.png\n")
     code = ("import sys; from pws_batch import cli; sys.argv = ['pws-batch', 'validate', sys.argv[1]]\n"
             "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
             "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
@@ -104,3 +112,4 @@ def test_validating_a_manifest_of_ddim_schedules_loads_no_torch(tmp_path):
     assert "heavy []" in result.stdout
     assert "row 1" in result.stdout and "no model is active at timestep" in result.stdout
     assert "row 2: scheduler" in result.stdout and "'bogus'" in result.stdout
+    assert "4 rows, 2 good, 2 bad" in result.stdout

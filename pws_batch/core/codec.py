@@ -6,7 +6,6 @@ a log-mel is [B, 256, F] in natural-log units; a waveform is [B, F * 160] at 16 
 
 from __future__ import annotations
 
-import io
 import math
 from functools import lru_cache
 
@@ -30,31 +29,8 @@ CANVAS_HEIGHT, CANVAS_WIDTH = 256, 1024
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def _open(uri: str):
-    import fsspec
-
-    return fsspec.open(uri, "rb")
-
-
-def read_audio(uri: str) -> tuple[np.ndarray, int]:
-    """A sound file (any format libsndfile reads) from a path or fsspec URI, as mono float32 and its rate."""
-    import soundfile as sf
-
-    with _open(uri) as f:
-        data, rate = sf.read(io.BytesIO(f.read()), dtype="float32", always_2d=True)
-    if data.shape[0] == 0:
-        raise ValueError("the file holds no samples")
-    return data.mean(axis=1), int(rate)
-
-
-def read_image(uri: str):
-    """An image file from a path or fsspec URI, as a PIL image (fully decoded, so a broken file fails here)."""
-    from PIL import Image
-
-    with _open(uri) as f:
-        image = Image.open(io.BytesIO(f.read()))
-        image.load()
-    return image
+# Reading guide files needs no torch: it lives with the media encodings (validation reads guides on the driver).
+from pws_batch.core.media import read_audio, read_image  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------- waveform

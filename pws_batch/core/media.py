@@ -1,4 +1,5 @@
-"""Media encodings shared by every writer: 8-bit grayscale PNG and 16 kHz mono WAV, as bytes."""
+"""Media without torch: the encodings every writer shares (8-bit grayscale PNG and 16 kHz mono WAV, as bytes)
+and the reading of guide files (any sound libsndfile reads, any picture PIL reads, from a path or fsspec URI)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,26 @@ def wav_bytes(audio: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
     sf.write(buffer, np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0), rate,
              format="WAV", subtype="PCM_16")
     return buffer.getvalue()
+
+
+def read_audio(uri: str) -> tuple[np.ndarray, int]:
+    """A sound file (any format libsndfile reads) from a path or fsspec URI, as mono float32 and its rate."""
+    import fsspec
+    import soundfile as sf
+
+    with fsspec.open(uri, "rb") as f:
+        data, rate = sf.read(io.BytesIO(f.read()), dtype="float32", always_2d=True)
+    if data.shape[0] == 0:
+        raise ValueError("the file holds no samples")
+    return data.mean(axis=1), int(rate)
+
+
+def read_image(uri: str):
+    """An image file from a path or fsspec URI, as a PIL image (fully decoded, so a broken file fails here)."""
+    import fsspec
+    from PIL import Image
+
+    with fsspec.open(uri, "rb") as f:
+        image = Image.open(io.BytesIO(f.read()))
+        image.load()
+    return image

@@ -176,18 +176,18 @@ def check_params(p: GenerationParams) -> list[Problem]:
 
 def check_guides(p: GenerationParams) -> list[Problem]:
     """Open the guide file, if any, and report it when it cannot be read as audio / an image."""
-    from pws_batch.core import codec
+    from pws_batch.core.media import read_audio, read_image
 
     problems: list[Problem] = []
     if p.guide_audio:
         try:
-            codec.read_audio(p.guide_audio)
+            read_audio(p.guide_audio)
         except Exception as exc:  # noqa: BLE001 - any reason it is unreadable is reported
             problems.append(Problem("guide_audio", f"cannot read {p.guide_audio!r}: {exc}",
                                     "give a readable wav/flac/ogg file or URI"))
     if p.guide_image:
         try:
-            codec.read_image(p.guide_image)
+            read_image(p.guide_image)
         except Exception as exc:  # noqa: BLE001
             problems.append(Problem("guide_image", f"cannot read {p.guide_image!r}: {exc}",
                                     "give a readable png/jpg file or URI"))
