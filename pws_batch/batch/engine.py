@@ -145,10 +145,13 @@ class Ranker:
         pws_batch.batch.stream); drop the arrays."""
         from pws_batch.core.media import png_bytes, wav_bytes
 
+        def failed(error: str) -> CandidateBatch:  # the arrays are dropped with the pair
+            return dataclasses.replace(batch, generated=None, ranker=_where(), error=error)
+
         if not batch.ok:
             return batch
         if self.load_error:
-            return dataclasses.replace(batch, generated=None, ranker=_where(), error=self.load_error)
+            return failed(self.load_error)
         t0 = time.perf_counter()
         self.pairs += batch.start == 0
         request, candidates = batch.request, batch.generated.candidates
@@ -156,11 +159,10 @@ class Ranker:
             clip = self.clip([c.image for c in candidates], request.params.effective_image_prompt)
             clap = self.clap([c.audio for c in candidates], request.params.audio_prompt)
         except Exception as exc:  # noqa: BLE001
-            return dataclasses.replace(batch, generated=None, ranker=_where(),
-                                       error=f"ranking failed: {type(exc).__name__}: {exc}")
+            return failed(f"ranking failed: {type(exc).__name__}: {exc}")
         problem = nonfinite_scores(clip, clap)
         if problem:  # a NaN score would rank anywhere: the pair fails rather than keep a meaningless row
-            return dataclasses.replace(batch, generated=None, ranker=_where(), error=problem)
+            return failed(problem)
         scored = score_batch(batch, clip, clap, held, lambda c: (png_bytes(c.image), wav_bytes(c.audio)))
         return dataclasses.replace(batch, generated=None, scored=scored, rank_s=round(time.perf_counter() - t0, 4),
                                    ranker=_where())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -106,6 +106,5 @@ class StandInRanker:
         self.pairs += batch.start == 0
         clip, clap = self.scores(batch.generated.candidates)
         scored = score_batch(batch, clip, clap, held, lambda c: (png_bytes(c.image), wav_bytes(c.audio)))
-        return CandidateBatch(batch.request, batch.start, batch.count, scored=scored, unet_evals=batch.unet_evals,
-                              unet_evals_minimum=batch.unet_evals_minimum, generate_s=batch.generate_s,
-                              rank_s=round(time.perf_counter() - t0, 4), generator=batch.generator, ranker=_where())
+        return replace(batch, generated=None, scored=scored, rank_s=round(time.perf_counter() - t0, 4),
+                       ranker=_where())

@@ -71,9 +71,13 @@ class PairStream:
         self.outstanding += 1
         return start, count
 
+    def _holding(self) -> list[ScoredCandidate]:
+        """The candidates whose media the driver holds."""
+        return [c for c in self.scored if c.image_png is not None]
+
     def held(self) -> list[tuple[float, float]]:
         """Scores of the candidates whose media the driver holds (the ranker's pruning needs them)."""
-        return [(c.clip_score, c.clap_score) for c in self.scored if c.image_png is not None]
+        return [(c.clip_score, c.clap_score) for c in self._holding()]
 
     def add(self, batch: CandidateBatch) -> None:
         self.outstanding -= 1
@@ -89,7 +93,7 @@ class PairStream:
         self.generate_s += batch.generate_s
         self.rank_s += batch.rank_s
         self.generator, self.ranker = batch.generator, batch.ranker
-        held = [c for c in self.scored if c.image_png is not None]
+        held = self._holding()
         if held:
             may_keep = dominators_below(np.array([c.clip_score for c in held]),
                                         np.array([c.clap_score for c in held]), self.request.keep)
