@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from pws_batch.batch.config import GenerationDefaults
-from pws_batch.batch.dataset import CANDIDATES_SCHEMA, KEPT_SCHEMA
+from pws_batch.batch.dataset import CANDIDATES_SCHEMA, KEPT_SCHEMA, read_parquet_bytes
 from pws_batch.batch.pair import PairRequest
 from pws_batch.core.params import GenerationParams, Problem, check_guides, check_params
 
@@ -91,11 +91,8 @@ def read_manifest(uri: str):
             return _read_csv(raw)
         if lower.endswith((".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")):
             return _read_json_lines(raw)
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        # Not pd.read_parquet: Arrow's dataset scanner starts pool threads (see dataset.read_parquet_bytes).
-        return pq.ParquetFile(pa.BufferReader(raw)).read(use_threads=False).to_pandas()
+        # Not pd.read_parquet: Arrow's dataset scanner starts pool threads (see read_parquet_bytes).
+        return read_parquet_bytes(raw).to_pandas()
     except FileNotFoundError as exc:
         raise ManifestError(f"manifest {uri} does not exist") from exc
     except ManifestError as exc:
