@@ -503,6 +503,13 @@ def pair_progress(bar):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pws_batch.batch.run import answers_reused
+
+    with answers_reused():  # the checks here and the flow's prepare ask the same questions of the manifest
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     _make_prefect_home()  # before Prefect is imported, which warns about a missing one
     config = _run_config(args, "run")
     from pws_batch.batch.lease import LeaseError, check_lease

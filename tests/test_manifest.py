@@ -592,11 +592,41 @@ def test_the_run_validates_an_unchanged_manifest_once(tmp_path):
     from pws_batch.batch.config import RunConfig
     from pws_batch.batch.run import validate
 
+    from pws_batch.batch.run import answers_reused
+
     path = tmp_path / "m.csv"
     path.write_text("image_prompt,audio_prompt\na castle,bells\n")
     config = RunConfig()
-    first, _ = validate(str(path), config)
-    assert validate(str(path), config)[0] is first and len(first.requests) == 1
-    assert validate(str(path), config.replace(defaults={"steps": 30}))[0] is not first  # other settings: anew
-    path.write_text("image_prompt,audio_prompt\na castle,bells\na dog,barking\n")
-    assert len(validate(str(path), config)[0].requests) == 2
+    with answers_reused():  # as `pws-batch run` does, for the whole command
+        first, _ = validate(str(path), config)
+        assert validate(str(path), config)[0] is first and len(first.requests) == 1
+        assert validate(str(path), config.replace(defaults={"steps": 30}))[0] is not first  # other settings: anew
+        path.write_text("image_prompt,audio_prompt\na castle,bells\na dog,barking\n")
+        assert len(validate(str(path), config)[0].requests) == 2
+    assert validate(str(path), config)[0] is not validate(str(path), config)[0]  # a later command asks anew
+
+
+def test_the_run_fingerprints_an_unchanged_manifest_and_its_guides_once(tmp_path, monkeypatch):
+    """Within one command, the CLI's check_output and the flow's read the manifest and hash its guides once while
+    the manifest file is unchanged; a changed manifest, or a later command, fingerprints anew."""
+    import numpy as np
+    import soundfile as sf
+
+    from pws_batch.batch import run
+    from pws_batch.batch.config import RunConfig
+
+    sf.write(tmp_path / "guide.wav", np.zeros(1600, dtype=np.float32), 16000)
+    path = tmp_path / "m.csv"
+    path.write_text("image_prompt,audio_prompt,guide_audio\na castle,bells,guide.wav\n")
+    calls = []
+    real = run.guides_fingerprint
+    monkeypatch.setattr(run, "guides_fingerprint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out, config = str(tmp_path / "out"), RunConfig()
+    with run.answers_reused():
+        first = run.check_output(str(path), out, config)
+        assert run.check_output(str(path), out, config) == first and len(calls) == 1
+        path.write_text("image_prompt,audio_prompt,guide_audio\na castle,bells,guide.wav\na dog,barking,\n")
+        second = run.check_output(str(path), out, config)
+        assert len(calls) == 2 and second["manifest_sha256"] != first["manifest_sha256"]
+    run.check_output(str(path), out, config)
+    assert len(calls) == 3  # a later command hashes the guides anew (they may have changed)

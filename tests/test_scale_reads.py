@@ -61,7 +61,8 @@ def test_finalize_and_inspect_never_read_media_columns(dataset, monkeypatch):
     text = summarize(dataset.out)
     assert "180 generated, 60 kept" in text and "CLIP (kept)  mean" in text
     data_reads = [cols for name, cols in reads if name.startswith("data/part-")]
-    assert len(data_reads) >= 3 * len(dataset.shards)  # card, top-K table, inspect: all through read_table
+    # finalize (card and top-K table from one read) and inspect, each part once, all through read_table
+    assert len(data_reads) == 2 * len(dataset.shards)
     assert all(cols and not {"image", "audio"} & set(cols) for cols in data_reads)
 
 

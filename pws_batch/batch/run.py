@@ -13,8 +13,9 @@ import json
 import platform
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
@@ -89,10 +90,25 @@ def manifest_base(manifest: str) -> str:
     return manifest.rsplit("/", 1)[0] if "/" in manifest else "."
 
 
-# `pws-batch run` validates before it creates a flow run (a manifest with nothing to make fails in seconds) and
-# the flow's prepare validates again in the same process: the second asks for the same answer, kept here while
-# the manifest file is unchanged (same fsspec checksum: size and modification time). One entry: the latest.
-_LAST_VALIDATION: dict[tuple, tuple[Validated, dict[str, str]]] = {}
+# `pws-batch run` checks the manifest before it creates a flow run (a manifest with nothing to make fails in
+# seconds) and the flow's prepare checks it again in the same process: the second asks the same questions
+# (validation, the manifest's and its guides' fingerprints). Within one command (`answers_reused`) they are
+# answered from here while the manifest file is unchanged (same fsspec checksum: size and modification time);
+# outside it, and in a later command of the same process, they are asked anew.
+_ANSWERS: dict[tuple, Any] = {}
+_REUSING = False
+
+
+@contextmanager
+def answers_reused() -> Iterator[None]:
+    """Reuse the answers about a manifest for the duration of one command (the flow's threads included)."""
+    global _REUSING
+    _REUSING = True
+    try:
+        yield
+    finally:
+        _REUSING = False
+        _ANSWERS.clear()
 
 
 def _manifest_stamp(manifest: str) -> Any:
@@ -101,26 +117,34 @@ def _manifest_stamp(manifest: str) -> Any:
     try:
         fs, path = fsspec.core.url_to_fs(manifest)
         return fs.checksum(path)
-    except Exception:  # noqa: BLE001 - cannot tell: validate again
+    except Exception:  # noqa: BLE001 - cannot tell: ask again
         return None
+
+
+def _answer(manifest: str, question: tuple, make: Callable[[], Any]) -> Any:
+    """`make()`, or its earlier answer for this manifest while the file is unchanged."""
+    stamp = _manifest_stamp(manifest) if _REUSING else None
+    if stamp is None:
+        return make()
+    if any(key[:2] != (manifest, stamp) for key in _ANSWERS):
+        _ANSWERS.clear()
+    key = (manifest, stamp, *question)
+    if key not in _ANSWERS:
+        _ANSWERS[key] = make()
+    return _ANSWERS[key]
 
 
 def validate(manifest: str, config: RunConfig, check_files: bool = True) -> tuple[Validated, dict[str, str]]:
     """The manifest's good requests and rejected rows under this config, and the model ids."""
-    stamp = _manifest_stamp(manifest)
-    key = (manifest, stamp, repr(config.defaults), config.engine.models, tuple(config.plan.allow_guides or ()),
-           check_files)
-    if stamp is not None and key in _LAST_VALIDATION:
-        return _LAST_VALIDATION[key]
-    scheduler_config, model_ids = scheduler_config_for(config.engine.models)
-    df = read_manifest(manifest)
-    answer = (validate_manifest(df, config.defaults, scheduler_config, check_files=check_files,
-                                base=manifest_base(manifest), manifest=manifest,
-                                allow_guides=config.plan.allow_guides), model_ids)
-    _LAST_VALIDATION.clear()
-    if stamp is not None:
-        _LAST_VALIDATION[key] = answer
-    return answer
+    def make() -> tuple[Validated, dict[str, str]]:
+        scheduler_config, model_ids = scheduler_config_for(config.engine.models)
+        df = read_manifest(manifest)
+        return validate_manifest(df, config.defaults, scheduler_config, check_files=check_files,
+                                 base=manifest_base(manifest), manifest=manifest,
+                                 allow_guides=config.plan.allow_guides), model_ids
+
+    return _answer(manifest, ("validate", repr(config.defaults), config.engine.models,
+                              tuple(config.plan.allow_guides or ()), check_files), make)
 
 
 def check_models(config: RunConfig) -> None:
@@ -183,8 +207,10 @@ def check_output(manifest: str, out: str, config: RunConfig) -> dict[str, Any]:
     Returns the run's fingerprint: the manifest's sha256 and every config field that changes the dataset.
     """
     output = Output(out)
-    fingerprint = {"manifest_sha256": manifest_fingerprint(manifest),
-                   "guides_sha256": guides_fingerprint(manifest, config), **config.fingerprint()}
+    fingerprint = {"manifest_sha256": _answer(manifest, ("sha256",), lambda: manifest_fingerprint(manifest)),
+                   "guides_sha256": _answer(manifest, ("guides", tuple(config.plan.allow_guides or ())),
+                                            lambda: guides_fingerprint(manifest, config)),
+                   **config.fingerprint()}
     if config.plan.overwrite:
         return fingerprint
     try:
@@ -479,24 +505,27 @@ def _finalize(plan: RunPlan, actors: list | None, extra: dict | None) -> dict[st
         if counts["pairs_done"] else None
     complete = counts["shards_committed"] == counts["shards"]
     write_run_json(plan, "complete" if complete else "incomplete", counts, actors, extra)
-    table = read_kept(out, CARD_COLUMNS, list(stats))
+    table = read_kept(out, CARD_COLUMNS, list(stats))  # read once: the card and the top rows
     kept = table.to_pylist() if table else []
     write_card(out, plan.name, out.read_json("run.json"), kept)
     failed = [f for s in stats.values() for f in s.get("failed", [])]
     return {"out": plan.out, "name": plan.name, "complete": complete, "counts": counts, "failed": failed[:TOP_K],
-            "failed_total": len(failed), "kept_rows": top_kept(out, shards=list(stats))}
+            "failed_total": len(failed), "kept_rows": _top(table, TOP_K)}
 
 
 TOP_K = 50  # rows of the kept table shown in the flow's artifact (the dataset holds them all)
-TOP_COLUMNS = ["pair_id", "image_prompt", "audio_prompt", "candidate_index", "seed", "rank", "clip_score",
-               "clap_score"]
+TOP_COLUMNS = CARD_COLUMNS
 
 
 def top_kept(out: Output, k: int = TOP_K, shards: list[str] | None = None) -> list[dict[str, Any]]:
     """The `k` kept rows with the best CLIP + CLAP (of `shards` only, when given), read without their media."""
+    return _top(read_kept(out, columns=TOP_COLUMNS, shards=shards), k)
+
+
+def _top(table: pa.Table | None, k: int) -> list[dict[str, Any]]:
+    """The `k` rows of `table` with the best CLIP + CLAP."""
     import pyarrow.compute as pc
 
-    table = read_kept(out, columns=TOP_COLUMNS, shards=shards)
     if table is None or table.num_rows == 0:
         return []
     total = pc.add(pc.fill_null(table["clip_score"], 0.0), pc.fill_null(table["clap_score"], 0.0))
