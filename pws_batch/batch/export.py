@@ -15,8 +15,9 @@ import json
 from typing import Any
 
 from pws_batch.batch.dataset import Output
+from pws_batch.batch.schema import MEDIA_COLUMNS, media_extension
+from pws_batch.core.model_files import hub_offline
 
-MEDIA = ("image", "audio")
 # What `push` uploads: the dataset, its card and its records, not the gallery or the commit markers.
 PUSH_PATTERNS = ["README.md", "card/*.png", "data/*.parquet", "candidates/*.parquet", "rejected.parquet", "run.json"]
 
@@ -29,11 +30,6 @@ def _json_default(value: Any) -> Any:
 
         return base64.b64encode(bytes(value)).decode()
     return str(value)
-
-
-def _extension(entry: dict | None, default: str) -> str:
-    path = (entry or {}).get("path") or ""
-    return path.rsplit(".", 1)[-1].lower() if "." in path else default
 
 
 def export_files(uri: str, dest: str) -> int:
@@ -49,10 +45,10 @@ def export_files(uri: str, dest: str) -> int:
             stem = f"{n:05d}"
             image, audio = row.get("image") or {}, row.get("audio") or {}
             if image.get("bytes") is not None:
-                target.write_bytes(f"{stem}.{_extension(image, 'png')}", image["bytes"])
+                target.write_bytes(f"{stem}.{media_extension(image, 'png')}", image["bytes"])
             if audio.get("bytes") is not None:
-                target.write_bytes(f"{stem}.{_extension(audio, 'wav')}", audio["bytes"])
-            record = {k: v for k, v in row.items() if k not in MEDIA}
+                target.write_bytes(f"{stem}.{media_extension(audio, 'wav')}", audio["bytes"])
+            record = {k: v for k, v in row.items() if k not in MEDIA_COLUMNS}
             target.write_bytes(f"{stem}.json", json.dumps(record, default=_json_default, ensure_ascii=False,
                                                           indent=1).encode())
             n += 1
@@ -83,7 +79,7 @@ def push(uri: str, repo_id: str, private: bool = False) -> str:
     folder = uri[len("file://"):] if uri.startswith("file://") else uri
     if not os.path.exists(os.path.join(folder, "run.json")):
         raise FileNotFoundError(f"{uri} holds no run.json: not a pws-batch dataset (or the run never started)")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         raise ConnectionError("HF_HUB_OFFLINE is set: pushing needs the network; unset it and log in "
                               "(`hf auth login`) first")
     api = HfApi()

@@ -17,8 +17,8 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pws_batch.batch.dataset import Output
+from pws_batch.batch.schema import MEDIA_COLUMNS, media_extension
 
-MEDIA = ("image", "audio")
 PAGE_SIZE = 24
 # Shown on every card; every other non-media column goes into its "parameters" list.
 HEADLINE = ("pair_id", "image_prompt", "audio_prompt", "clip_score", "clap_score", "seed", "candidate_index", "rank")
@@ -47,7 +47,7 @@ def read_rows(out: Output, top: int | None = None) -> list[dict[str, Any]]:
     rows = []
     for part in [p for p in out.list("data") if p.endswith(".parquet")]:
         with out.fs.open(out.path("data", part), "rb") as f:
-            names = [n for n in pq.read_schema(f).names if n not in MEDIA]
+            names = [n for n in pq.read_schema(f).names if n not in MEDIA_COLUMNS]
         for i, row in enumerate(out.read_table(f"data/{part}", names).to_pylist()):
             rows.append({**row, "_part": part, "_index": i})
     rows.sort(key=lambda r: (-score(r), str(r.get("pair_id")), r.get("candidate_index") or 0))
@@ -61,15 +61,10 @@ def media_of(out: Output, rows: list[dict[str, Any]]) -> dict[tuple[str, int], d
         wanted.setdefault(r["_part"], []).append(r["_index"])
     media = {}
     for part, indices in wanted.items():
-        table = out.read_table(f"data/{part}", list(MEDIA)).take(sorted(indices))
+        table = out.read_table(f"data/{part}", list(MEDIA_COLUMNS)).take(sorted(indices))
         for index, row in zip(sorted(indices), table.to_pylist()):
             media[(part, index)] = row
     return media
-
-
-def _extension(entry: dict | None, default: str) -> str:
-    path = (entry or {}).get("path") or ""
-    return path.rsplit(".", 1)[-1].lower() if "." in path else default
 
 
 def write_gallery(uri: str, top: int | None = None, dest: str | None = None, page_size: int = PAGE_SIZE) -> str:
@@ -86,7 +81,7 @@ def write_gallery(uri: str, top: int | None = None, dest: str | None = None, pag
     items = []
     for n, row in enumerate(rows):
         m = media.get((row["_part"], row["_index"]), {})
-        image_ext, audio_ext = _extension(m.get("image"), "png"), _extension(m.get("audio"), "wav")
+        image_ext, audio_ext = media_extension(m.get("image"), "png"), media_extension(m.get("audio"), "wav")
         item = {"n": n, "image": f"media/{n:05d}.{image_ext}", "audio": f"media/{n:05d}.{audio_ext}",
                 **{k: _plain(row.get(k)) for k in HEADLINE},
                 "params": {k: _plain(v) for k, v in row.items()
@@ -138,7 +133,7 @@ def markdown_summary(uri: str, top: int = 4, max_chars: int = 2_000_000) -> str:
             cell += f'<img src="{data_uri(thumbnail_png(image), "image/png")}" width="496">'
         if audio:
             # lossless and smaller than the WAV: more players fit the bound
-            flac = audio if _extension(m.get("audio"), "wav") == "flac" else flac_of(audio)
+            flac = audio if media_extension(m.get("audio"), "wav") == "flac" else flac_of(audio)
             cell += f'<br><audio controls src="{data_uri(flac, "audio/flac")}"></audio>'
         text = lambda v: html.escape(str(v)).replace("|", "&#124;")  # noqa: E731
         line = (f"| {cell} | **{text(row.get('pair_id'))}**<br>picture: {text(row.get('image_prompt'))}<br>"

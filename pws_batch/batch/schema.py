@@ -27,6 +27,12 @@ SAMPLING_RATE = 16000
 MEDIA_COLUMNS = ("image", "audio")
 
 
+def media_extension(entry: dict | None, default: str) -> str:
+    """The file extension of a stored media cell ({"bytes", "path"}), from its path; `default` without one."""
+    path = (entry or {}).get("path") or ""
+    return path.rsplit(".", 1)[-1].lower() if "." in path else default
+
+
 def media_features() -> dict[str, Any]:
     from datasets import Audio, Image
 

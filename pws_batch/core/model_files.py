@@ -254,7 +254,8 @@ def fetch_plan(model_set, repo_files: Callable[[str], list[str]]) -> dict[str, l
     return {repo: sorted(files) for repo, files in plan.items()}
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set (the Hugging Face libraries' truthy spellings)."""
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
@@ -262,7 +263,7 @@ def fetch_model_set(model_set, spec: str, local_dir: str | None = None, say: Cal
     """Download what each component needs with `snapshot_download` (resumable, with progress bars), into the
     Hugging Face cache or, with `local_dir`, one folder per repository plus a model_set.json pointing at them.
     Returns that model_set.json's path (or None for the cache)."""
-    if _offline():
+    if hub_offline():
         raise FetchError("HF_HUB_OFFLINE is set, so nothing can be downloaded; run `pws-batch models fetch` "
                          "without it on a machine that reaches huggingface.co, then run offline")
     from huggingface_hub import HfApi, snapshot_download

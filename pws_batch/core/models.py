@@ -122,7 +122,9 @@ def resolve_model_set(spec: str = DEFAULT_MODEL_SET) -> ModelSet:
 
 
 def _missing(component: str, model_id: str, exc: BaseException) -> ModelLoadError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    from pws_batch.core.model_files import hub_offline
+
+    offline = hub_offline()
     how = (f"download it where the hub is reachable (`hf download {model_id}`) into the Hugging Face cache "
            f"(HF_HOME) or a folder, and point the model set's '{component}' entry at that folder"
            if not os.path.exists(model_id) else "check that the folder holds the complete saved model")
