@@ -149,12 +149,18 @@ def build_sd_folder(folder: str, seed: int, bin_weights: bool = False, safety_ch
             json.dump(index, f, indent=2, sort_keys=True)
     if bin_weights:
         # transformers 5 writes safetensors whatever it is asked; Auffusion's text encoder is a .bin.
-        from safetensors.torch import load_file
-
         path = os.path.join(folder, "text_encoder", "model.safetensors")
         if os.path.isfile(path):
-            torch.save(load_file(path), os.path.join(folder, "text_encoder", "pytorch_model.bin"))
-            os.remove(path)
+            _as_bin(path, os.path.join(folder, "text_encoder", "pytorch_model.bin"))
+
+
+def _as_bin(safetensors_path: str, bin_path: str) -> None:
+    """Rewrite a safetensors file as a torch .bin state dict (the format some real repos publish)."""
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(safetensors_path), bin_path)
+    os.remove(safetensors_path)
 
 
 def _clip_image_processor():
@@ -227,11 +233,7 @@ def build_clap_folder(folder: str, seed: int) -> None:
     torch.manual_seed(seed)
     ClapModel(config).save_pretrained(folder)
     # As pytorch_model.bin (transformers 5 writes safetensors only): the other format transformers repos publish.
-    from safetensors.torch import load_file
-
-    path = os.path.join(folder, "model.safetensors")
-    torch.save(load_file(path), os.path.join(folder, "pytorch_model.bin"))
-    os.remove(path)
+    _as_bin(os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin"))
     # laion/clap-htsat-unfused ships truncation="rand_trunc" (no fusion); callers crop to 10 s first.
     extractor = ClapFeatureExtractor(truncation="rand_trunc")
     write_preprocessor(extractor, folder)
