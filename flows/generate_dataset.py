@@ -161,12 +161,13 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
                 errors.append(f"models not loaded: {exc}")
                 logger.error(f"the actors could not load their models: {exc}")
             running: dict[concurrent.futures.Future, Any] = {}
+            digest = run.fingerprint_digest(plan.fingerprint)  # the same for every shard of the run
             t_dispatch = time.perf_counter()
             while pending or running:
                 while pending and len(running) < SHARDS_IN_FLIGHT_PER_ACTOR * len(pool):
                     shard = pending.pop(0)
                     future = generate_shard.submit(run_key, out, plan.model_ids, shard, config.plan.audio_format,
-                                                   run.fingerprint_digest(plan.fingerprint))
+                                                   digest)
                     running[future.wrapped_future] = (future, shard)
                 finished, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
                 for wrapped in finished:

@@ -482,17 +482,19 @@ def pair_progress(bar):
     rate and the ETA are the steady ones, without the start-up (Prefect, Ray, model loads)."""
     import threading
 
-    lock, calls, timing = threading.Lock(), [], []
+    lock = threading.Lock()
+    first_call, timing = True, False
 
     def on_progress(done: int, total: int) -> None:
+        nonlocal first_call, timing
         with lock:
             bar.total = total
-            calls.append(done)
-            if done <= bar.n or len(calls) == 1:
+            if done <= bar.n or first_call:
+                first_call = False
                 bar.n = max(bar.n, done)
                 bar.refresh()
             elif not timing:  # the first pair ranked: time from here
-                timing.append(done)
+                timing = True
                 bar.reset(total=total)
                 bar.initial = bar.n = bar.last_print_n = done
                 bar.refresh()
@@ -607,11 +609,12 @@ def check_writable(uri: str) -> None:
                          f"you can write to") from exc
 
 
-def _make_prefect_home() -> None:
-    home = os.environ.get("PREFECT_HOME")
+def _make_prefect_home(home: str | None = None) -> None:
+    """Create PREFECT_HOME (`home`, else $PREFECT_HOME if set), or fail in one line naming it."""
+    home = home or os.environ.get("PREFECT_HOME")
     if home:
         try:
-            os.makedirs(os.path.expanduser(home), exist_ok=True)
+            os.makedirs(os.path.expanduser(str(home)), exist_ok=True)
         except OSError as exc:
             raise UsageError(f"pws-batch run: error: cannot create PREFECT_HOME {home} ({_one_line(exc)}); "
                              f"set PREFECT_HOME to a folder you can write") from exc
@@ -650,11 +653,7 @@ def start_prefect_api() -> None:
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
-    try:
-        os.makedirs(settings.home, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"pws-batch run: error: cannot create PREFECT_HOME {settings.home} ({_one_line(exc)}); "
-                         f"set PREFECT_HOME to a folder you can write") from exc
+    _make_prefect_home(settings.home)
     if settings.api.url:
         return
     configured = settings.server.ephemeral.startup_timeout_seconds
