@@ -17,7 +17,7 @@ import json
 import os
 import typing
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -275,6 +275,22 @@ def verify_shard(out: Output, stats: dict) -> str | None:
         if rows != expected["rows"]:
             return f"{rel} has {rows} rows, its marker says {expected['rows']}"
     return None
+
+
+def verified_shards(out: Output, wanted: Callable[[str, dict], bool] | None = None) -> tuple[dict[str, dict],
+                                                                                            dict[str, str]]:
+    """The committed shards (those `wanted(name, stats)` selects) whose parts match their markers, by name, and the
+    problem of each of the others."""
+    ok, broken = {}, {}
+    for name, stats in committed_shards(out).items():
+        if wanted is not None and not wanted(name, stats):
+            continue
+        problem = verify_shard(out, stats)
+        if problem:
+            broken[name] = problem
+        else:
+            ok[name] = stats
+    return ok, broken
 
 
 def committed_shards(out: Output) -> dict[str, dict]:

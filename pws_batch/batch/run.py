@@ -24,7 +24,7 @@ from pws_batch.batch import lease
 from pws_batch.batch.card import CARD_COLUMNS, write_card
 from pws_batch.batch.config import RunConfig, RunError
 from pws_batch.batch.dataset import (KEPT_SCHEMA, MODEL_COMPONENTS, DatasetError, Output, candidates_table,
-                                     committed_shards, kept_table, read_run_json, shard_name, verify_shard)
+                                     committed_shards, kept_table, read_run_json, shard_name, verified_shards)
 from pws_batch.batch.manifest import (Validated, guide_allowed, guide_columns, manifest_fingerprint, manifest_name,
                                       read_manifest, rejections_table, validate_manifest)
 from pws_batch.batch.pair import PairRequest, PairResult
@@ -284,16 +284,10 @@ def _prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], No
         output.clear()
     shards = plan_shards(validated.requests, shard_size)
     planned = {s.name: s.pair_ids for s in shards}
-    done = {}
-    for name, stats in committed_shards(output).items():
-        if stats.get("pair_ids") != planned.get(name):
-            continue
-        problem = verify_shard(output, stats)
-        if problem:  # a part cut off or changed after its commit: the shard is made again
-            log(f"shard {name}: {problem}; regenerating it")
-            output.fs.rm(output.path(f"_shards/{name}.json"))
-            continue
-        done[name] = stats
+    done, broken = verified_shards(output, lambda name, stats: stats.get("pair_ids") == planned.get(name))
+    for name, problem in broken.items():  # a part cut off or changed after its commit: the shard is made again
+        log(f"shard {name}: {problem}; regenerating it")
+        output.fs.rm(output.path(f"_shards/{name}.json"))
     output.write_table("rejected.parquet", rejections_table(validated.rejections))
     features, schema_warnings = kept_features(validated.requests)
     plan = RunPlan(manifest, out, config, validated, shards, done, fingerprint, model_ids, features.to_dict(),
@@ -485,12 +479,9 @@ def finalize(plan: RunPlan, actors: list | None = None, extra: dict | None = Non
 
 def _finalize(plan: RunPlan, actors: list | None, extra: dict | None) -> dict[str, Any]:
     out = Output(plan.out)
-    stats = {}
-    for name, s in committed_shards(out).items():
-        if name not in {sh.name for sh in plan.shards}:
-            continue
-        if verify_shard(out, s) is None:  # a shard whose parts do not match is not counted: a re-run remakes it
-            stats[name] = s
+    planned = {sh.name for sh in plan.shards}
+    # a shard whose parts do not match is not counted: a re-run remakes it
+    stats, _ = verified_shards(out, lambda name, _stats: name in planned)
     counts = {
         "rows": plan.validated.num_rows, "good": len(plan.validated.requests),
         "rejected": len(plan.validated.rejections), "shards": len(plan.shards), "shards_committed": len(stats),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pws_batch.batch.card import describe_scores
-from pws_batch.batch.dataset import Output, committed_shards, read_run_json, verify_shard
+from pws_batch.batch.dataset import Output, read_run_json, verified_shards
 
 
 def summarize(uri: str) -> str:
@@ -12,13 +12,7 @@ def summarize(uri: str) -> str:
     if run is None:
         raise FileNotFoundError(f"{uri} holds no run.json: not a pws-batch dataset (or the run never started)")
     counts = run.get("counts", {})
-    shards, broken = {}, {}
-    for name, stats in committed_shards(out).items():
-        problem = verify_shard(out, stats)
-        if problem:
-            broken[name] = problem
-        else:
-            shards[name] = stats
+    shards, broken = verified_shards(out)
     planned = run.get("shards", {})
     status = run.get("status")
     if status == "running":  # is it? the lease says whether the run that wrote it is still alive
