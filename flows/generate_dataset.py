@@ -18,6 +18,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
                                update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 
 from pws_batch.batch import engine, gallery, run
 from pws_batch.batch.config import RunConfig
@@ -25,7 +26,7 @@ from pws_batch.batch.manifest import manifest_name
 from pws_batch.batch.pair import PairRequest
 
 SHARD_RETRIES = 2
-SHARDS_IN_FLIGHT_PER_ACTOR = 2
+SHARDS_IN_FLIGHT_PER_WORKER = 2
 # The Prefect gallery artifact: the best 4, in at most 1.4 MB of markdown (Prefect refuses events over 1.5 MB).
 GALLERY_TOP, GALLERY_MAX_CHARS = 4, 1_400_000
 # Listeners in this process (the CLI's progress bar): called with (pairs_done, pairs_total), as each pair is
@@ -51,7 +52,7 @@ def generate_shard(run_key: str, out: str, model_ids: dict, shard: run.Shard, au
     stats = run.process_shard(out, model_ids, shard, lambda reqs: engine.run_pairs(pool, reqs, on_ranked),
                               audio_format=audio_format, fingerprint=fingerprint)
     logger.info(f"shard {shard.name}: {stats['pairs_done']}/{stats['pairs']} pairs, {stats['kept']} kept of "
-                f"{stats['candidates']} candidates in {stats['seconds']:.1f} s on actor pair {stats['actor_pair']}")
+                f"{stats['candidates']} candidates in {stats['seconds']:.1f} s on worker {stats['worker']}")
     for failure in stats["failed"]:
         logger.warning(f"shard {shard.name}: pair {failure['pair_id']} (row {failure['row']}) failed: {failure['error']}")
     return stats
@@ -144,8 +145,8 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
             for listener in PROGRESS_LISTENERS:
                 listener(pairs_before + len(ranked), total_pairs)
 
-        # 2. One task per shard on Ray actors created once for the run. Two shards in flight per actor pair: one
-        #    runs, the next has done its Prefect bookkeeping and takes the actors the moment they are free.
+        # 2. One task per shard on Ray actors created once for the run. Two shards in flight per worker: one
+        #    runs, the next has done its Prefect bookkeeping and takes the worker the moment it is free.
         if plan.todo and pool is None:  # the output looked complete but is not: start the engine now
             started_ray, pool = _start_engine(config, logger)
         pending = []
@@ -164,10 +165,11 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
             digest = run.fingerprint_digest(plan.fingerprint)  # the same for every shard of the run
             t_dispatch = time.perf_counter()
             while pending or running:
-                while pending and len(running) < SHARDS_IN_FLIGHT_PER_ACTOR * len(pool):
+                while pending and len(running) < SHARDS_IN_FLIGHT_PER_WORKER * len(pool):
                     shard = pending.pop(0)
-                    future = generate_shard.submit(run_key, out, plan.model_ids, shard, config.plan.audio_format,
-                                                   digest)
+                    # quote: Prefect need not walk the shard's requests looking for futures (it would, per task)
+                    future = generate_shard.submit(run_key, out, plan.model_ids, quote(shard),
+                                                   config.plan.audio_format, digest)
                     running[future.wrapped_future] = (future, shard)
                 finished, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
                 for wrapped in finished:

@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(bs, models_default="tiny")
     bc = bsub.add_parser("cluster", help="the real flow, engine and writer on a simulated GPU cluster",
                          description=DESCRIPTIONS["bench cluster"])
-    bc.add_argument("--actors", type=int, default=4, help="generator actors = logical GPUs (default: 4)")
+    bc.add_argument("--actors", type=int, default=4, help="worker actors = logical GPUs (default: 4)")
     bc.add_argument("--pairs", type=int, default=64, help="(default: 64)")
     bc.add_argument("--pair-seconds", type=float, default=0.5, help="seconds per pair a stand-in generator takes "
                                                                     "(default: 0.5)")

@@ -55,7 +55,7 @@ def make_dataset(manifest: str, out: str, shard_size: int = 2, audio_format: str
     plan = prepare(manifest, out, config, log=logs.append)
     for shard in plan.todo:
         process_shard(out, plan.model_ids, shard,
-                      lambda reqs: ([media_result(r) for r in reqs], {"host": "test", "actor_pair": 0}),
+                      lambda reqs: ([media_result(r) for r in reqs], {"host": "test", "worker": 0}),
                       audio_format=audio_format)
     summary = finalize(plan)
     summary["logs"] = logs

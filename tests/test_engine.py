@@ -1,8 +1,9 @@
 """The engine's dispatch (pws_batch.batch.engine) without models: a real local Ray, stand-in actors.
 
-The stand-ins (pws_batch.batch.standins) have the real actors' interface (`generate(request) -> PairResult`,
-`rank(PairResult) -> PairResult`, `info()`), so what is tested is the engine's own work: creating actor pairs,
-lending one pair per shard, queuing a shard's pairs, keeping request order and passing failures through.
+The stand-ins (pws_batch.batch.standins) have the real generator's and ranker's interface (`generate_batch`,
+`rank_batch`, `info`) and run inside the real Worker actor, so what is tested is the engine's own work: creating
+workers, lending one per shard, queuing a shard's micro-batches, keeping request order and passing failures
+through.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ def request(i: int, pair_id: str | None = None) -> PairRequest:
                                                                seed=10 * i), keep=1)
 
 
-def test_actor_pool_lends_each_pair_to_one_shard_at_a_time():
-    pool = engine.ActorPool(["g0", "g1"], ["r0", "r1"])
+def test_actor_pool_lends_each_worker_to_one_shard_at_a_time():
+    pool = engine.ActorPool(["w0", "w1"])
     in_use: list[int] = []
     peak, lock, seen = [0], threading.Lock(), []
 
     def shard():
-        with pool.borrow() as (i, generator, ranker):
+        with pool.borrow() as (i, worker):
             with lock:
-                assert i not in in_use and generator == f"g{i}" and ranker == f"r{i}"
+                assert i not in in_use and worker == f"w{i}"
                 in_use.append(i)
                 peak[0] = max(peak[0], len(in_use))
                 seen.append(i)
@@ -60,20 +61,21 @@ def test_run_pairs_keeps_request_order_and_passes_failures_through(local_ray):
         assert [r.ok for r in results] == [True, True, False, True, True]
         assert "asked to fail" in results[2].error and results[2].candidates == []
         good = results[0]
-        assert not hasattr(good, "generated")  # the arrays stay between generator and ranker
+        assert not hasattr(good, "generated")  # the arrays stay in the worker
         assert [c.seed for c in good.candidates] == [0, 1, 2] and len(good.kept) == 1
         assert good.kept[0].image_png.startswith(b"\x89PNG") and good.kept[0].audio_wav.startswith(b"RIFF")
         assert all(c.image_png is None for c in good.candidates if not c.kept)
         assert good.unet_evals == 6 and good.ranker["pid"] != os.getpid()
-        assert where["actor_pair"] in (0, 1)
+        assert where["worker"] in (0, 1)
         infos = pool.infos()
         served = {i["role"]: i["pairs"] for i in infos if i["pairs"]}
-        assert served == {"generator": 5, "ranker": 4}  # one pair of actors served the whole shard
+        assert served == {"generator": 5, "ranker": 4}  # one worker served the whole shard
+        assert len({(i["pid"], i["role"]) for i in infos}) == 4 and len({i["pid"] for i in infos}) == 2
     finally:
         engine.stop_actors(pool)
 
 
-def test_two_shards_at_once_run_on_different_actor_pairs(local_ray):
+def test_two_shards_at_once_run_on_different_workers(local_ray):
     config = RunConfig().replace(engine={"actors": 2, "device": "cpu"})
     pool = engine.start_actors(config, log=lambda line: None, generator_cls=StandInGenerator,
                                ranker_cls=StandInRanker)
@@ -88,7 +90,7 @@ def test_two_shards_at_once_run_on_different_actor_pairs(local_ray):
             t.start()
         for t in threads:
             t.join()
-        assert {outcomes[1][1]["actor_pair"], outcomes[2][1]["actor_pair"]} == {0, 1}
+        assert {outcomes[1][1]["worker"], outcomes[2][1]["worker"]} == {0, 1}
         assert [r.pair_id for r in outcomes[2][0]] == ["p20", "p21", "p22"]
     finally:
         engine.stop_actors(pool)
@@ -120,7 +122,42 @@ def test_a_warm_engine_is_taken_once_by_its_settings_and_what_is_left_is_stopped
         engine.discard_warm()
         assert engine._WARM == {}
         with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(left.generators[0].info.remote(), timeout=60)
+            ray.get(left.workers[0].infos.remote(), timeout=60)
         # more actors than the cluster holds: nothing is left running, the flow will say why in its own words
         assert not engine.warm_up(config.replace(engine={"actors": 5}), log=lambda line: None)
         assert engine._WARM == {}
+
+
+def test_a_worker_scores_one_micro_batch_while_it_generates_the_next_never_two_of_either():
+    """The Worker actor runs the driver's in-flight calls in threads: generation and scoring overlap (pipelined),
+    but two micro-batches are never generated (or scored) at once."""
+    active, peak, overlapped, lock = {"gen": 0, "rank": 0}, {"gen": 0, "rank": 0}, [False], threading.Lock()
+
+    def tracked(kind, method):
+        def call(*args):
+            with lock:
+                active[kind] += 1
+                peak[kind] = max(peak[kind], active[kind])
+                overlapped[0] |= active["gen"] and active["rank"]
+            time.sleep(0.05)
+            try:
+                return method(*args)
+            finally:
+                with lock:
+                    active[kind] -= 1
+        return call
+
+    worker = engine.Worker(RunConfig(), generator_cls=StandInGenerator, ranker_cls=StandInRanker)
+    worker.generator.generate_batch = tracked("gen", worker.generator.generate_batch)
+    worker.ranker.rank_batch = tracked("rank", worker.ranker.rank_batch)
+    reqs = [request(i) for i in range(6)]
+    out: dict[int, object] = {}
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, worker.make_batch(reqs[i], 0, 3, [])))
+               for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak == {"gen": 1, "rank": 1} and overlapped[0]
+    assert all(out[i].ok and len(out[i].scored) == 3 and out[i].generated is None for i in range(6))
+    assert [g["role"] for g in worker.infos()] == ["generator", "ranker"]

@@ -39,7 +39,7 @@ def dataset():
                    {}, MODEL_IDS, shard_size=7)
     write_run_json(plan, "running")
     for shard in shards:
-        process_shard(uri, MODEL_IDS, shard, lambda reqs: ([result(r) for r in reqs], {"actor_pair": 0}))
+        process_shard(uri, MODEL_IDS, shard, lambda reqs: ([result(r) for r in reqs], {"worker": 0}))
     return plan
 
 

@@ -109,7 +109,7 @@ def test_run_pairs_streams_one_micro_batch_at_a_time(pool):
     results, where = engine.run_pairs(pool, requests)
     assert [len(r.candidates) for r in results] == [16, 16, 16] and all(r.ok for r in results)
     assert where["micro_batches"] == 12 and where["micro_batches_in_flight_max"] <= engine.LOOKAHEAD
-    info = ray.get(pool.generators[0].info.remote())
+    info = ray.get(pool.workers[0].infos.remote())[0]
     assert info["largest_micro_batch"] == 4  # no call, and so no Ray object, holds more than one micro-batch
     # the same kept candidates and scores as ranking the whole pair at once (all 16 in one batch, in-process)
     from pws_batch.core.media import png_bytes

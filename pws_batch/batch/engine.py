@@ -1,11 +1,11 @@
 """Ray actors that hold the models, and the dispatch of a shard's pairs to them.
 
 Ray's batch-inference pattern: each actor loads its models ONCE, in its constructor, and then serves many
-pairs. A generator actor (one per GPU, or a CPU actor) makes a pair's N candidates in the batched sampler;
-a ranker actor scores them with CLIP and CLAP and keeps the best. A shard's pairs stream through the pair of
-actors one micro-batch at a time (`run_pairs`): the generator makes the next micro-batch while the ranker scores
-the last, so memory stays flat in N, and a pair with targets stops once they are met
-(pws_batch.batch.stream). Actors restart on failure and retry their calls.
+pairs. One worker actor per GPU (or a CPU actor) holds a Generator (both diffusion models and the vocoder: a
+pair's candidates in the batched sampler) and a Ranker (CLIP and CLAP: scores them and keeps the best). A
+shard's pairs stream through one worker a micro-batch at a time (`run_pairs`): it makes the next micro-batch
+while it scores the last, so memory stays flat in N, and a pair with targets stops once they are met
+(pws_batch.batch.stream). Workers restart on failure and retry their calls.
 
 torch is imported only inside the actors: the driver (the Prefect flow) needs ray, not torch.
 """
@@ -181,44 +181,74 @@ def nonfinite_scores(clip, clap) -> str | None:
             + " are NaN or infinite (a broken picture or sound); nothing of the pair is kept")
 
 
+# ---------------------------------------------------------------------------------------------- the worker
+class Worker:
+    """The Ray actor: one per GPU (or CPU actor), holding a Generator and a Ranker in one process.
+
+    `make_batch` generates one micro-batch and scores it; the driver keeps a few calls in flight (the actor runs
+    them in threads, `max_concurrency=LOOKAHEAD`) and two locks pipeline them: while one call's candidates are
+    scored, the next call's are generated, and never two of either at once (so one micro-batch of arrays is
+    generated at a time, on one GPU). The arrays go from generator to ranker inside the process: only scores and
+    the media that may be kept leave it. `generator_cls` / `ranker_cls` replace the model-holding classes
+    (pws_batch.batch.standins, for benchmarks and tests of the orchestration)."""
+
+    def __init__(self, config: RunConfig, generator_cls: type | None = None, ranker_cls: type | None = None,
+                 **kwargs: Any):
+        self.generator = (generator_cls or Generator)(config, **kwargs)
+        self.ranker = (ranker_cls or Ranker)(config, **kwargs)
+        self._generating, self._ranking = threading.Lock(), threading.Lock()
+
+    def infos(self) -> list[dict[str, Any]]:
+        return [self.generator.info(), self.ranker.info()]
+
+    def make_batch(self, request: PairRequest, start: int, count: int,
+                   held: list[tuple[float, float]]) -> CandidateBatch:
+        """Candidates `start` .. `start + count - 1` of a pair, generated and scored (see Ranker.rank_batch)."""
+        with self._generating:
+            batch = self.generator.generate_batch(request, start, count)
+        with self._ranking:
+            return self.ranker.rank_batch(batch, held)
+
+
 # ---------------------------------------------------------------------------------------------- the pool
 class ActorPool:
-    """Generator/ranker pairs created once per run; a shard borrows one pair for its whole run."""
+    """The run's workers (one per GPU), created once per run; a shard borrows one worker for its whole run."""
 
-    def __init__(self, generators: list, rankers: list, config: RunConfig | None = None):
-        self.generators, self.rankers = generators, rankers
+    def __init__(self, workers: list, config: RunConfig | None = None):
+        self.workers = workers
         self.config = config or RunConfig()
         self._free: queue.Queue[int] = queue.Queue()
-        for i in range(len(generators)):
+        for i in range(len(workers)):
             self._free.put(i)
 
     def __len__(self) -> int:
-        return len(self.generators)
+        return len(self.workers)
 
     @contextmanager
-    def borrow(self) -> Iterator[tuple[int, Any, Any]]:
+    def borrow(self) -> Iterator[tuple[int, Any]]:
         i = self._free.get()
         try:
-            yield i, self.generators[i], self.rankers[i]
+            yield i, self.workers[i]
         finally:
             self._free.put(i)
 
     def infos(self) -> list[dict]:
+        """The generator's and the ranker's info of every worker."""
         import ray
 
-        return ray.get([a.info.remote() for a in (*self.generators, *self.rankers)])
+        return [info for infos in ray.get([w.infos.remote() for w in self.workers]) for info in infos]
 
     def wait_ready(self, log: Callable[[str], None]) -> list[dict]:
-        """Wait until every actor has loaded its models; log where each runs. ModelsUnavailable (and the actors
+        """Wait until every worker has loaded its models; log where each runs. ModelsUnavailable (and the workers
         stopped) when they could not load them."""
         infos = self.infos()
         errors = sorted({info["load_error"] for info in infos if info.get("load_error")})
-        if errors:  # one line, the same for every actor: not a traceback per restart
+        if errors:  # one line, the same for every worker: not a traceback per restart
             stop_actors(self)
             raise ModelsUnavailable("; ".join(errors))
         for info in infos:
-            log(f"{info['role']} actor {info.get('actor_id')} on {info['host']} pid {info['pid']}: device "
-                f"{info['device']}, GPUs {info.get('gpu_ids') or 'none'}, models loaded {info['model_loads']}x "
+            actor = f" (actor {info['actor_id']})" if info.get("actor_id") else ""
+            log(f"{info['role']} on {info['host']} pid {info['pid']}{actor}: device {info['device']}, GPUs {info.get('gpu_ids') or 'none'}, models loaded {info['model_loads']}x "
                 f"in {info['load_s']:.1f} s")
         return infos
 
@@ -292,17 +322,13 @@ def start_actors(config: RunConfig, log: Callable[[str], None], generator_cls: t
         raise ValueError(f"--actors {n}: the cluster has {gpus} GPU(s); one generator needs one GPU")
     if not use_gpu and n > cpus:
         raise ValueError(f"--actors {n}: the cluster has {cpus} CPU(s) and no GPU; use --actors {cpus} or fewer")
-    # A generator takes most of a GPU (so two never share one) and its ranker the rest of the same GPU. Without
-    # GPUs the generators split the CPUs (Ray gives each as many torch threads) and the light rankers share them.
-    gen_opts = dict(num_gpus=0.8, num_cpus=1) if use_gpu else dict(num_gpus=0, num_cpus=max(1, cpus // n))
-    rank_opts = dict(num_gpus=0.2, num_cpus=0) if use_gpu else dict(num_gpus=0, num_cpus=0)
-    common = dict(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
-    kwargs = actor_kwargs or {}
-    generators = [ray.remote(generator_cls or Generator).options(**gen_opts, **common).remote(config, **kwargs)
-                  for _ in range(n)]
-    rankers = [ray.remote(ranker_cls or Ranker).options(**rank_opts, **common).remote(config, **kwargs)
+    # A worker takes a whole GPU. Without GPUs the workers split the CPUs (Ray gives each as many torch threads).
+    opts = dict(num_gpus=1, num_cpus=1) if use_gpu else dict(num_gpus=0, num_cpus=max(1, cpus // n))
+    kwargs = dict(actor_kwargs or {}, generator_cls=generator_cls, ranker_cls=ranker_cls)
+    workers = [ray.remote(Worker).options(**opts, max_concurrency=LOOKAHEAD, max_restarts=MAX_RESTARTS,
+                                          max_task_retries=MAX_TASK_RETRIES).remote(config, **kwargs)
                for _ in range(n)]
-    pool = ActorPool(generators, rankers, config)
+    pool = ActorPool(workers, config)
     if wait:
         pool.wait_ready(log)
     return pool
@@ -327,33 +353,33 @@ def stop_actors(pool: ActorPool | None) -> None:
 
     if pool is None:
         return
-    for actor in (*pool.generators, *pool.rankers):
+    for actor in pool.workers:
         try:
             ray.kill(actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
 
 
-# Micro-batches in flight per actor pair (queued or running on the generator, or being scored): the generator
-# always has the next one queued, and the object store holds at most this many micro-batches of arrays.
+# Micro-batches in flight per worker (one generated, one scored, one queued): the generator always has the next
+# one queued, and a worker holds the arrays of at most two micro-batches.
 LOOKAHEAD = 3
 
 
 def run_pairs(pool: ActorPool, requests: list[PairRequest],
               on_ranked: Callable[[PairRequest], None] | None = None) -> tuple[list[PairResult], dict]:
-    """Generate and rank a shard's pairs on one borrowed actor pair, micro-batch by micro-batch; results in
+    """Generate and rank a shard's pairs on one borrowed worker, micro-batch by micro-batch; results in
     request order. `on_ranked` is called with each request as soon as its pair is ranked (a progress bar in pairs).
 
-    Each micro-batch is one generate_batch call whose result (that micro-batch's arrays) goes straight to the
-    ranker's rank_batch; the driver sees only scores and the media that may be kept. A pair with targets queues
-    its next micro-batch only once the last one is scored (and stops when they are met); meanwhile the generator
-    works on the next pair's, so it is never left idle while there is work in the shard.
+    Each micro-batch is one make_batch call: the worker generates it and scores it in its own process (the arrays
+    never leave it); the driver sees only scores and the media that may be kept. A pair with targets queues its
+    next micro-batch only once the last one is scored (and stops when they are met); meanwhile the worker
+    generates the next pair's, so it is never left idle while there is work in the shard.
     """
     import ray
 
     micro_batch, rule = pool.config.engine.micro_batch, pool.config.ranking
     t_wait = time.perf_counter()
-    with pool.borrow() as (i, generator, ranker):
+    with pool.borrow() as (i, worker):
         waited = time.perf_counter() - t_wait
         streams = [PairStream(r, micro_batch) for r in requests]
         in_flight: dict[Any, PairStream] = {}
@@ -364,8 +390,7 @@ def run_pairs(pool: ActorPool, requests: list[PairRequest],
                 if stream is None:
                     break
                 start, count = stream.submit()
-                generated = generator.generate_batch.remote(stream.request, start, count)
-                in_flight[ranker.rank_batch.remote(generated, stream.held())] = stream
+                in_flight[worker.make_batch.remote(stream.request, start, count, stream.held())] = stream
                 batches += 1
             if not in_flight:
                 break
@@ -375,7 +400,7 @@ def run_pairs(pool: ActorPool, requests: list[PairRequest],
             stream.add(ray.get(ready[0]))
             if on_ranked is not None and stream.finished:
                 on_ranked(stream.request)
-        return [s.result(rule) for s in streams], {"actor_pair": i, "micro_batches": batches,
+        return [s.result(rule) for s in streams], {"worker": i, "micro_batches": batches,
                                                    "micro_batches_in_flight_max": peak,
                                                    "actor_wait_s": round(waited, 3)}
 
