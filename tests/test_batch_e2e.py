@@ -228,7 +228,7 @@ def test_prefect_api_shows_the_flow_run_tasks_and_artifacts(first_run, server):
     assert "pairs kept | 5" in summary and "rows rejected | 6" in summary and out in summary
     logs = api(url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run["flow_run_id"]]}}})
     text = "\n".join(entry["message"] for entry in logs)
-    assert "generator actor" in text and "device cpu" in text and "rejected row 2" in text
+    assert "generator on " in text and "ranker on " in text and "device cpu" in text and "rejected row 2" in text
 
 
 def httpx_get(url: str, path: str):
@@ -296,9 +296,9 @@ def test_a_generator_actor_killed_mid_run_is_restarted_and_the_run_completes(man
     proc = start_run(manifest, out, server)
     marker = wait_for_first_shard(proc, out)
     assert os.path.exists(marker) and proc.poll() is None, "the run ended before its actor could be killed"
-    # The generator actor is a process of this run's session (its local Ray): find it by PID and kill it.
+    # The worker actor is a process of this run's session (its local Ray): find it by PID and kill it.
     victims = [pid for pid in session_pids(proc.pid)
-               if any("Generator" in part for part in psutil.Process(pid).cmdline())]
+               if any(part.startswith("ray::Worker") for part in psutil.Process(pid).cmdline())]
     assert len(victims) == 1, [psutil.Process(p).cmdline() for p in session_pids(proc.pid)]
     os.kill(victims[0], 9)
     finish_ok(proc, out)

@@ -117,7 +117,7 @@ def test_submit_wait_runs_the_deployment_on_the_ray_cluster(cluster, manifest, t
     logs = "\n".join(e["message"] for e in api(url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}}))
     ray_lines = [line for line in logs.splitlines() if line.startswith("Ray:")]
     assert ray_lines and f"joined the Ray cluster at {address}" in ray_lines[0], ray_lines  # not a local Ray
-    assert "generator actor" in logs and "GPUs none" in logs
+    assert "generator on " in logs and "ranker on " in logs and "GPUs none" in logs
 
     run = json.load(open(os.path.join(out, "run.json")))
     assert run["status"] == "complete" and run["counts"]["pairs_done"] == 3 and run["counts"]["rejected"] == 1
