@@ -44,13 +44,14 @@ def _flow_run_name() -> str:
 @task(name="generate-shard", task_run_name="shard-{shard.name}", retries=SHARD_RETRIES, retry_delay_seconds=2,
       cache_policy=NO_CACHE, persist_result=False)
 def generate_shard(run_key: str, out: str, model_ids: dict, shard: run.Shard, audio_format: str = "wav",
-                   fingerprint: str | None = None) -> dict:
-    """Generate, rank, write and commit one shard on the run's Ray actors (retried if it fails)."""
+                   fingerprint: str | None = None, schema=None) -> dict:
+    """Generate, rank, write and commit one shard on the run's Ray actors (retried if it fails), its data part
+    in the run's `schema` (a pyarrow.Schema; read from run.json when not given)."""
     logger = get_run_logger()
     pool = engine.get_pool(run_key)
     on_ranked = _ON_RANKED.get(run_key)
     stats = run.process_shard(out, model_ids, shard, lambda reqs: engine.run_pairs(pool, reqs, on_ranked),
-                              audio_format=audio_format, fingerprint=fingerprint)
+                              audio_format=audio_format, fingerprint=fingerprint, schema=schema)
     logger.info(f"shard {shard.name}: {stats['pairs_done']}/{stats['pairs']} pairs, {stats['kept']} kept of "
                 f"{stats['candidates']} candidates in {stats['seconds']:.1f} s on worker {stats['worker']}")
     for failure in stats["failed"]:
@@ -163,13 +164,14 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
                 logger.error(f"the actors could not load their models: {exc}")
             running: dict[concurrent.futures.Future, Any] = {}
             digest = run.fingerprint_digest(plan.fingerprint)  # the same for every shard of the run
+            schema = quote(plan.schema)  # decided once by prepare: no shard reads run.json for it
             t_dispatch = time.perf_counter()
             while pending or running:
                 while pending and len(running) < SHARDS_IN_FLIGHT_PER_WORKER * len(pool):
                     shard = pending.pop(0)
                     # quote: Prefect need not walk the shard's requests looking for futures (it would, per task)
                     future = generate_shard.submit(run_key, out, plan.model_ids, quote(shard),
-                                                   config.plan.audio_format, digest)
+                                                   config.plan.audio_format, digest, schema)
                     running[future.wrapped_future] = (future, shard)
                 finished, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
                 for wrapped in finished:

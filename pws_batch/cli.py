@@ -672,7 +672,6 @@ def start_prefect_api() -> None:
     raise UsageError(f"pws-batch run: error: Prefect's ephemeral API server did not answer within {timeout} s "
                      f"(tried twice; {_one_line(failure)[:200]}); on a busy machine give it longer with "
                      f"{TIMEOUT_SETTING}=300, or start a server (`prefect server start`) and set PREFECT_API_URL")
-# --- end issue 11
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -66,6 +66,30 @@ def test_finalize_and_inspect_never_read_media_columns(dataset, monkeypatch):
     assert all(cols and not {"image", "audio"} & set(cols) for cols in data_reads)
 
 
+def test_finalize_reads_no_part_whole_and_still_drops_a_damaged_shard(dataset, monkeypatch):
+    """finalize trusts the content checks already made (prepare's sha256 of resumed shards, the sha256 computed
+    as this run wrote the others): it reads no part whole, yet a part that is missing or changed size does not
+    count, and neither does a shard holding other pairs than planned."""
+    whole: list[str] = []
+    real = Output.read_bytes
+
+    def read_bytes(self, rel):
+        whole.append(rel)
+        return real(self, rel)
+
+    monkeypatch.setattr(Output, "read_bytes", read_bytes)
+    assert finalize(dataset)["counts"]["shards_committed"] == len(dataset.shards)
+    assert not [rel for rel in whole if "part-" in rel]
+    out = Output(dataset.out)
+    part = "candidates/part-00002.parquet"
+    out.write_bytes(part, real(out, part)[:-1])
+    marker = out.read_json("_shards/00004.json")
+    out.write_json("_shards/00004.json", {**marker, "pair_ids": ["someone-else"]})
+    counts = finalize(dataset)["counts"]
+    assert counts["shards_committed"] == len(dataset.shards) - 2 and counts["pairs_missing"] == 14
+    assert out.read_json("run.json")["status"] == "incomplete"
+
+
 def test_the_artifact_table_is_the_top_k_without_media(dataset):
     finalize(dataset)
     top = top_kept(Output(dataset.out), k=5)

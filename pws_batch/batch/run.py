@@ -57,6 +57,11 @@ class RunPlan:
     shard_size: int | None = None  # pairs per shard (--shard-size, or chosen when auto)
 
     @property
+    def schema(self) -> pa.Schema:
+        """The data parts' one Arrow schema (the one run.json records): every shard of the run writes it."""
+        return schema_of(features_from_json(self.features))
+
+    @property
     def todo(self) -> list[Shard]:
         return [s for s in self.shards if s.name not in self.done]
 
@@ -479,9 +484,11 @@ def finalize(plan: RunPlan, actors: list | None = None, extra: dict | None = Non
 
 def _finalize(plan: RunPlan, actors: list | None, extra: dict | None) -> dict[str, Any]:
     out = Output(plan.out)
-    planned = {sh.name for sh in plan.shards}
-    # a shard whose parts do not match is not counted: a re-run remakes it
-    stats, _ = verified_shards(out, lambda name, _stats: name in planned)
+    planned = {sh.name: sh.pair_ids for sh in plan.shards}
+    # A shard whose parts are missing or changed size, or that holds other pairs than planned (left by an earlier
+    # run with other shards, not yet remade), is not counted: a re-run remakes it. Its content was checked already
+    # (a resumed shard's sha256 by prepare, a new one's computed as it was written), so nothing is read.
+    stats, _ = verified_shards(out, lambda name, s: s.get("pair_ids") == planned.get(name), read=False)
     counts = {
         "rows": plan.validated.num_rows, "good": len(plan.validated.requests),
         "rejected": len(plan.validated.rejections), "shards": len(plan.shards), "shards_committed": len(stats),
