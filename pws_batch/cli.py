@@ -516,10 +516,13 @@ def _run(args: argparse.Namespace) -> int:
     config = _run_config(args, "run")
     from pws_batch.batch.lease import LeaseError, check_lease
     from pws_batch.batch.manifest import ManifestError
-    from pws_batch.batch.run import check_output, no_good_rows, validate
+    from pws_batch.batch.run import check_models, check_output, no_good_rows, validate
 
-    _require_models(_resolve_models(config.engine.models, "run"), config.engine.models, "run",
-                    vocoder=config.engine.vocoder)
+    _resolve_models(config.engine.models, "run")
+    try:
+        check_models(config)  # the flow's prepare asks again: answered from this check (answers_reused)
+    except RunError as exc:
+        raise UsageError(f"pws-batch run: error: {exc}") from exc
     try:
         # Before any flow run is created: a missing model, a refused resume, a held output or a manifest with
         # nothing to make costs seconds.

@@ -254,6 +254,32 @@ def test_submit_with_a_missing_component_fails_before_asking_prefect(tmp_path, c
     assert err.startswith("pws-batch submit: error: the model set ") and "image '" in err and "Prefect" not in err
 
 
+def test_the_run_checks_its_model_files_once_per_command(tmp_path, tiny_models, monkeypatch):
+    """`pws-batch run` checks the model files before the flow, whose prepare asks again: within the command the
+    second check is answered from the first; other settings, a later command, or a failed check ask anew."""
+    from pws_batch.batch import run
+    from pws_batch.batch.config import RunConfig, RunError
+    from pws_batch.core import model_files
+
+    calls = []
+    real = model_files.check_model_set
+    monkeypatch.setattr(model_files, "check_model_set", lambda *a, **k: calls.append(1) or real(*a, **k))
+    config = RunConfig().replace(engine={"models": "tiny"})
+    broken = config.replace(engine={"models": _broken_set(tmp_path, tiny_models, "clap")})
+    with run.answers_reused():
+        run.check_models(config)
+        run.check_models(config)
+        assert len(calls) == 1
+        run.check_models(config.replace(engine={"vocoder": "griffinlim"}))
+        assert len(calls) == 2
+        for _ in range(2):
+            with pytest.raises(RunError, match="clap"):
+                run.check_models(broken)
+        assert len(calls) == 4
+    run.check_models(config)
+    assert len(calls) == 5
+
+
 def test_the_flow_checks_the_models_before_it_says_running(tmp_path, tiny_models):
     """On a worker (submit), prepare() runs the same check: nothing written, no run.json left "running"."""
     from pws_batch.batch.config import RunConfig, RunError

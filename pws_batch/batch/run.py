@@ -101,6 +101,7 @@ def manifest_base(manifest: str) -> str:
 # answered from here while the manifest file is unchanged (same fsspec checksum: size and modification time);
 # outside it, and in a later command of the same process, they are asked anew.
 _ANSWERS: dict[tuple, Any] = {}
+_MODELS_FOUND: set[tuple] = set()  # (models, vocoder) whose files check_models found, within one command
 _REUSING = False
 
 
@@ -114,6 +115,7 @@ def answers_reused() -> Iterator[None]:
     finally:
         _REUSING = False
         _ANSWERS.clear()
+        _MODELS_FOUND.clear()
 
 
 def _manifest_stamp(manifest: str) -> Any:
@@ -161,9 +163,14 @@ def check_models(config: RunConfig) -> None:
     if ACTOR_CLASSES.get("generator_cls"):  # stand-in actors (`bench cluster`) load no models
         return
     models = config.engine.models
+    key = (models, config.engine.vocoder)
+    if _REUSING and key in _MODELS_FOUND:  # `pws-batch run` checked them before starting the flow
+        return
     problems = check_model_set(resolve_model_set(models), models, needed_components(config.engine.vocoder))
     if problems:
         raise RunError(summary_line(problems, models))
+    if _REUSING:
+        _MODELS_FOUND.add(key)
 
 
 def guides_fingerprint(manifest: str, config: RunConfig, df=None) -> str:
