@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from pws_batch import __version__
 from pws_batch.batch.config import RunConfig, RunError, add_flags, from_args
@@ -425,19 +425,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UsageError("pws-batch bench pipeline: error: --pairs, --candidates, --steps and --micro-batch "
                              "must be >= 1")
         from flows.generate_dataset import generate_dataset
-        from pws_batch.batch import engine
         from pws_batch.batch.bench import bench_pipeline
 
         def run_flow(manifest: str, out: str, config) -> dict:  # as `pws-batch run` runs it
-            try:
-                t0 = time.perf_counter()
-                start_prefect_api_and_engine(config, out)
+            t0 = time.perf_counter()
+            with prefect_api_and_engine(config, out):
                 api_s = time.perf_counter() - t0
                 summary = generate_dataset(manifest, out, config)
-                summary["timings"]["api_and_ray_s"] = round(api_s, 3)
-                return summary
-            finally:
-                engine.discard_warm()
+            summary["timings"]["api_and_ray_s"] = round(api_s, 3)
+            return summary
 
         bench_pipeline(run_flow, pairs=args.pairs, candidates=args.candidates, steps=args.steps,
                        models=args.models, micro_batch=args.micro_batch)
@@ -544,29 +540,28 @@ def _run(args: argparse.Namespace) -> int:
     import ray  # noqa: F401 - imported first so that its log handler exists and is redirected above the bar
 
     logging.getLogger("ray").setLevel(logging.ERROR)  # its start-up notes (token auth is on...) say nothing to a user
-    start_prefect_api_and_engine(config, args.out)
-    from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
+    with prefect_api_and_engine(config, args.out):
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from flows.generate_dataset import PROGRESS_LISTENERS, generate_dataset
-    from pws_batch.batch.dataset import Output
+        from flows.generate_dataset import PROGRESS_LISTENERS, generate_dataset
+        from pws_batch.batch.dataset import Output
 
-    bar = tqdm(total=0, desc="pairs", unit="pair", disable=None, file=sys.stderr)
-    on_progress = pair_progress(bar)
+        bar = tqdm(total=0, desc="pairs", unit="pair", disable=None, file=sys.stderr)
+        on_progress = pair_progress(bar)
 
-    PROGRESS_LISTENERS.append(on_progress)
-    failure = None
-    try:
-        with logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("ray")], tqdm_class=tqdm):
-            generate_dataset(args.manifest, args.out, config)
-    except RunError as exc:
-        raise UsageError(f"pws-batch run: error: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - the flow failed; report what was written all the same
-        failure = exc
-    finally:
-        PROGRESS_LISTENERS.remove(on_progress)
-        bar.close()
-        engine.discard_warm()  # the flow took them, unless it ended before
+        PROGRESS_LISTENERS.append(on_progress)
+        failure = None
+        try:
+            with logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("ray")], tqdm_class=tqdm):
+                generate_dataset(args.manifest, args.out, config)
+        except RunError as exc:
+            raise UsageError(f"pws-batch run: error: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - the flow failed; report what was written all the same
+            failure = exc
+        finally:
+            PROGRESS_LISTENERS.remove(on_progress)
+            bar.close()
     from pws_batch.batch.dataset import DatasetError, read_run_json
 
     try:
@@ -627,30 +622,40 @@ EPHEMERAL_TIMEOUT_S = 120  # Prefect's default (20 s) is too short for a loaded 
 TIMEOUT_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
 
-def start_prefect_api_and_engine(config, out: str) -> None:
-    """Start Prefect's API (when no PREFECT_API_URL is set) in a thread while this thread starts Ray and the run's
-    actors, which load their models meanwhile: the flow run takes them (engine.take_warm). Nothing is started on
-    the engine's side when `out` holds a complete run (a resume with nothing to do)."""
+@contextlib.contextmanager
+def prefect_api_and_engine(config, out: str) -> Iterator[None]:
+    """For the block (one command's flow run): Prefect's API, started (when no PREFECT_API_URL is set) in a thread
+    while this thread starts Ray and the run's actors, which load their models meanwhile; the flow run takes them
+    (engine.take_warm). Nothing is started on the engine's side when `out` holds a complete run (a resume with
+    nothing to do). At the end, an ephemeral API is stopped and what no flow took too."""
     import concurrent.futures
 
     from pws_batch.batch import engine
+    from pws_batch.batch.prefect_api import use_api
     from pws_batch.batch.run import may_have_work
 
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefect-api") as pool:
-        api = pool.submit(start_prefect_api)
-        try:
-            if may_have_work(out, config):
-                engine.warm_up(config, log=lambda line: None)
-            api.result()
-        except BaseException:
-            engine.discard_warm()
-            raise
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefect-api") as pool:
+            api = pool.submit(start_prefect_api)
+            try:
+                if may_have_work(out, config):
+                    engine.warm_up(config, log=lambda line: None)
+            except BaseException:  # e.g. Ctrl-C: stop the API too, once it has started
+                if api.exception() is None and api.result() is not None:
+                    api.result().stop()
+                raise
+        server = api.result()
+        with use_api(server) if server is not None else contextlib.nullcontext():
+            yield
+    finally:
+        engine.discard_warm()
 
 
-def start_prefect_api() -> None:
-    """Without PREFECT_API_URL the flow runs against Prefect's ephemeral API server: create PREFECT_HOME if it is
-    missing (its database lives there), start the server with the time a loaded machine needs (a user's own
-    setting wins), try once more if it does not answer, and fail in one line naming what to set."""
+def start_prefect_api():
+    """Without PREFECT_API_URL the flow runs against an ephemeral API server (pws_batch.batch.prefect_api, returned;
+    None when an API is configured): create PREFECT_HOME if it is missing (its database lives there), start the
+    server with the time a loaded machine needs (a user's own setting wins), try once more if it does not answer,
+    and fail in one line naming what to set."""
     # Prefect's ephemeral server sends no telemetry (offline it logged an ERROR on every run).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.settings import get_current_settings
@@ -661,16 +666,12 @@ def start_prefect_api() -> None:
         return
     configured = settings.server.ephemeral.startup_timeout_seconds
     timeout = configured if TIMEOUT_SETTING in os.environ or configured != 20 else EPHEMERAL_TIMEOUT_S
-    from prefect.server.api.server import SubprocessASGIServer
+    from pws_batch.batch.prefect_api import EphemeralApi, EphemeralApiError
 
-    server = SubprocessASGIServer()
     for attempt in (1, 2):
         try:
-            server.start(timeout=timeout)
-            return
-        except Exception as exc:  # noqa: BLE001 - timed out (or the server died): stop what started, then retry
-            server.stop()
-            server = SubprocessASGIServer()
+            return EphemeralApi.start(timeout)
+        except EphemeralApiError as exc:  # timed out (stopped) or the server died: once more
             failure = exc
     raise UsageError(f"pws-batch run: error: Prefect's ephemeral API server did not answer within {timeout} s "
                      f"(tried twice; {_one_line(failure)[:200]}); on a busy machine give it longer with "

@@ -1,0 +1,116 @@
+"""Prefect's ephemeral API server for one `pws-batch run`, started without importing Prefect's server here.
+
+Prefect starts its ephemeral server (`SubprocessASGIServer`) after importing its whole server package into the
+calling process only to reach that class: ~5 s of CPU on a 2-core machine, on the start-up's critical path,
+before the server's own process imports the same again. `EphemeralApi.start` runs the same command Prefect runs
+(uvicorn on loopback, `prefect.server.api.server:create_app`, the ephemeral services, no UI) and waits for its
+health check; `use_api` points this process's Prefect at it for the length of one command.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from typing import Iterator
+
+
+class EphemeralApiError(RuntimeError):
+    """The server exited or did not answer in time (the message says which)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EphemeralApi:
+    def __init__(self, process: subprocess.Popen, port: int):
+        self.process, self.port = process, port
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    @classmethod
+    def start(cls, timeout: float) -> "EphemeralApi":
+        """Start the server and wait until it answers (EphemeralApiError, with nothing left running, if not)."""
+        spec = importlib.util.find_spec("prefect")
+        if spec is None or spec.origin is None:
+            raise EphemeralApiError("prefect is not installed")
+        site = os.path.dirname(os.path.dirname(spec.origin))
+        port = _free_port()
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        env.pop("PREFECT_API_URL", None)
+        process = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", site, "--factory",
+                                    "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
+                                    str(port), "--log-level", "error", "--lifespan", "on"], env=env)
+        api = cls(process, port)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise EphemeralApiError(f"the server exited with status {process.returncode} before it answered")
+            try:
+                with opener.open(f"{api.api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return api
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                api.stop()
+                raise EphemeralApiError(f"the server did not answer within {timeout:g} s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _drain_to(api: EphemeralApi, timeout: float = 30) -> None:
+    """Send the logs and events still queued for `api` before it stops (else they are retried against a closed
+    port when the process exits, for a minute or more)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        try:
+            service.drain_all(timeout=timeout, at_exit=False)
+        except Exception:  # noqa: BLE001 - what could not be sent is lost with the ephemeral API anyway
+            pass
+
+
+SETTINGS = {"PREFECT_API_URL": None, "PREFECT_UI_URL": ""}  # no UI link in the logs: this server serves no UI
+
+
+@contextmanager
+def use_api(api: EphemeralApi) -> Iterator[None]:
+    """This process's Prefect (every thread) talks to `api` until the block ends; then the settings are as before
+    and the server is stopped."""
+    from prefect.context import refresh_global_settings_context
+
+    before = {name: os.environ.get(name) for name in SETTINGS}
+    os.environ.update({name: value if value is not None else api.api_url for name, value in SETTINGS.items()})
+    refresh_global_settings_context()
+    try:
+        yield
+    finally:
+        _drain_to(api)
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        refresh_global_settings_context()
+        api.stop()
