@@ -89,6 +89,28 @@ def test_the_prefect_summary_is_bounded_with_thumbnails_and_players(dataset):
     assert len(small) <= 60_000 + 200 and small.count("<audio") < 4
 
 
+def test_the_prefect_summary_reads_only_what_it_shows(dataset, monkeypatch):
+    """The artifact's rows come from a few columns of each part (never all of them, never the media), and the
+    media only of the rows shown: the same best rows, in the same order, as the whole gallery's first ones."""
+    from pws_batch.batch.dataset import Output
+    from pws_batch.batch.gallery import MEDIA_COLUMNS, markdown_summary, read_rows
+
+    reads: list[tuple[str, list]] = []
+    real = Output.read_table
+    monkeypatch.setattr(Output, "read_table", lambda self, rel, columns=None: reads.append((rel, columns))
+                        or real(self, rel, columns=columns))
+    text = markdown_summary(dataset, top=3)
+    parts = [p for p in Output(dataset).list("data") if p.endswith(".parquet")]
+    rows_reads = [cols for _, cols in reads if not set(cols) & set(MEDIA_COLUMNS)]
+    media_reads = [rel for rel, cols in reads if set(cols) & set(MEDIA_COLUMNS)]
+    assert len(rows_reads) == len(parts) and all(len(cols) <= 7 for cols in rows_reads)
+    assert 1 <= len(media_reads) <= 3
+    monkeypatch.setattr(Output, "read_table", real)
+    best = read_rows(Output(dataset))[:3]
+    assert [text.index(f"**{r['pair_id']}**") for r in best] == sorted(text.index(f"**{r['pair_id']}**") for r in best)
+    assert read_rows(Output(dataset), top=3) == best
+
+
 def test_screenshot_of_the_gallery(dataset, tmp_path):
     assert main(["gallery", dataset, "--top", "6", "--out", str(tmp_path)]) == 0
     png = str(tmp_path / "shot.png")

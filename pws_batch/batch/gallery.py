@@ -9,6 +9,7 @@ Only the chosen rows' media are read.
 from __future__ import annotations
 
 import base64
+import heapq
 import html
 import json
 import math
@@ -42,16 +43,37 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def read_rows(out: Output, top: int | None = None) -> list[dict[str, Any]]:
-    """The kept rows without media, best first (CLIP + CLAP), each with `_part` and `_index` to find its media."""
-    rows = []
+def _order(row: dict[str, Any]) -> tuple:
+    return -score(row), str(row.get("pair_id")), row.get("candidate_index") or 0
+
+
+ORDER_COLUMNS = ("pair_id", "candidate_index", "clip_score", "clap_score")
+
+
+def read_rows(out: Output, top: int | None = None, columns: list[str] | None = None) -> list[dict[str, Any]]:
+    """The kept rows without media, best first (CLIP + CLAP), each with `_part` and `_index` to find its media:
+    every non-media column, or only `columns` (and those that order the rows). With `top`, only the best `top`
+    rows are held while the parts are read, one part at a time."""
+    return best_rows(out, top, columns)[0]
+
+
+def best_rows(out: Output, top: int | None = None, columns: list[str] | None = None
+              ) -> tuple[list[dict[str, Any]], int]:
+    """read_rows, and how many kept rows the dataset holds."""
+    rows: list[dict[str, Any]] = []
+    total = 0
     for part in [p for p in out.list("data") if p.endswith(".parquet")]:
-        with out.fs.open(out.path("data", part), "rb") as f:
-            names = [n for n in pq.read_schema(f).names if n not in MEDIA_COLUMNS]
-        for i, row in enumerate(out.read_table(f"data/{part}", names).to_pylist()):
-            rows.append({**row, "_part": part, "_index": i})
-    rows.sort(key=lambda r: (-score(r), str(r.get("pair_id")), r.get("candidate_index") or 0))
-    return rows if top is None else rows[:top]
+        if columns is None:
+            with out.fs.open(out.path("data", part), "rb") as f:
+                names = [n for n in pq.read_schema(f).names if n not in MEDIA_COLUMNS]
+        else:  # a column a part lacks is left out by read_table
+            names = list(dict.fromkeys([*columns, *ORDER_COLUMNS]))
+        found = [{**row, "_part": part, "_index": i}
+                 for i, row in enumerate(out.read_table(f"data/{part}", names).to_pylist())]
+        total += len(found)
+        rows = heapq.nsmallest(top, rows + found, key=_order) if top is not None else rows + found
+    rows.sort(key=_order)
+    return rows, total
 
 
 def media_of(out: Output, rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, dict]]:
@@ -118,10 +140,9 @@ def markdown_summary(uri: str, top: int = 4, max_chars: int = 2_000_000) -> str:
     from pws_batch.batch.run import flac_of
 
     out = Output(uri)
-    rows = read_rows(out)
-    best = rows[:top]
+    best, total = best_rows(out, top, ["image_prompt", "audio_prompt", "seed"])
     media = media_of(out, best)
-    lines = [f"# Best {len(best)} of {len(rows)} kept pairs (CLIP + CLAP)", "",
+    lines = [f"# Best {len(best)} of {total} kept pairs (CLIP + CLAP)", "",
              "| picture and sound | prompts | scores |", "|---|---|---|"]
     size = sum(len(line) + 1 for line in lines)
     shown = 0
@@ -144,8 +165,8 @@ def markdown_summary(uri: str, top: int = 4, max_chars: int = 2_000_000) -> str:
         lines.append(line)
         size += len(line) + 1
         shown += 1
-    if shown < len(rows):
-        lines += ["", f"{len(rows) - shown} more in `pws-batch gallery {uri}`."]
+    if shown < total:
+        lines += ["", f"{total - shown} more in `pws-batch gallery {uri}`."]
     return "\n".join(lines)
 
 
