@@ -188,7 +188,8 @@ class Worker:
     `make_batch` generates one micro-batch and scores it; the driver keeps a few calls in flight (the actor runs
     them in threads, `max_concurrency=LOOKAHEAD`) and two locks pipeline them: while one call's candidates are
     scored, the next call's are generated, and never two of either at once (so one micro-batch of arrays is
-    generated at a time, on one GPU). The arrays go from generator to ranker inside the process: only scores and
+    generated at a time, on one GPU). On a CPU device one lock serves both: generation already keeps every core
+    of the actor busy, and scoring beside it would only make the two share them. The arrays go from generator to ranker inside the process: only scores and
     the media that may be kept leave it. `generator_cls` / `ranker_cls` replace the model-holding classes
     (pws_batch.batch.standins, for benchmarks and tests of the orchestration)."""
 
@@ -196,7 +197,8 @@ class Worker:
                  **kwargs: Any):
         self.generator = (generator_cls or Generator)(config, **kwargs)
         self.ranker = (ranker_cls or Ranker)(config, **kwargs)
-        self._generating, self._ranking = threading.Lock(), threading.Lock()
+        self._generating = threading.Lock()
+        self._ranking = self._generating if _on_cpu(self.generator) else threading.Lock()
 
     def infos(self) -> list[dict[str, Any]]:
         return [self.generator.info(), self.ranker.info()]
@@ -208,6 +210,12 @@ class Worker:
             batch = self.generator.generate_batch(request, start, count)
         with self._ranking:
             return self.ranker.rank_batch(batch, held)
+
+
+def _on_cpu(generator: Any) -> bool:
+    """Whether the generator's models run on the CPU (a stand-in has no models: it stands in for a GPU)."""
+    device = getattr(getattr(generator, "pipe", None), "device", None)
+    return getattr(device, "type", None) == "cpu"
 
 
 # ---------------------------------------------------------------------------------------------- the pool
