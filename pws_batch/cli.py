@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--actors", type=int, default=4, help="worker actors = logical GPUs (default: 4)")
     bc.add_argument("--pairs", type=int, default=64, help="(default: 64)")
     bc.add_argument("--pair-seconds", type=float, default=0.5, help="seconds per pair a stand-in generator takes "
-                                                                    "(default: 0.5)")
+                                                                    "(default: 0.5; 0: the driver's own feed rate)")
     bc.add_argument("--candidates", type=int, default=8, help="candidates per pair (default: 8)")
     bc.add_argument("--micro-batch", type=int, default=8, help="(default: 8)")
     bc.add_argument("--shard-size", type=int, default=None, help="pairs per shard (default: auto)")

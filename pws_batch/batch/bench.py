@@ -155,7 +155,7 @@ def bench_cluster(flow: Callable[..., dict], actors: int = 4, pairs: int = 64, p
     dispatch_s = run.get("dispatch_s") or float("nan")
     counts = run.get("counts", {})
     ideal = pairs * pair_seconds / actors
-    efficiency = ideal / dispatch_s if dispatch_s else float("nan")
+    efficiency = ideal / dispatch_s if dispatch_s and pair_seconds else float("nan")
     shards = counts.get("shards", 0)
     result = {"actors": actors, "pairs": pairs, "pair_seconds": pair_seconds, "shards": shards,
               "shard_size": run.get("shard_size"), "dispatch_s": dispatch_s, "ideal_s": ideal, "flow_s": wall,
@@ -171,7 +171,10 @@ def bench_cluster(flow: Callable[..., dict], actors: int = 4, pairs: int = 64, p
     print_fn(f"driver: {cpu:.1f} CPU-s over the flow ({cpu / wall:.2f} cores), peak memory "
              f"{result['driver_peak_rss_mb']:.0f} MB; {counts.get('pairs_done', 0)}/{pairs} pairs done; "
              f"feeds {pairs / dispatch_s:.1f} pairs/s")
-    print_fn(f"orchestration efficiency {efficiency:.2f}")
+    if pair_seconds:
+        print_fn(f"orchestration efficiency {efficiency:.2f}")
+    else:  # nothing to be efficient at: how fast the driver can feed the workers is the figure
+        print_fn(f"orchestration efficiency n/a (0 s pairs: the driver fed {pairs / dispatch_s:.1f} pairs/s)")
     return result
 
 

@@ -91,17 +91,15 @@ def _drain_to(api: EphemeralApi, timeout: float = 30) -> None:
             pass
 
 
-SETTINGS = {"PREFECT_API_URL": None, "PREFECT_UI_URL": ""}  # no UI link in the logs: this server serves no UI
-
-
 @contextmanager
 def use_api(api: EphemeralApi) -> Iterator[None]:
     """This process's Prefect (every thread) talks to `api` until the block ends; then the settings are as before
     and the server is stopped."""
     from prefect.context import refresh_global_settings_context
 
-    before = {name: os.environ.get(name) for name in SETTINGS}
-    os.environ.update({name: value if value is not None else api.api_url for name, value in SETTINGS.items()})
+    values = {"PREFECT_API_URL": api.api_url, "PREFECT_UI_URL": ""}  # no UI link in the logs: it serves no UI
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     refresh_global_settings_context()
     try:
         yield
