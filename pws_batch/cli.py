@@ -663,7 +663,7 @@ def start_prefect_api():
     settings = get_current_settings()
     _make_prefect_home(settings.home)
     if settings.api.url:
-        return
+        return None
     configured = settings.server.ephemeral.startup_timeout_seconds
     timeout = configured if TIMEOUT_SETTING in os.environ or configured != 20 else EPHEMERAL_TIMEOUT_S
     from pws_batch.batch.prefect_api import EphemeralApi, EphemeralApiError

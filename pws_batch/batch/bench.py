@@ -241,9 +241,10 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
     print_fn(f"{'pipeline':<10} {startup:>11.1f} {work:>9.1f} {finalize_s:>11.1f} {whole:>9.1f}")
     if "api_and_ray_s" in timings:  # where start-up goes
         api, ready, flow_s = timings["api_and_ray_s"], timings.get("ready_s", 0.0), timings.get("flow_s", whole)
+        created = whole - api - flow_s  # from the API's answer to the flow function's start
         print_fn(f"start-up: Prefect API (Ray and the actors starting meanwhile) {api:.1f} s, flow run created "
-                 f"{whole - api - flow_s:.1f} s, flow start to actors ready {ready:.1f} s, then "
-                 f"{startup - api - (whole - api - flow_s) - ready:.1f} s to the first shard")
+                 f"{created:.1f} s, flow start to actors ready {ready:.1f} s, then "
+                 f"{startup - api - created - ready:.1f} s to the first shard")
     print_fn(f"pipeline efficiency {efficiency:.2f} of bare, start-up {startup:.1f} s, finalize {finalize_s:.1f} s")
     return {"bare_load_s": bare_load, "bare_work_s": bare_work, "startup_s": startup, "work_s": work,
             "finalize_s": finalize_s, "total_s": whole, "efficiency": efficiency}

@@ -189,9 +189,10 @@ class Worker:
     them in threads, `max_concurrency=LOOKAHEAD`) and two locks pipeline them: while one call's candidates are
     scored, the next call's are generated, and never two of either at once (so one micro-batch of arrays is
     generated at a time, on one GPU). On a CPU device one lock serves both: generation already keeps every core
-    of the actor busy, and scoring beside it would only make the two share them. The arrays go from generator to ranker inside the process: only scores and
-    the media that may be kept leave it. `generator_cls` / `ranker_cls` replace the model-holding classes
-    (pws_batch.batch.standins, for benchmarks and tests of the orchestration)."""
+    of the actor busy, and scoring beside it would only make the two share them. The arrays go from generator to
+    ranker inside the process: only scores and the media that may be kept leave it. `generator_cls` /
+    `ranker_cls` replace the model-holding classes (pws_batch.batch.standins, for benchmarks and tests of the
+    orchestration)."""
 
     def __init__(self, config: RunConfig, generator_cls: type | None = None, ranker_cls: type | None = None,
                  **kwargs: Any):
@@ -256,8 +257,8 @@ class ActorPool:
             raise ModelsUnavailable("; ".join(errors))
         for info in infos:
             actor = f" (actor {info['actor_id']})" if info.get("actor_id") else ""
-            log(f"{info['role']} on {info['host']} pid {info['pid']}{actor}: device {info['device']}, GPUs {info.get('gpu_ids') or 'none'}, models loaded {info['model_loads']}x "
-                f"in {info['load_s']:.1f} s")
+            log(f"{info['role']} on {info['host']} pid {info['pid']}{actor}: device {info['device']}, GPUs "
+                f"{info.get('gpu_ids') or 'none'}, models loaded {info['model_loads']}x in {info['load_s']:.1f} s")
         return infos
 
 
@@ -327,7 +328,7 @@ def start_actors(config: RunConfig, log: Callable[[str], None], generator_cls: t
         raise ValueError("the Ray cluster has no GPU and no CPU free for actors (are its GPU workers up? "
                          "`ray status` / `kubectl get raycluster`); or pass --actors with --device cpu")
     if use_gpu and n > gpus:
-        raise ValueError(f"--actors {n}: the cluster has {gpus} GPU(s); one generator needs one GPU")
+        raise ValueError(f"--actors {n}: the cluster has {gpus} GPU(s); one worker needs one GPU")
     if not use_gpu and n > cpus:
         raise ValueError(f"--actors {n}: the cluster has {cpus} CPU(s) and no GPU; use --actors {cpus} or fewer")
     # A worker takes a whole GPU. Without GPUs the workers split the CPUs (Ray gives each as many torch threads).
