@@ -9,7 +9,9 @@ bad rows is refused before anything is submitted. Every process started here is 
 from __future__ import annotations
 
 import json
+import glob
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -30,12 +32,19 @@ def run_cli(args: list[str], env: dict, timeout: float = 600) -> subprocess.Comp
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_models):
-    """Prefect server + Ray head + deployment + process worker; yields (api_url, env for clients, logs dir)."""
+    """Prefect server + Ray head + deployment + process worker; yields (api_url, env for clients, logs dir, Ray
+    address, Ray temp dir)."""
     home = str(tmp_path_factory.mktemp("prefect-cluster"))
     procs: list[subprocess.Popen] = []
     ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    # The cluster's own token, as an operator makes one: `ray start --head` with token auth refuses to start
+    # without a token, and the tests must not depend on (nor write) ~/.ray/auth_token.
+    token = os.path.join(home, "ray_auth_token")
+    with open(token, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.chmod(token, 0o600)
     with prefect_server(home) as url:
-        env = base_env(home, PREFECT_API_URL=url, PWS_BATCH_REPO=REPO)
+        env = base_env(home, PREFECT_API_URL=url, PWS_BATCH_REPO=REPO, RAY_AUTH_TOKEN_PATH=token)
         try:
             port, client_port = free_port(), free_port()
             # Each Ray Client connection starts a server process on the head; on a busy 2-core machine its
@@ -71,7 +80,7 @@ def cluster(tmp_path_factory, tiny_models):
                                       env=dict(env, RAY_ADDRESS=f"ray://127.0.0.1:{client_port}"), cwd=REPO,
                                       stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
             procs.append(worker)
-            yield url, env, home, address
+            yield url, env, home, address, ray_tmp
         finally:
             for proc in reversed(procs):
                 kill_session(proc)
@@ -94,12 +103,24 @@ def manifest(tmp_path_factory) -> str:
     return str(path)
 
 
+def _logs(home: str, ray_tmp: str) -> str:
+    """The process worker's log and Ray Client's server logs (the proxy's, each client's server's): what a failed
+    submission needs to be understood."""
+    paths = [os.path.join(home, "worker.log")]
+    paths += sorted(glob.glob(os.path.join(ray_tmp, "session_latest", "logs", "ray_client_server*")))
+    text = []
+    for path in paths:
+        with open(path, errors="replace") as f:
+            text.append(f"--- {os.path.basename(path)}\n{f.read()[-4000:]}")
+    return "\n".join(text)
+
+
 def test_submit_wait_runs_the_deployment_on_the_ray_cluster(cluster, manifest, tmp_path):
-    url, env, home, address = cluster
+    url, env, home, address, ray_tmp = cluster
     out = str(tmp_path / "dataset")
     proc = run_cli(["submit", manifest, "--out", out, "--models", "tiny", "--candidates", "2", "--steps", "3",
                     "--shard-size", "2", "--wait"], env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr + open(os.path.join(home, "worker.log")).read()[-5000:]
+    assert proc.returncode == 0, proc.stdout + proc.stderr + _logs(home, ray_tmp)
     lines = proc.stdout.splitlines()
     run_id = lines[0].rsplit(" ", 1)[-1]
     assert lines[0].startswith("submitted 3 pairs (1 rows rejected) to generate-dataset/local: flow run ")
@@ -131,7 +152,7 @@ def test_submit_wait_runs_the_deployment_on_the_ray_cluster(cluster, manifest, t
 
 
 def test_submit_to_a_missing_deployment_fails_fast(cluster, manifest, tmp_path):
-    url, env, _, _ = cluster
+    url, env, *_ = cluster
     proc = run_cli(["submit", manifest, "--out", str(tmp_path / "o"), "--models", "tiny", "--deployment",
                     "generate-dataset/nope"], env)
     assert proc.returncode == 2
@@ -148,7 +169,7 @@ def test_submit_to_an_unreachable_api_fails_fast(manifest, tmp_path):
 
 
 def test_a_manifest_with_only_bad_rows_is_refused_before_submission(cluster, tmp_path):
-    url, env, _, _ = cluster
+    url, env, *_ = cluster
     bad = tmp_path / "bad.csv"
     pd.DataFrame([dict(image_prompt="", audio_prompt="x"), dict(image_prompt="y", audio_prompt="z", strength=5,
                                                              guide_audio="nope.wav")]).to_csv(bad, index=False)
