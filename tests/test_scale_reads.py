@@ -4,6 +4,7 @@ the number of Prefect tasks bounded."""
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from pws_batch.batch import run as run_mod
 from pws_batch.batch.config import RunConfig
 from pws_batch.batch.dataset import Output
+from pws_batch.batch.gallery import read_rows
 from pws_batch.batch.manifest import Validated
 from pws_batch.batch.pair import PairRequest, PairResult, ScoredCandidate
 from pws_batch.batch.run import (RunPlan, auto_shard_size, finalize, plan_shards, process_shard, top_kept,
@@ -95,6 +97,36 @@ def test_the_artifact_table_is_the_top_k_without_media(dataset):
     top = top_kept(Output(dataset.out), k=5)
     assert len(top) == 5 and [r["pair_id"] for r in top] == ["p59", "p58", "p57", "p56", "p55"]
     assert set(top[0]) == set(run_mod.TOP_COLUMNS)
+
+
+def test_the_card_the_artifact_table_and_the_gallery_share_one_order_of_the_best_rows():
+    """Ties (and a NaN or missing score, counted 0) order by pair_id, then candidate_index, wherever "the best
+    kept rows" are shown: finalize's table for the Prefect artifact, the card's sample and the gallery."""
+    uri = f"memory://pws-scale/{uuid.uuid4().hex}"
+    # pair: (candidate, clip, clap). p4, p2 and p1 tie at 1.0 (p4's NaN counts 0), in the manifest in that order;
+    # p0 is lower (0.9, its CLIP missing); p3 is best.
+    scores = {"p4": (0, float("nan"), 1.0), "p0": (0, None, 0.9), "p2": (1, 0.5, 0.5), "p3": (0, 1.5, 0.5),
+              "p1": (2, 0.25, 0.75)}
+    requests = [PairRequest(i, pair, GenerationParams(f"picture {i}", f"sound {i}", num_candidates=3, seed=i), keep=1)
+                for i, pair in enumerate(scores)]
+
+    def one_kept(req: PairRequest) -> PairResult:
+        index, clip, clap = scores[req.pair_id]
+        return PairResult(req, [ScoredCandidate(index, req.params.seed + index, clip, clap, 1, True, b"png", b"wav")])
+
+    shards = plan_shards(requests, 2)
+    plan = RunPlan("memory://pws-scale/m.parquet", uri, RunConfig(), Validated(requests, [], [], [], 5), shards, {},
+                   {}, MODEL_IDS, shard_size=2)
+    write_run_json(plan, "running")
+    for shard in shards:
+        process_shard(uri, MODEL_IDS, shard, lambda reqs: ([one_kept(r) for r in reqs], {"worker": 0}))
+    expected = ["p3", "p1", "p2", "p4", "p0"]
+    assert [r["pair_id"] for r in finalize(plan)["kept_rows"]] == expected
+    assert [r["pair_id"] for r in read_rows(Output(uri))] == expected
+    assert [r["pair_id"] for r in read_rows(Output(uri), top=3)] == expected[:3]
+    card = Output(uri).read_bytes("README.md").decode()
+    sample = card[card.index("## Sample"):card.index("## Generation settings")]
+    assert re.findall(r"^\| (p\d) \|", sample, re.MULTILINE) == expected
 
 
 def test_auto_shard_size_bounds_the_number_of_tasks():

@@ -8,9 +8,10 @@ sound is read to write it.
 
 from __future__ import annotations
 
+import heapq
 import io
 import math
-from typing import Any
+from typing import Any, Iterable
 
 from pws_batch.batch.dataset import Output
 
@@ -51,6 +52,22 @@ def size_category(n: int) -> str:
 
 def _finite(values: list) -> list[float]:
     return [float(v) for v in values if v is not None and not math.isnan(v)]
+
+
+def score(row: dict[str, Any]) -> float:
+    """A kept row's worth across the dataset: CLIP + CLAP (a missing or NaN score counts 0)."""
+    return sum(_finite([row.get("clip_score"), row.get("clap_score")]))
+
+
+def best_order(row: dict[str, Any]) -> tuple:
+    """The one order of "the best kept rows" (card, Prefect artifacts, gallery, --top): score, best first; ties by
+    pair_id, then candidate_index."""
+    return -score(row), str(row.get("pair_id")), row.get("candidate_index") or 0
+
+
+def best(rows: Iterable[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """The `k` best of `rows`, best first (best_order), without sorting them all."""
+    return heapq.nsmallest(k, rows, key=best_order)
 
 
 def describe_scores(values: list) -> str:
@@ -138,7 +155,7 @@ def dataset_card(name: str, run: dict[str, Any], kept_rows: list[dict[str, Any]]
     crop = config.get("crop_columns", 32)
     width = 1024 - crop if isinstance(crop, int) else "1024 - crop_columns"
     audio_format = config.get("audio_format", "wav").upper()
-    best = sorted(kept_rows, key=lambda r: -sum(_finite([r.get("clip_score"), r.get("clap_score")])))[:SAMPLE_ROWS]
+    sample = best(kept_rows, SAMPLE_ROWS)
     columns = ["pair_id", "image_prompt", "audio_prompt", "seed", "clip_score", "clap_score"]
     lines = [
         f"# {name}", "",
@@ -162,9 +179,9 @@ def dataset_card(name: str, run: dict[str, Any], kept_rows: list[dict[str, Any]]
         f"- CLAP (sound vs audio prompt): {describe_scores([r.get('clap_score') for r in kept_rows])}",
         f"- ranking rule: {_rule_text(config.get('ranking', {}))}", "",
         *[f"![{SCORES[s]}]({path})" for s, path in (histograms or {}).items()], "",
-        f"## Sample (the {len(best)} best by CLIP + CLAP)", "",
+        f"## Sample (the {len(sample)} best by CLIP + CLAP)", "",
         "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
-        *["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in best], "",
+        *["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in sample], "",
         "## Generation settings", "",
         "| setting | value |", "|---|---|",
         *[f"| {k} | `{_cell(v)}` |" for k, v in config.items()

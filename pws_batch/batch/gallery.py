@@ -9,7 +9,6 @@ Only the chosen rows' media are read.
 from __future__ import annotations
 
 import base64
-import heapq
 import html
 import json
 import math
@@ -17,6 +16,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pws_batch.batch.card import best, best_order
 from pws_batch.batch.dataset import Output
 from pws_batch.batch.schema import MEDIA_COLUMNS, media_extension
 
@@ -27,12 +27,6 @@ HIDDEN = {"effective_image_prompt", "shard", "manifest_row", "model_image", "mod
           "model_clip", "model_clap", "generate_s", "rank_s", "unet_evals"}
 
 
-def score(row: dict[str, Any]) -> float:
-    """The order of the gallery and of --top: CLIP + CLAP (missing scores count 0)."""
-    return sum(float(v) for v in (row.get("clip_score"), row.get("clap_score"))
-               if v is not None and not math.isnan(float(v)))
-
-
 def _plain(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return None if isinstance(value, float) and math.isnan(value) else value
@@ -41,10 +35,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return str(value)
-
-
-def _order(row: dict[str, Any]) -> tuple:
-    return -score(row), str(row.get("pair_id")), row.get("candidate_index") or 0
 
 
 ORDER_COLUMNS = ("pair_id", "candidate_index", "clip_score", "clap_score")
@@ -71,8 +61,8 @@ def best_rows(out: Output, top: int | None = None, columns: list[str] | None = N
         found = [{**row, "_part": part, "_index": i}
                  for i, row in enumerate(out.read_table(f"data/{part}", names).to_pylist())]
         total += len(found)
-        rows = heapq.nsmallest(top, rows + found, key=_order) if top is not None else rows + found
-    rows.sort(key=_order)
+        rows = best(rows + found, top) if top is not None else rows + found
+    rows.sort(key=best_order)
     return rows, total
 
 

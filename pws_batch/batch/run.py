@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from pws_batch import __version__
 from pws_batch.batch import lease
-from pws_batch.batch.card import CARD_COLUMNS, write_card
+from pws_batch.batch.card import CARD_COLUMNS, best, write_card
 from pws_batch.batch.config import RunConfig, RunError
 from pws_batch.batch.dataset import (KEPT_SCHEMA, MODEL_COMPONENTS, DatasetError, Output, candidates_table,
                                      committed_shards, kept_table, read_run_json, shard_name, verified_shards)
@@ -155,20 +155,21 @@ def validate(manifest: str, config: RunConfig, check_files: bool = True) -> tupl
 
 
 def check_models(config: RunConfig) -> None:
-    """Every file the run's actors will load is there (offline, no weights loaded); else RunError, one line."""
+    """The run's model set is known and every file its actors will load is there (offline, no weights loaded);
+    else RunError, one line."""
     from pws_batch.batch.engine import ACTOR_CLASSES
-    from pws_batch.core.model_files import check_model_set, needed_components, summary_line
-    from pws_batch.core.models import resolve_model_set
+    from pws_batch.core.model_files import require_model_files
+    from pws_batch.core.models import ModelSetError
 
     if ACTOR_CLASSES.get("generator_cls"):  # stand-in actors (`bench cluster`) load no models
         return
-    models = config.engine.models
-    key = (models, config.engine.vocoder)
+    key = (config.engine.models, config.engine.vocoder)
     if _REUSING and key in _MODELS_FOUND:  # `pws-batch run` checked them before starting the flow
         return
-    problems = check_model_set(resolve_model_set(models), models, needed_components(config.engine.vocoder))
-    if problems:
-        raise RunError(summary_line(problems, models))
+    try:
+        require_model_files(*key)
+    except ModelSetError as exc:  # an unknown model set, or files missing
+        raise RunError(str(exc)) from exc
     if _REUSING:
         _MODELS_FOUND.add(key)
 
@@ -515,7 +516,7 @@ def _finalize(plan: RunPlan, actors: list | None, extra: dict | None) -> dict[st
     write_card(out, plan.name, out.read_json("run.json"), kept)
     failed = [f for s in stats.values() for f in s.get("failed", [])]
     return {"out": plan.out, "name": plan.name, "complete": complete, "counts": counts, "failed": failed[:TOP_K],
-            "failed_total": len(failed), "kept_rows": _top(table, TOP_K)}
+            "failed_total": len(failed), "kept_rows": best(kept, TOP_K)}
 
 
 TOP_K = 50  # rows of the kept table shown in the flow's artifact (the dataset holds them all)
@@ -523,16 +524,6 @@ TOP_COLUMNS = CARD_COLUMNS
 
 
 def top_kept(out: Output, k: int = TOP_K, shards: list[str] | None = None) -> list[dict[str, Any]]:
-    """The `k` kept rows with the best CLIP + CLAP (of `shards` only, when given), read without their media."""
-    return _top(read_kept(out, columns=TOP_COLUMNS, shards=shards), k)
-
-
-def _top(table: pa.Table | None, k: int) -> list[dict[str, Any]]:
-    """The `k` rows of `table` with the best CLIP + CLAP."""
-    import pyarrow.compute as pc
-
-    if table is None or table.num_rows == 0:
-        return []
-    total = pc.add(pc.fill_null(table["clip_score"], 0.0), pc.fill_null(table["clap_score"], 0.0))
-    order = pc.sort_indices(pa.table({"total": total}), sort_keys=[("total", "descending")])[:k]
-    return table.take(order).to_pylist()
+    """The `k` best kept rows (card.best_order; of `shards` only, when given), read without their media."""
+    table = read_kept(out, columns=TOP_COLUMNS, shards=shards)
+    return best(table.to_pylist(), k) if table else []
