@@ -296,7 +296,7 @@ def _check_runtime(args: argparse.Namespace) -> None:
 
 def _prepare(args: argparse.Namespace, params: GenerationParams):
     """Resolve the model set and check the schedule against its scheduler config: still no weights loaded."""
-    from pws_batch.core.models import load_scheduler_config, resolve_model_set
+    from pws_batch.core.models import load_scheduler_config
     from pws_batch.core.device import resolve_device
     from pws_batch.core.pipeline import check_request
     from pws_batch.core.schedule import ScheduleError
@@ -305,8 +305,7 @@ def _prepare(args: argparse.Namespace, params: GenerationParams):
         resolve_device(args.device)
     except ValueError as exc:
         raise UsageError(f"pws-batch: error: {exc}") from exc
-    model_set = resolve_model_set(args.models)
-    _require_models(model_set, args.models, "generate", vocoder=args.vocoder, scorers=False)
+    model_set = _require_models("generate", args.models, vocoder=args.vocoder, scorers=False)
     try:
         check_request(params, load_scheduler_config(model_set.image))
     except (ScheduleError, ParamsError, ValueError) as exc:
@@ -314,20 +313,14 @@ def _prepare(args: argparse.Namespace, params: GenerationParams):
     return model_set
 
 
-def _require_models(model_set, spec: str, command: str, vocoder: str = "hifigan", scorers: bool = True) -> None:
-    """Fail fast, before Prefect, Ray or any model: the files the command will load must all be there."""
-    from pws_batch.core.model_files import check_model_set, needed_components, summary_line
-
-    problems = check_model_set(model_set, spec, needed_components(vocoder, scorers))
-    if problems:
-        raise UsageError(f"pws-batch {command}: error: {summary_line(problems, spec)}")
-
-
-def _resolve_models(spec: str, command: str):
-    from pws_batch.core.models import ModelSetError, resolve_model_set
+def _require_models(command: str, spec: str, vocoder: str = "hifigan", scorers: bool = True):
+    """Fail fast, before Prefect, Ray or any model: the model set is known and the files the command will load
+    are all there. Returns the model set."""
+    from pws_batch.core.model_files import require_model_files
+    from pws_batch.core.models import ModelSetError
 
     try:
-        return resolve_model_set(spec)
+        return require_model_files(spec, vocoder, scorers)
     except ModelSetError as exc:
         raise UsageError(f"pws-batch {command}: error: {exc}") from exc
 
@@ -514,7 +507,6 @@ def _run(args: argparse.Namespace) -> int:
     from pws_batch.batch.manifest import ManifestError
     from pws_batch.batch.run import check_models, check_output, no_good_rows, validate
 
-    _resolve_models(config.engine.models, "run")
     try:
         check_models(config)  # the flow's prepare asks again: answered from this check (answers_reused)
     except RunError as exc:
@@ -687,8 +679,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     args.out = _absolute(args.out)
     config = _run_config(args, "submit")
     if not args.no_model_check:
-        _require_models(_resolve_models(config.engine.models, "submit"), config.engine.models, "submit",
-                        vocoder=config.engine.vocoder)
+        _require_models("submit", config.engine.models, vocoder=config.engine.vocoder)
     try:
         check_api()  # an unreachable API fails in seconds, before any validation work
         validated, _ = validate(args.manifest, config)

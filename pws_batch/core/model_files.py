@@ -220,6 +220,18 @@ def summary_line(problems: list[Problem], spec: str) -> str:
                if more else ""))
 
 
+def require_model_files(spec: str, vocoder: str = "hifigan", scorers: bool = True):
+    """The model set `spec` names, once every file that `generate` (scorers=False) or a run's actors will load is
+    there (offline, no weights loaded); else ModelSetError in one line."""
+    from pws_batch.core.models import ModelSetError, resolve_model_set
+
+    model_set = resolve_model_set(spec)
+    problems = check_model_set(model_set, spec, needed_components(vocoder, scorers))
+    if problems:
+        raise ModelSetError(summary_line(problems, spec))
+    return model_set
+
+
 # ---------------------------------------------------------------------------------------------- fetching
 class FetchError(RuntimeError):
     """A set that could not be fetched: one line with the reason and what to do."""
