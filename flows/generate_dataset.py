@@ -66,7 +66,7 @@ def _start_engine(config: RunConfig, logger) -> tuple[bool, engine.ActorPool]:
     if warm is not None:
         started_ray, pool = warm
     else:
-        started_ray = engine.connect_ray(config.engine.ray_address)
+        started_ray = engine.connect_ray(config.engine.ray_address, log=logger.warning)
         pool = None
     logger.info(engine.describe_cluster(started_ray))
     if pool is None:

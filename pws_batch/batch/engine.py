@@ -277,9 +277,16 @@ def ray_environment(address: str | None) -> str | None:
     return address
 
 
-def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
+CLIENT_ATTEMPTS = 3  # joins through Ray Client (ray://) whose server side failed to start, before giving up
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None, log: Callable[[str], None] | None = None,
+                pause_s: float = 5.0) -> bool:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start a local Ray for this run.
 
+    Through Ray Client the head starts a server process for each connection; on a busy head it can die before it
+    serves ("Initialization failure from server ... Starting Ray client server failed"), and a new connection
+    gets a new one: such a join is tried CLIENT_ATTEMPTS times, `pause_s` apart (said through `log`).
     Returns True when this call started (and so must stop) a local Ray.
     """
     address = ray_environment(address)
@@ -288,8 +295,18 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=False)
-        return False
+        for attempt in range(1, CLIENT_ATTEMPTS + 1):
+            try:
+                ray.init(address=address, log_to_driver=False)
+                return False
+            except ConnectionAbortedError as exc:  # Ray Client's "Initialization failure from server"
+                if not address.startswith("ray://") or attempt == CLIENT_ATTEMPTS:
+                    raise
+                if log is not None:
+                    first = next((line for line in str(exc).splitlines() if line.strip()), "")
+                    log(f"Ray: joining {address} failed on the server's side ({first.strip()}); "
+                        f"trying again in {pause_s:g} s (attempt {attempt + 1} of {CLIENT_ATTEMPTS})")
+                time.sleep(pause_s)
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return True
 
@@ -453,7 +470,7 @@ def warm_up(config: RunConfig, log: Callable[[str], None]) -> bool:
     left running, when that fails: the flow then starts the engine itself and reports why it cannot."""
     started = False
     try:
-        started = connect_ray(config.engine.ray_address)
+        started = connect_ray(config.engine.ray_address, log=log)
         pool = start_actors(config, log, wait=False, **ACTOR_CLASSES)
     except Exception:  # noqa: BLE001 - e.g. --actors beyond the cluster: said by the flow, in its words
         if started:
