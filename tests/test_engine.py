@@ -183,14 +183,17 @@ def test_a_warm_engine_is_taken_once_by_its_settings_and_what_is_left_is_stopped
 def test_a_worker_scores_one_micro_batch_while_it_generates_the_next_never_two_of_either(device):
     """The Worker actor runs the driver's in-flight calls in threads: generation and scoring overlap (pipelined),
     but two micro-batches are never generated (or scored) at once; on a CPU device they take turns (generation
-    already uses every core the actor has)."""
+    already uses every core the actor has). Each model is loaded and run by one thread (torch on a CPU is ~1.7x
+    slower from another thread than the one that first ran it), never by the callers' threads."""
     from types import SimpleNamespace
 
     active, peak, overlapped, lock = {"gen": 0, "rank": 0}, {"gen": 0, "rank": 0}, [False], threading.Lock()
+    threads = {"gen": set(), "rank": set(), "gen load": set(), "rank load": set()}
 
     def tracked(kind, method):
         def call(*args):
             with lock:
+                threads[kind].add(threading.get_ident())
                 active[kind] += 1
                 peak[kind] = max(peak[kind], active[kind])
                 overlapped[0] |= active["gen"] and active["rank"]
@@ -205,17 +208,30 @@ def test_a_worker_scores_one_micro_batch_while_it_generates_the_next_never_two_o
     class OnDevice(StandInGenerator):
         pipe = SimpleNamespace(device=SimpleNamespace(type=device))
 
-    worker = engine.Worker(RunConfig(), generator_cls=OnDevice, ranker_cls=StandInRanker)
+        def __init__(self, *args, **kwargs):
+            threads["gen load"].add(threading.get_ident())
+            super().__init__(*args, **kwargs)
+
+    class Ranker(StandInRanker):
+        def __init__(self, *args, **kwargs):
+            threads["rank load"].add(threading.get_ident())
+            super().__init__(*args, **kwargs)
+
+    worker = engine.Worker(RunConfig(), generator_cls=OnDevice, ranker_cls=Ranker)
     worker.generator.generate_batch = tracked("gen", worker.generator.generate_batch)
     worker.ranker.rank_batch = tracked("rank", worker.ranker.rank_batch)
     reqs = [request(i) for i in range(6)]
     out: dict[int, object] = {}
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, worker.make_batch(reqs[i], 0, 3, [])))
+    callers = [threading.Thread(target=lambda i=i: out.__setitem__(i, worker.make_batch(reqs[i], 0, 3, [])))
                for i in range(6)]
-    for t in threads:
+    for t in callers:
         t.start()
-    for t in threads:
+    for t in callers:
         t.join()
     assert peak == {"gen": 1, "rank": 1} and overlapped[0] == (device != "cpu")
+    assert threads["gen"] == threads["gen load"] and threads["rank"] == threads["rank load"]
+    assert len(threads["gen"]) == len(threads["rank"]) == 1
+    assert (threads["gen"] == threads["rank"]) == (device == "cpu")
+    assert not (threads["gen"] | threads["rank"]) & ({t.ident for t in callers} | {threading.get_ident()})
     assert all(out[i].ok and len(out[i].scored) == 3 and out[i].generated is None for i in range(6))
     assert [g["role"] for g in worker.infos()] == ["generator", "ranker"]
