@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from typing import Callable
 
 import pytest
 
@@ -31,18 +32,23 @@ def result(req: PairRequest) -> PairResult:
     return PairResult(req, candidates, unet_evals=10 * n)
 
 
-@pytest.fixture
-def dataset():
+def write_dataset(pair_ids: list[str], shard_size: int, make: Callable[[PairRequest], PairResult]) -> RunPlan:
+    """A dataset in memory:// of one pair per id (3 candidates, keep 1), each pair's result from `make`."""
     uri = f"memory://pws-scale/{uuid.uuid4().hex}"
-    requests = [PairRequest(i, f"p{i}", GenerationParams(f"picture {i}", f"sound {i}", num_candidates=3, seed=i),
-                            keep=1) for i in range(60)]
-    shards = plan_shards(requests, 7)
-    plan = RunPlan("memory://pws-scale/m.parquet", uri, RunConfig(), Validated(requests, [], [], [], 60), shards, {},
-                   {}, MODEL_IDS, shard_size=7)
+    requests = [PairRequest(i, pair, GenerationParams(f"picture {i}", f"sound {i}", num_candidates=3, seed=i), keep=1)
+                for i, pair in enumerate(pair_ids)]
+    shards = plan_shards(requests, shard_size)
+    plan = RunPlan("memory://pws-scale/m.parquet", uri, RunConfig(), Validated(requests, [], [], [], len(requests)),
+                   shards, {}, {}, MODEL_IDS, shard_size=shard_size)
     write_run_json(plan, "running")
     for shard in shards:
-        process_shard(uri, MODEL_IDS, shard, lambda reqs: ([result(r) for r in reqs], {"worker": 0}))
+        process_shard(uri, MODEL_IDS, shard, lambda reqs: ([make(r) for r in reqs], {"worker": 0}))
     return plan
+
+
+@pytest.fixture
+def dataset():
+    return write_dataset([f"p{i}" for i in range(60)], 7, result)
 
 
 def test_finalize_and_inspect_never_read_media_columns(dataset, monkeypatch):
@@ -102,24 +108,17 @@ def test_the_artifact_table_is_the_top_k_without_media(dataset):
 def test_the_card_the_artifact_table_and_the_gallery_share_one_order_of_the_best_rows():
     """Ties (and a NaN or missing score, counted 0) order by pair_id, then candidate_index, wherever "the best
     kept rows" are shown: finalize's table for the Prefect artifact, the card's sample and the gallery."""
-    uri = f"memory://pws-scale/{uuid.uuid4().hex}"
     # pair: (candidate, clip, clap). p4, p2 and p1 tie at 1.0 (p4's NaN counts 0), in the manifest in that order;
     # p0 is lower (0.9, its CLIP missing); p3 is best.
     scores = {"p4": (0, float("nan"), 1.0), "p0": (0, None, 0.9), "p2": (1, 0.5, 0.5), "p3": (0, 1.5, 0.5),
               "p1": (2, 0.25, 0.75)}
-    requests = [PairRequest(i, pair, GenerationParams(f"picture {i}", f"sound {i}", num_candidates=3, seed=i), keep=1)
-                for i, pair in enumerate(scores)]
 
     def one_kept(req: PairRequest) -> PairResult:
         index, clip, clap = scores[req.pair_id]
         return PairResult(req, [ScoredCandidate(index, req.params.seed + index, clip, clap, 1, True, b"png", b"wav")])
 
-    shards = plan_shards(requests, 2)
-    plan = RunPlan("memory://pws-scale/m.parquet", uri, RunConfig(), Validated(requests, [], [], [], 5), shards, {},
-                   {}, MODEL_IDS, shard_size=2)
-    write_run_json(plan, "running")
-    for shard in shards:
-        process_shard(uri, MODEL_IDS, shard, lambda reqs: ([one_kept(r) for r in reqs], {"worker": 0}))
+    plan = write_dataset(list(scores), 2, one_kept)
+    uri = plan.out
     expected = ["p3", "p1", "p2", "p4", "p0"]
     assert [r["pair_id"] for r in finalize(plan)["kept_rows"]] == expected
     assert [r["pair_id"] for r in read_rows(Output(uri))] == expected
