@@ -245,8 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     bv.add_argument("--rows", type=int, default=100_000, help="(default: 100000)")
     bv.add_argument("--compare", type=int, default=0, help="rows to check against the row-by-row path (default: 0)")
     bv.add_argument("--ddim-only", action="store_true",
-                    help="every good row uses DDIMScheduler, the default, whose schedule is checked without torch "
-                         "(default: a mix with EulerDiscreteScheduler, checked through diffusers)")
+                    help="every good row uses DDIMScheduler, the default, and no bad row names a scheduler class "
+                         "that only diffusers can tell is unknown: nothing imports torch (default: a mix with "
+                         "EulerDiscreteScheduler, also checked without torch, and 'NoSuchScheduler' rows, which "
+                         "import diffusers once)")
     return parser
 
 

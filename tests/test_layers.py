@@ -86,10 +86,10 @@ def test_importing_the_driver_side_loads_no_torch(module):
     assert result.returncode == 0, f"importing {module} loaded {result.stdout.strip()} {result.stderr[-2000:]}"
 
 
-def test_validating_a_manifest_of_ddim_schedules_loads_no_torch(tmp_path):
-    """`pws-batch validate` (and so the driver of `pws-batch run`) checks DDIM schedules (the default) with numpy and
-    opens guide files without torch or diffusers. A scheduler name that cannot be a diffusers class is told without
-    diffusers too."""
+def test_validating_a_manifest_of_ddim_and_euler_schedules_loads_no_torch(tmp_path):
+    """`pws-batch validate` (and so the driver of `pws-batch run`) checks DDIM (the default) and Euler schedules with
+    numpy and opens guide files without torch or diffusers. A scheduler name that cannot be a diffusers class is
+    told without diffusers too."""
     import numpy as np
     import soundfile as sf
     from PIL import Image
@@ -101,7 +101,8 @@ def test_validating_a_manifest_of_ddim_schedules_loads_no_torch(tmp_path):
                         "a castle,bells,25,1.0,1.0,,guide.wav,\n"
                         "a dog,barking,50,0.5,0.5,DDIMScheduler,,\n"
                         "a cat,meowing,10,1.0,1.0,bogus,,\n"
-                        "a cow,mooing,10,1.0,1.0,,,guide.png\n")
+                        "a cow,mooing,10,1.0,1.0,,,guide.png\n"
+                        "a bird,singing,30,0.9,1.0,EulerDiscreteScheduler,,\n")
     code = ("import sys; from pws_batch import cli; sys.argv = ['pws-batch', 'validate', sys.argv[1]]\n"
             "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
             "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
@@ -112,4 +113,4 @@ def test_validating_a_manifest_of_ddim_schedules_loads_no_torch(tmp_path):
     assert "heavy []" in result.stdout
     assert "row 1" in result.stdout and "no model is active at timestep" in result.stdout
     assert "row 2: scheduler" in result.stdout and "'bogus'" in result.stdout
-    assert "4 rows, 2 good, 2 bad" in result.stdout
+    assert "5 rows, 3 good, 2 bad" in result.stdout

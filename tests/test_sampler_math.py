@@ -547,6 +547,34 @@ def test_the_torch_free_ddim_schedule_is_diffusers_own(spacing, offset, steps, s
     assert schedule_timesteps("DDIMScheduler", config, steps, strength) == (expected, T)
 
 
+@pytest.mark.parametrize("spacing,offset", [("leading", 1), ("leading", 0), ("trailing", 0), ("linspace", 0),
+                                            ("linspace", 1)])
+@pytest.mark.parametrize("steps,strength", [(1, 1.0), (3, 1.0), (20, 0.8), (25, 0.5), (50, 1.0), (100, 0.9),
+                                            (333, 0.3), (1000, 1.0), (1200, 1.0)])
+def test_the_torch_free_euler_schedule_is_diffusers_own(spacing, offset, steps, strength):
+    """EulerDiscreteScheduler's timesteps (floats under linspace) are computed with numpy too: exactly the ones
+    diffusers runs, for every timestep_spacing, from SD 1.5's config and from an empty one (Euler's defaults)."""
+    from pws_batch.core.schedule import schedule_timesteps
+
+    for config in ({**SD15_SCHEDULER_CONFIG, "timestep_spacing": spacing, "steps_offset": offset},
+                   {"timestep_spacing": spacing}):
+        expected = [float(t) for t in sampler.run_timesteps(make_scheduler("EulerDiscreteScheduler", config), steps,
+                                                            strength)]
+        assert schedule_timesteps("EulerDiscreteScheduler", config, steps, strength) == (expected, T)
+
+
+@pytest.mark.parametrize("option", [{"use_karras_sigmas": True}, {"use_exponential_sigmas": True},
+                                    {"timestep_type": "continuous", "prediction_type": "v_prediction"}])
+def test_an_euler_config_whose_timesteps_come_from_its_sigmas_is_left_to_diffusers(option):
+    from pws_batch.core.schedule import euler_timesteps, schedule_timesteps
+
+    config = {**SD15_SCHEDULER_CONFIG, **option}
+    assert euler_timesteps(config, 30) is None
+    expected = [float(t) for t in sampler.run_timesteps(make_scheduler("EulerDiscreteScheduler", config), 30, 0.7)]
+    assert schedule_timesteps("EulerDiscreteScheduler", config, 30, 0.7) == (expected, T)
+    assert expected != schedule_timesteps("EulerDiscreteScheduler", SD15_SCHEDULER_CONFIG, 30, 0.7)[0]
+
+
 def test_the_torch_free_ddim_schedule_takes_ddims_defaults_for_missing_keys():
     """SD 1.5 ships a PNDMScheduler config: keys DDIM lacks are ignored, keys it has but the config lacks take
     DDIMScheduler's defaults, as `DDIMScheduler.from_config` does."""

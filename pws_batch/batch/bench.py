@@ -18,7 +18,8 @@ def synthetic_manifest(rows: int, seed: int = 0, bad_fraction: float = 0.05, ddi
     every kind validation knows (missing / empty / too long text, wrong types, out-of-range numbers, non-whole
     integers, a schedule with no active model, unknown schedulers, keep > candidates, duplicate ids, bad
     targets), plus pass-through columns (one clashing with an output column). Good rows use DDIMScheduler and
-    EulerDiscreteScheduler; with `ddim_only`, DDIMScheduler alone (the default, checked without torch)."""
+    EulerDiscreteScheduler (both checked without torch), and some bad rows name `NoSuchScheduler` (only diffusers
+    can tell: it is imported once); with `ddim_only`, DDIMScheduler alone and no such row: no torch at all."""
     import numpy as np
     import pandas as pd
 

@@ -1,9 +1,10 @@
 """The schedule without torch: which timesteps a request runs, and whether some model is active at each.
 
 Validating a manifest checks every distinct schedule before any work (docs/algorithm.md, "The schedule"). For the
-default DDIMScheduler the timesteps are computed here with numpy exactly as diffusers' `DDIMScheduler.set_timesteps`
-computes them (its three `timestep_spacing` modes; tests compare the two), so `pws-batch validate` and a run's
-driver never import torch or diffusers. Any other scheduler class is built through diffusers.
+default DDIMScheduler and for EulerDiscreteScheduler the timesteps are computed here with numpy exactly as
+diffusers' `set_timesteps` computes them (their three `timestep_spacing` modes; tests compare the two), so
+`pws-batch validate` and a run's driver import neither torch nor diffusers for them. Any other scheduler class (or
+an Euler config with Karras, exponential or beta sigmas) is built through diffusers.
 """
 
 from __future__ import annotations
@@ -83,10 +84,45 @@ def ddim_timesteps(scheduler_config: dict, steps: int) -> tuple[np.ndarray, int]
     return timesteps, T
 
 
+# EulerDiscreteScheduler's defaults for the keys its timesteps depend on; the sigma options below move the
+# timesteps through the noise schedule (`_sigma_to_t`), and such a config is left to diffusers itself.
+EULER_DEFAULTS = {"num_train_timesteps": 1000, "steps_offset": 0, "timestep_spacing": "linspace",
+                  "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                  "timestep_type": "discrete", "prediction_type": "epsilon"}
+
+
+def euler_timesteps(scheduler_config: dict, steps: int) -> tuple[np.ndarray, int] | None:
+    """EulerDiscreteScheduler's full schedule for `steps` steps (float32, descending) and T, as diffusers sets it;
+    None for a config whose timesteps come from its sigmas (Karras, exponential or beta sigmas, or continuous
+    v-prediction timesteps): diffusers computes those."""
+    config = {**EULER_DEFAULTS, **{k: v for k, v in scheduler_config.items() if k in EULER_DEFAULTS}}
+    if (config["use_karras_sigmas"] or config["use_exponential_sigmas"] or config["use_beta_sigmas"]
+            or (config["timestep_type"] == "continuous" and config["prediction_type"] == "v_prediction")):
+        return None
+    T, spacing = int(config["num_train_timesteps"]), config["timestep_spacing"]
+    if spacing == "linspace":
+        timesteps = np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].copy()
+    elif spacing == "leading":
+        timesteps = (np.arange(0, steps) * (T // steps)).round()[::-1].copy().astype(np.float32)
+        timesteps += config["steps_offset"]
+    elif spacing == "trailing":
+        timesteps = np.arange(T, 0, -T / steps).round().copy().astype(np.float32)
+        timesteps -= 1
+    else:
+        raise ValueError(f"{spacing} is not supported. Please make sure to choose one of 'linspace', 'leading' or "
+                         f"'trailing'.")
+    return timesteps, T
+
+
+# The schedulers whose timesteps are computed here, without torch (each as diffusers computes them; tested).
+TORCH_FREE = {"DDIMScheduler": ddim_timesteps, "EulerDiscreteScheduler": euler_timesteps}
+
+
 def schedule_timesteps(scheduler: str, scheduler_config: dict, steps: int, strength: float) -> tuple[list[float], int]:
     """The timesteps a request runs and T, without any model: for checking parameters up front."""
-    if scheduler == "DDIMScheduler":
-        timesteps, T = ddim_timesteps(scheduler_config, steps)
+    full = TORCH_FREE[scheduler](scheduler_config, steps) if scheduler in TORCH_FREE else None
+    if full is not None:
+        timesteps, T = full
         return [float(t) for t in timesteps[steps - steps_run(steps, strength):]], T
     from pws_batch.core.sampler import run_timesteps  # any other class: through diffusers (imports torch)
 
