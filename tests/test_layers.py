@@ -88,8 +88,8 @@ def test_importing_the_driver_side_loads_no_torch(module):
 
 def test_validating_a_manifest_of_ddim_and_euler_schedules_loads_no_torch(tmp_path):
     """`pws-batch validate` (and so the driver of `pws-batch run`) checks DDIM (the default) and Euler schedules with
-    numpy and opens guide files without torch or diffusers. A scheduler name that cannot be a diffusers class is
-    told without diffusers too."""
+    numpy and opens guide files without torch or diffusers. A scheduler name that is no diffusers class is told
+    without importing diffusers too, whether or not it ends in "Scheduler"."""
     import numpy as np
     import soundfile as sf
     from PIL import Image
@@ -102,15 +102,31 @@ def test_validating_a_manifest_of_ddim_and_euler_schedules_loads_no_torch(tmp_pa
                         "a dog,barking,50,0.5,0.5,DDIMScheduler,,\n"
                         "a cat,meowing,10,1.0,1.0,bogus,,\n"
                         "a cow,mooing,10,1.0,1.0,,,guide.png\n"
-                        "a bird,singing,30,0.9,1.0,EulerDiscreteScheduler,,\n")
+                        "a bird,singing,30,0.9,1.0,EulerDiscreteScheduler,,\n"
+                        "a fox,howling,30,1.0,1.0,NoSuchScheduler,,\n")
     code = ("import sys; from pws_batch import cli; sys.argv = ['pws-batch', 'validate', sys.argv[1]]\n"
             "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
             "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
             "print('heavy', heavy); sys.exit(3 if heavy else code)")
     result = subprocess.run([sys.executable, "-c", code, str(manifest)], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
-    assert result.returncode == 1, result.stdout + result.stderr[-2000:]  # two bad rows, and no torch
+    assert result.returncode == 1, result.stdout + result.stderr[-2000:]  # three bad rows, and no torch
     assert "heavy []" in result.stdout
     assert "row 1" in result.stdout and "no model is active at timestep" in result.stdout
     assert "row 2: scheduler" in result.stdout and "'bogus'" in result.stdout
-    assert "5 rows, 3 good, 2 bad" in result.stdout
+    assert "row 5: scheduler" in result.stdout and "'NoSuchScheduler'" in result.stdout
+    assert "6 rows, 3 good, 3 bad" in result.stdout
+
+
+def test_the_scheduler_names_read_from_diffusers_source_are_exactly_its_scheduler_classes():
+    """Validation rejects a name diffusers' __init__.py does not declare without importing diffusers: the names
+    read from the source must be every scheduler class the imported package has (none missed, or a good row
+    would be rejected; none extra, or a bad name would need the import after all)."""
+    import diffusers
+
+    from pws_batch.core.schedule import declared_scheduler_names
+
+    classes = {name for name in dir(diffusers)
+               if name.endswith("Scheduler") and hasattr(getattr(diffusers, name), "from_config")}
+    assert "DDIMScheduler" in classes and "DPMSolverMultistepScheduler" in classes
+    assert declared_scheduler_names() == classes

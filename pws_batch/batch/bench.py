@@ -13,13 +13,14 @@ import time
 from typing import Any, Callable
 
 
-def synthetic_manifest(rows: int, seed: int = 0, bad_fraction: float = 0.05, ddim_only: bool = False):
+def synthetic_manifest(rows: int, seed: int = 0, bad_fraction: float = 0.05, other_scheduler: str | None = None):
     """A manifest of `rows` prompt pairs in which about `bad_fraction` of the rows carry one bad value each, of
     every kind validation knows (missing / empty / too long text, wrong types, out-of-range numbers, non-whole
     integers, a schedule with no active model, unknown schedulers, keep > candidates, duplicate ids, bad
     targets), plus pass-through columns (one clashing with an output column). Good rows use DDIMScheduler and
-    EulerDiscreteScheduler (both checked without torch), and some bad rows name `NoSuchScheduler` (only diffusers
-    can tell: it is imported once); with `ddim_only`, DDIMScheduler alone and no such row: no torch at all."""
+    EulerDiscreteScheduler, and some bad rows name `NoSuchScheduler`: all checked without torch. With
+    `other_scheduler` (a diffusers class such as DPMSolverMultistepScheduler), a third of the good rows use it:
+    its timesteps come from diffusers, imported once."""
     import numpy as np
     import pandas as pd
 
@@ -36,8 +37,8 @@ def synthetic_manifest(rows: int, seed: int = 0, bad_fraction: float = 0.05, ddi
         "seed": idx.astype(np.int64),
         "num_candidates": pd.Series(rng.choice([4, 8], rows), dtype=object),
         "keep": rng.choice([1, 2], rows).astype(np.int64),
-        "scheduler": pd.Series(rng.choice(["DDIMScheduler"] if ddim_only else ["DDIMScheduler", "EulerDiscreteScheduler"],
-                                          rows), dtype=object),
+        "scheduler": pd.Series(rng.choice(["DDIMScheduler", "EulerDiscreteScheduler"] + [other_scheduler] * bool(
+            other_scheduler), rows), dtype=object),
         "target_clip": rng.choice([np.nan, 0.25, 0.3], rows),
         "note": [f"n{i}" for i in idx],
         "rank": idx % 5,  # clashes with an output column: carried as manifest_rank
@@ -47,7 +48,7 @@ def synthetic_manifest(rows: int, seed: int = 0, bad_fraction: float = 0.05, ddi
         ("guidance_image", -1.0), ("guidance_image", float("inf")), ("t_image", 1.5), ("steps", 2.5),
         ("steps", 0.0), ("steps", 5000.0), ("steps", float("nan")), ("seed", -3), ("num_candidates", "many"),
         ("num_candidates", True), ("num_candidates", "8"), ("num_candidates", 0), ("keep", 99),
-        ("scheduler", "bogus" if ddim_only else "NoSuchScheduler"), ("scheduler", "bogus"), ("scheduler", 3), ("target_clip", float("inf")),
+        ("scheduler", "NoSuchScheduler"), ("scheduler", "bogus"), ("scheduler", 3), ("target_clip", float("inf")),
         ("pair_id", ""), ("pair_id", "p" * 300), ("pair_id", "pair-0000000"), ("pair_id", None),
         ("t_image", 0.5), ("t_audio", 0.5),  # both together below: a schedule with no active model
     ]
@@ -69,7 +70,7 @@ def peak_rss_mb() -> float:
 
 
 def bench_validate(rows: int = 100_000, compare: int = 0, print_fn: Callable[[str], None] = print,
-                   ddim_only: bool = False) -> dict:
+                   other_scheduler: str | None = None) -> dict:
     """Validate a synthetic manifest of `rows` rows, printing seconds, this process's peak memory and whether
     torch was imported; with `compare`, also validate its first `compare` rows one row at a time and say whether
     the answers agree."""
@@ -77,7 +78,7 @@ def bench_validate(rows: int = 100_000, compare: int = 0, print_fn: Callable[[st
     from pws_batch.core.models import SD15_SCHEDULER_CONFIG
 
     t0 = time.perf_counter()
-    df = synthetic_manifest(rows, ddim_only=ddim_only)
+    df = synthetic_manifest(rows, other_scheduler=other_scheduler)
     made_s = time.perf_counter() - t0
     rss0 = peak_rss_mb()
     t0 = time.perf_counter()

@@ -4,11 +4,16 @@ Validating a manifest checks every distinct schedule before any work (docs/algor
 default DDIMScheduler and for EulerDiscreteScheduler the timesteps are computed here with numpy exactly as
 diffusers' `set_timesteps` computes them (their three `timestep_spacing` modes; tests compare the two), so
 `pws-batch validate` and a run's driver import neither torch nor diffusers for them. Any other scheduler class (or
-an Euler config with Karras, exponential or beta sigmas) is built through diffusers.
+an Euler config with Karras, exponential or beta sigmas) is built through diffusers. A name that is no scheduler
+class of the installed diffusers is told from the names diffusers' `__init__.py` declares (read, not run: importing
+diffusers imports torch, ~300 MB).
 """
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import math
 from typing import Sequence
 
@@ -124,10 +129,46 @@ def schedule_timesteps(scheduler: str, scheduler_config: dict, steps: int, stren
     if full is not None:
         timesteps, T = full
         return [float(t) for t in timesteps[steps - steps_run(steps, strength):]], T
-    from pws_batch.core.sampler import run_timesteps  # any other class: through diffusers (imports torch)
+    built = make_scheduler(scheduler, scheduler_config)  # any other class: through diffusers (imports torch)
+    from pws_batch.core.sampler import run_timesteps
 
-    built = make_scheduler(scheduler, scheduler_config)
     return [float(t) for t in run_timesteps(built, steps, strength)], int(built.config.num_train_timesteps)
+
+
+@functools.lru_cache(maxsize=1)
+def declared_scheduler_names() -> frozenset[str] | None:
+    """Every class name diffusers' top-level `__init__.py` declares under `_import_structure["schedulers"]`
+    (including those it declares only when an optional dependency is there), read from its source without
+    running it; None when diffusers is missing or declares them some other way (then only an import can tell)."""
+    spec = importlib.util.find_spec("diffusers")
+    if spec is None or not spec.origin:
+        return None
+    try:
+        with open(spec.origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+    def is_schedulers(node) -> bool:  # _import_structure["schedulers"]
+        return (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)
+                and node.value.id == "_import_structure" and isinstance(node.slice, ast.Constant)
+                and node.slice.value == "schedulers")
+
+    def strings(node) -> list[str]:
+        if isinstance(node, (ast.List, ast.Tuple)):
+            return [e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+        return []
+
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(is_schedulers(t) for t in node.targets):
+            names.update(strings(node.value))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("extend", "append") and is_schedulers(node.func.value)):
+            for arg in node.args:
+                names.update(strings(arg) or ([arg.value] if isinstance(arg, ast.Constant) else []))
+    names = {n for n in names if isinstance(n, str) and n.endswith("Scheduler")}
+    return frozenset(names) if "DDIMScheduler" in names else None
 
 
 def make_scheduler(name: str, config: dict):
@@ -135,6 +176,9 @@ def make_scheduler(name: str, config: dict):
     unknown = ValueError(f"unknown scheduler {name!r}: use a diffusers scheduler class name such as "
                          f"DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler")
     if not name.endswith("Scheduler"):  # told without importing diffusers
+        raise unknown
+    declared = declared_scheduler_names()
+    if declared is not None and name not in declared:  # told from diffusers' source, without importing it
         raise unknown
     import diffusers
 
