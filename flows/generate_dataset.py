@@ -79,10 +79,11 @@ def _artifact_key(name: str, suffix: str) -> str:
     return f"{cleaned[:40] or 'run'}-{suffix}"
 
 
-def _gallery_artifact(name: str, out: str, logger) -> None:
-    """A bounded markdown artifact: the best GALLERY_TOP kept pairs with data-URI thumbnails and <audio> players."""
+def _gallery_artifact(name: str, out: str, kept: tuple[list[dict], int], logger) -> None:
+    """A bounded markdown artifact: the best GALLERY_TOP kept pairs with data-URI thumbnails and <audio> players
+    (`kept`: finalize's best rows and the number kept: only the media of the rows shown are read)."""
     try:
-        markdown = gallery.markdown_summary(out, top=GALLERY_TOP, max_chars=GALLERY_MAX_CHARS)
+        markdown = gallery.markdown_summary(out, top=GALLERY_TOP, max_chars=GALLERY_MAX_CHARS, kept=kept)
     except Exception as exc:  # noqa: BLE001 - a view of the results never fails the run that made them
         logger.warning(f"no gallery artifact: {type(exc).__name__}: {exc}")
         return
@@ -211,7 +212,7 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
                 "candidate": r["candidate_index"], "seed": r["seed"], "rank": r["rank"],
                 "clip_score": round(r["clip_score"], 4), "clap_score": round(r["clap_score"], 4)} for r in kept_rows]
         or [{"pair_id": "(none kept)"}])
-    _gallery_artifact(plan.name, out, logger)
+    _gallery_artifact(plan.name, out, (kept_rows, counts["kept"]), logger)
     generated = counts["candidates"] - sum(s.get("candidates", 0) for s in plan.done.values())
     create_markdown_artifact(key=_artifact_key(plan.name, "summary"), description="run summary", markdown="\n".join([
         f"# {plan.name}: {'complete' if summary['complete'] else 'INCOMPLETE'}", "",

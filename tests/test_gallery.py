@@ -111,6 +111,29 @@ def test_the_prefect_summary_reads_only_what_it_shows(dataset, monkeypatch):
     assert read_rows(Output(dataset), top=3) == best
 
 
+def test_the_prefect_summary_from_finalizes_rows_reads_only_the_media_it_shows(dataset, monkeypatch):
+    """The flow hands the summary finalize's best rows (read once, with where each row is): the same markdown as
+    reading the dataset, and the only reads are the media of the rows shown."""
+    from pws_batch.batch.card import CARD_COLUMNS, best
+    from pws_batch.batch.dataset import Output
+    from pws_batch.batch.gallery import MEDIA_COLUMNS, markdown_summary
+    from pws_batch.batch.run import read_kept
+
+    table = read_kept(Output(dataset), CARD_COLUMNS, locate=True)
+    rows = table.to_pylist()
+    assert {(r["_part"], r["_index"]) for r in rows} == {
+        (p, i) for p in Output(dataset).list("data") if p.endswith(".parquet")
+        for i in range(pq.read_metadata(os.path.join(dataset, "data", p)).num_rows)}
+    kept = (best(rows, 50), len(rows))
+    expected = markdown_summary(dataset, top=3)
+    reads: list[tuple[str, list]] = []
+    real = Output.read_table
+    monkeypatch.setattr(Output, "read_table", lambda self, rel, columns=None: reads.append((rel, columns))
+                        or real(self, rel, columns=columns))
+    assert markdown_summary(dataset, top=3, kept=kept) == expected
+    assert 1 <= len(reads) <= 3 and all(set(cols) <= set(MEDIA_COLUMNS) for _, cols in reads)
+
+
 def test_screenshot_of_the_gallery(dataset, tmp_path):
     assert main(["gallery", dataset, "--top", "6", "--out", str(tmp_path)]) == 0
     png = str(tmp_path / "shot.png")

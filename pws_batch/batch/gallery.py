@@ -124,13 +124,21 @@ def thumbnail_png(data: bytes, width: int = 496) -> bytes:
         return buffer.getvalue()
 
 
-def markdown_summary(uri: str, top: int = 4, max_chars: int = 2_000_000) -> str:
+def markdown_summary(uri: str, top: int = 4, max_chars: int = 2_000_000,
+                     kept: tuple[list[dict[str, Any]], int] | None = None) -> str:
     """A bounded markdown table of the `top` best kept rows with data-URI thumbnails and `<audio>` players, for
-    the Prefect UI: rows are added while the text stays under `max_chars` (the rest are counted, not shown)."""
+    the Prefect UI: rows are added while the text stays under `max_chars` (the rest are counted, not shown).
+
+    `kept`: (the best kept rows, in card.best_order, with their prompts, seed, scores, `_part` and `_index`; the
+    number of kept rows), as finalize already has them (its summary's kept_rows and counts): then only the media
+    of the rows shown are read. Without it the rows are read from the data parts (a few columns of each)."""
     from pws_batch.batch.run import flac_of
 
     out = Output(uri)
-    best, total = best_rows(out, top, ["image_prompt", "audio_prompt", "seed"])
+    if kept is not None:
+        best, total = kept[0][:top], kept[1]
+    else:
+        best, total = best_rows(out, top, ["image_prompt", "audio_prompt", "seed"])
     media = media_of(out, best)
     lines = [f"# Best {len(best)} of {total} kept pairs (CLIP + CLAP)", "",
              "| picture and sound | prompts | scores |", "|---|---|---|"]

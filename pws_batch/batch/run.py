@@ -460,15 +460,20 @@ def process_shard(out: str, model_ids: dict[str, str], shard: Shard,
 
 
 # ---------------------------------------------------------------------------------------------- the end
-def read_kept(out: Output, columns: list[str] | None = None, shards: list[str] | None = None) -> pa.Table | None:
+def read_kept(out: Output, columns: list[str] | None = None, shards: list[str] | None = None,
+              locate: bool = False) -> pa.Table | None:
     """The kept rows of the data parts (of `shards` only, when given; only `columns`, when given: the media
-    need not be read)."""
+    need not be read); with `locate`, each row also says where it is: `_part` (the file in data/) and `_index`
+    (its row there), which is how gallery.media_of fetches the media of a few rows."""
     parts = [p for p in out.list("data") if p.endswith(".parquet")]
     if shards is not None:
         parts = [p for p in parts if p[len("part-"):-len(".parquet")] in shards]
     if not parts:
         return None
     tables = [out.read_table(f"data/{p}", columns=columns) for p in parts]
+    if locate:
+        tables = [t.append_column("_part", pa.array([p] * t.num_rows, pa.string()))
+                  .append_column("_index", pa.array(range(t.num_rows), pa.int64())) for p, t in zip(parts, tables)]
     return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
 
 
@@ -511,7 +516,8 @@ def _finalize(plan: RunPlan, actors: list | None, extra: dict | None) -> dict[st
         if counts["pairs_done"] else None
     complete = counts["shards_committed"] == counts["shards"]
     write_run_json(plan, "complete" if complete else "incomplete", counts, actors, extra)
-    table = read_kept(out, CARD_COLUMNS, list(stats))  # read once: the card and the top rows
+    # read once: the card, the top rows and (by their _part and _index) the flow's gallery artifact
+    table = read_kept(out, CARD_COLUMNS, list(stats), locate=True)
     kept = table.to_pylist() if table else []
     write_card(out, plan.name, out.read_json("run.json"), kept)
     failed = [f for s in stats.values() for f in s.get("failed", [])]
