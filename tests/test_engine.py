@@ -17,6 +17,7 @@ from pws_batch.batch import engine
 from pws_batch.batch.config import RunConfig
 from pws_batch.batch.pair import PairRequest
 from pws_batch.batch.standins import FAIL_MARK, StandInGenerator, StandInRanker
+from pws_batch.core.allocator import CPU_MALLOC_ENV
 from pws_batch.core.params import GenerationParams
 
 
@@ -122,6 +123,8 @@ def test_run_pairs_keeps_request_order_and_passes_failures_through(local_ray):
         served = {i["role"]: i["pairs"] for i in infos if i["pairs"]}
         assert served == {"generator": 5, "ranker": 4}  # one worker served the whole shard
         assert len({(i["pid"], i["role"]) for i in infos}) == 4 and len({i["pid"] for i in infos}) == 2
+        # CPU actors start with the malloc settings that keep freed memory (pws_batch.core.allocator)
+        assert [i["malloc_env"] for i in infos if i["role"] == "generator"] == [CPU_MALLOC_ENV] * 2
     finally:
         engine.stop_actors(pool)
 

@@ -186,41 +186,76 @@ def _cpu_s() -> float:
 
 
 # ---------------------------------------------------------------------------------------------- bench pipeline
-def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 8, steps: int = 20,
-                   models: str = "tiny", micro_batch: int = 8, workdir: str | None = None,
-                   print_fn: Callable[[str], None] = print) -> dict:
-    """The bare library (one process: load the models, then generate and score each pair) and the whole pipeline
-    (the flow with its Prefect API, Ray, actors, writer and finalize) on the same work, one after the other in
-    one process tree. Prints a table and `pipeline efficiency E.EE of bare, start-up U.U s, finalize F.F s`:
-    efficiency = the bare library's work / the pipeline's steady-state shard work."""
-    import tempfile
-
-    import pandas as pd
-
-    from pws_batch.batch.config import RunConfig
+def bare_library(models: str, pairs: int, candidates: int, steps: int, micro_batch: int) -> dict:
+    """What a script would do by hand, in this process: load the models, then generate and score each pair.
+    Returns its seconds, page faults and peak memory."""
     from pws_batch.core.device import resolve_device
     from pws_batch.core.models import resolve_model_set
     from pws_batch.core.params import GenerationParams
     from pws_batch.core.pipeline import ImagesThatSoundPipeline
     from pws_batch.core.scorers import ClapScorer, ClipScorer
 
-    rows = [dict(pair_id=f"bench-{i}", image_prompt=f"a painting of bells {i}", audio_prompt=f"bells ringing {i}")
-            for i in range(pairs)]
-    # The bare library: what a script would do by hand.
     t0 = time.perf_counter()
     model_set = resolve_model_set(models)
     pipe = ImagesThatSoundPipeline.from_model_set(model_set, vocoder="hifigan")
     device = resolve_device("auto")
     clip, clap = ClipScorer(model_set.clip, device=device), ClapScorer(model_set.clap, device=device)
-    bare_load = time.perf_counter() - t0
+    load_s = time.perf_counter() - t0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
-    for r in rows:
-        params = GenerationParams(r["image_prompt"], r["audio_prompt"], num_candidates=candidates, steps=steps)
+    for i in range(pairs):
+        params = GenerationParams(f"a painting of bells {i}", f"bells ringing {i}", num_candidates=candidates,
+                                  steps=steps)
         result = pipe(params, micro_batch=micro_batch)
         clip([c.image for c in result.candidates], params.effective_image_prompt)
         clap([c.audio for c in result.candidates], params.audio_prompt)
-    bare_work = time.perf_counter() - t0
-    del pipe, clip, clap
+    return {"load_s": load_s, "work_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
+            "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
+
+
+def _bare_in_a_child(malloc_env: dict[str, str], *args: Any) -> dict:
+    """bare_library in a child process that starts with `malloc_env` (and no other glibc malloc variable)."""
+    import json
+    import subprocess
+
+    from pws_batch.core.allocator import CPU_MALLOC_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in CPU_MALLOC_ENV}
+    env.update(malloc_env)
+    code = ("import json, sys; from pws_batch.batch.bench import bare_library; "
+            "print('BARE ' + json.dumps(bare_library(*json.loads(sys.argv[1]))))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], env=env, stdout=subprocess.PIPE, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("BARE ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"the bare library's process failed (exit {done.returncode}): {done.stdout[-2000:]}")
+    return json.loads(lines[-1][len("BARE "):])
+
+
+def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 8, steps: int = 20,
+                   models: str = "tiny", micro_batch: int = 8, workdir: str | None = None,
+                   compare_malloc: bool = False, print_fn: Callable[[str], None] = print) -> dict:
+    """The bare library (bare_library, in a child process) and the whole pipeline (the flow with its Prefect
+    API, Ray, actors, writer and finalize) on the same work, one after the other in one process tree. Prints a
+    table and `pipeline efficiency E.EE of bare, start-up U.U s, finalize F.F s`: efficiency = the bare library's
+    work / the pipeline's steady-state shard work.
+
+    On a CPU both run with the glibc malloc settings the CPU actors get (pws_batch.core.allocator), so the
+    ratio measures the orchestration alone; `compare_malloc` also runs the bare library with glibc's defaults and
+    prints what the settings are worth."""
+    import tempfile
+
+    import pandas as pd
+
+    from pws_batch.batch.config import RunConfig
+    from pws_batch.core.allocator import CPU_MALLOC_ENV
+
+    rows = [dict(pair_id=f"bench-{i}", image_prompt=f"a painting of bells {i}", audio_prompt=f"bells ringing {i}")
+            for i in range(pairs)]
+    # The bare library: what a script would do by hand (bare_library uses the same prompts).
+    work_args = (models, pairs, candidates, steps, micro_batch)
+    bare = _bare_in_a_child(CPU_MALLOC_ENV, *work_args)
+    default = _bare_in_a_child({}, *work_args) if compare_malloc else None
+    bare_load, bare_work = bare["load_s"], bare["work_s"]
 
     # The whole pipeline on the same pairs.
     folder = workdir or tempfile.mkdtemp(prefix="pws-bench-pipeline-")
@@ -238,15 +273,27 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
     efficiency = bare_work / work if work else float("nan")
     print_fn(f"pws-batch bench pipeline: models={models} pairs={pairs} candidates={candidates} steps={steps} "
              f"micro_batch={micro_batch}")
-    print_fn(f"{'':<10} {'start-up_s':>11} {'work_s':>9} {'finalize_s':>11} {'total_s':>9}")
-    print_fn(f"{'bare':<10} {bare_load:>11.1f} {bare_work:>9.1f} {0.0:>11.1f} {bare_load + bare_work:>9.1f}")
-    print_fn(f"{'pipeline':<10} {startup:>11.1f} {work:>9.1f} {finalize_s:>11.1f} {whole:>9.1f}")
+    print_fn(f"{'':<26} {'start-up_s':>11} {'work_s':>9} {'finalize_s':>11} {'total_s':>9}")
+    print_fn(f"{'bare':<26} {bare_load:>11.1f} {bare_work:>9.1f} {0.0:>11.1f} {bare_load + bare_work:>9.1f}")
+    if default:
+        print_fn(f"{'bare, default malloc':<26} {default['load_s']:>11.1f} {default['work_s']:>9.1f} "
+                 f"{0.0:>11.1f} {default['load_s'] + default['work_s']:>9.1f}")
+    print_fn(f"{'pipeline':<26} {startup:>11.1f} {work:>9.1f} {finalize_s:>11.1f} {whole:>9.1f}")
     if "api_and_ray_s" in timings:  # where start-up goes
         api, ready, flow_s = timings["api_and_ray_s"], timings.get("ready_s", 0.0), timings.get("flow_s", whole)
         created = whole - api - flow_s  # from the API's answer to the flow function's start
         print_fn(f"start-up: Prefect API (Ray and the actors starting meanwhile) {api:.1f} s, flow run created "
                  f"{created:.1f} s, flow start to actors ready {ready:.1f} s, then "
                  f"{startup - api - created - ready:.1f} s to the first shard")
+    settings = " ".join(f"{k}={v}" for k, v in CPU_MALLOC_ENV.items())
+    if default:
+        print_fn(f"malloc: the bare library's work {default['work_s'] / bare_work:.2f}x faster with {settings} "
+                 f"(the CPU actors' settings) than with glibc's defaults ({bare_work:.1f} s vs "
+                 f"{default['work_s']:.1f} s; page faults {bare['page_faults']} vs {default['page_faults']}; peak "
+                 f"memory {bare['peak_rss_mb']:.0f} MB vs {default['peak_rss_mb']:.0f} MB)")
+    else:
+        print_fn(f"(the bare library ran with {settings}, as the CPU actors do; --compare-malloc: also without)")
     print_fn(f"pipeline efficiency {efficiency:.2f} of bare, start-up {startup:.1f} s, finalize {finalize_s:.1f} s")
     return {"bare_load_s": bare_load, "bare_work_s": bare_work, "startup_s": startup, "work_s": work,
-            "finalize_s": finalize_s, "total_s": whole, "efficiency": efficiency}
+            "finalize_s": finalize_s, "total_s": whole, "efficiency": efficiency,
+            **({"default_malloc_work_s": default["work_s"]} if default else {})}
