@@ -3,14 +3,15 @@
 Generating on a CPU allocates and frees the same large activations at every step (the VAE decoder's are tens to
 hundreds of MB). With glibc's defaults each such block is a fresh `mmap` (above the mmap threshold) or comes from
 a per-thread arena that gives its pages back: every step then faults its pages in again, zeroed by the kernel.
-Measured with the tiny models on 2 cores: ~1.2 million page faults per pair and a third of the CPU time in the
-kernel; with the settings below none, and a pair ~1.4x faster (`pws-batch bench pipeline --compare-malloc`).
+Measured with the tiny models on 2 cores (8 candidates x 20 steps): ~1.4 million page faults per pair and about a
+third of the CPU time in the kernel; with the settings below ~25 times fewer, and the work 1.3-1.4x faster
+(`pws-batch bench pipeline --compare-malloc`).
 
 - `MALLOC_ARENA_MAX=1`: every thread allocates from the main heap (the models run on threads of their own).
 - `MALLOC_MMAP_MAX_=0`: no block is mmap'ed: large ones come from the heap and are reused.
 - `MALLOC_TRIM_THRESHOLD_`: freed memory is kept, not returned: the next step needs it again.
 
-The price is resident memory that stays at its peak (measured +10-30 % for the tiny models), which is why they are
+The price is resident memory that stays at its peak (measured +20-50 % for the tiny models), which is why they are
 for CPU generation only: a GPU worker's big host allocations are the weights it loads once and moves to the GPU,
 which must be given back.
 """
