@@ -186,19 +186,23 @@ def _cpu_s() -> float:
 
 
 # ---------------------------------------------------------------------------------------------- bench pipeline
-def bare_library(models: str, pairs: int, candidates: int, steps: int, micro_batch: int) -> dict:
+def bare_library(models: str, pairs: int, candidates: int, steps: int, micro_batch: int,
+                 actors_malloc: bool = True) -> dict:
     """What a script would do by hand, in this process: load the models, then generate and score each pair.
-    Returns its seconds, page faults and peak memory."""
+    With `actors_malloc`, on a CPU, first the glibc malloc settings CPU actors start with (allocator). Returns its
+    seconds, page faults, peak memory and whether those settings were applied."""
+    from pws_batch.core.allocator import keep_freed_memory
     from pws_batch.core.device import resolve_device
     from pws_batch.core.models import resolve_model_set
     from pws_batch.core.params import GenerationParams
     from pws_batch.core.pipeline import ImagesThatSoundPipeline
     from pws_batch.core.scorers import ClapScorer, ClipScorer
 
+    device = resolve_device("auto")
+    applied = actors_malloc and device.type == "cpu" and keep_freed_memory()  # as CPU actors start (not GPU ones)
     t0 = time.perf_counter()
     model_set = resolve_model_set(models)
     pipe = ImagesThatSoundPipeline.from_model_set(model_set, vocoder="hifigan")
-    device = resolve_device("auto")
     clip, clap = ClipScorer(model_set.clip, device=device), ClapScorer(model_set.clap, device=device)
     load_s = time.perf_counter() - t0
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -210,18 +214,17 @@ def bare_library(models: str, pairs: int, candidates: int, steps: int, micro_bat
         clip([c.image for c in result.candidates], params.effective_image_prompt)
         clap([c.audio for c in result.candidates], params.audio_prompt)
     return {"load_s": load_s, "work_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
-            "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
+            "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, "actors_malloc": applied}
 
 
-def _bare_in_a_child(malloc_env: dict[str, str], *args: Any) -> dict:
-    """bare_library in a child process that starts with `malloc_env` (and no other glibc malloc variable)."""
+def _bare_in_a_child(*args: Any) -> dict:
+    """bare_library(*args) in a child process (without any glibc malloc variable this process may have)."""
     import json
     import subprocess
 
     from pws_batch.core.allocator import CPU_MALLOC_ENV
 
     env = {k: v for k, v in os.environ.items() if k not in CPU_MALLOC_ENV}
-    env.update(malloc_env)
     code = ("import json, sys; from pws_batch.batch.bench import bare_library; "
             "print('BARE ' + json.dumps(bare_library(*json.loads(sys.argv[1]))))")
     done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], env=env, stdout=subprocess.PIPE, text=True)
@@ -239,9 +242,9 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
     table and `pipeline efficiency E.EE of bare, start-up U.U s, finalize F.F s`: efficiency = the bare library's
     work / the pipeline's steady-state shard work.
 
-    On a CPU both run with the glibc malloc settings the CPU actors get (pws_batch.core.allocator), so the
-    ratio measures the orchestration alone; `compare_malloc` also runs the bare library with glibc's defaults and
-    prints what the settings are worth."""
+    On a CPU both run with the glibc malloc settings the CPU actors get (pws_batch.core.allocator; on a GPU both
+    keep glibc's defaults), so the ratio measures the orchestration alone; `compare_malloc` also runs the bare
+    library with glibc's defaults and prints what the settings are worth."""
     import tempfile
 
     import pandas as pd
@@ -253,8 +256,8 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
             for i in range(pairs)]
     # The bare library: what a script would do by hand (bare_library uses the same prompts).
     work_args = (models, pairs, candidates, steps, micro_batch)
-    bare = _bare_in_a_child(CPU_MALLOC_ENV, *work_args)
-    default = _bare_in_a_child({}, *work_args) if compare_malloc else None
+    bare = _bare_in_a_child(*work_args, True)
+    default = _bare_in_a_child(*work_args, False) if compare_malloc else None
     bare_load, bare_work = bare["load_s"], bare["work_s"]
 
     # The whole pipeline on the same pairs.
@@ -286,7 +289,9 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
                  f"{created:.1f} s, flow start to actors ready {ready:.1f} s, then "
                  f"{startup - api - created - ready:.1f} s to the first shard")
     settings = " ".join(f"{k}={v}" for k, v in CPU_MALLOC_ENV.items())
-    if default:
+    if not bare["actors_malloc"]:
+        print_fn("(on a GPU the bare library, like the workers, keeps glibc's default malloc settings)")
+    elif default:
         print_fn(f"malloc: the bare library's work {default['work_s'] / bare_work:.2f}x faster with {settings} "
                  f"(the CPU actors' settings) than with glibc's defaults ({bare_work:.1f} s vs "
                  f"{default['work_s']:.1f} s; page faults {bare['page_faults']} vs {default['page_faults']}; peak "

@@ -1,0 +1,26 @@
+"""`pws-batch bench pipeline` in a small configuration: the bare library (twice: with the CPU actors' malloc
+settings and with glibc's defaults) and the whole pipeline against a real Prefect server on loopback. Asserts that
+it completes and prints its table and efficiency, and that the malloc settings cut the page faults -- never how
+fast anything is."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from servers import cli_with_server
+
+
+@pytest.mark.slow
+def test_bench_pipeline_small_configuration_runs_and_prints_its_efficiency(tmp_path):
+    returncode, output = cli_with_server(tmp_path, "bench", "pipeline", "--pairs", "1", "--candidates", "2",
+                                         "--steps", "3", "--micro-batch", "2", "--compare-malloc", timeout=600)
+    assert returncode == 0, output[-4000:]
+    lines = output.strip().splitlines()
+    assert re.fullmatch(r"pipeline efficiency \d+\.\d\d of bare, start-up \d+\.\d s, finalize \d+\.\d s", lines[-1]), \
+        lines[-8:]
+    assert any(re.match(r"bare, default malloc\s+[\d.]+\s+[\d.]+", line) for line in lines), lines[-8:]
+    malloc = next(line for line in lines if line.startswith("malloc: "))
+    faults = re.search(r"page faults (\d+) vs (\d+)", malloc)
+    assert faults and int(faults[1]) * 3 < int(faults[2]), malloc  # the settings keep freed pages for reuse
