@@ -427,7 +427,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if min(args.pairs, args.candidates, args.steps, args.micro_batch) < 1:
             raise UsageError("pws-batch bench pipeline: error: --pairs, --candidates, --steps and --micro-batch "
                              "must be >= 1")
-        from flows.generate_dataset import generate_dataset
+        from flows.generate_dataset import PROGRESS_LISTENERS, generate_dataset
         from pws_batch.batch.bench import bench_pipeline
 
         def run_flow(manifest: str, out: str, config) -> dict:  # as `pws-batch run` runs it
@@ -439,7 +439,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return summary
 
         bench_pipeline(run_flow, pairs=args.pairs, candidates=args.candidates, steps=args.steps,
-                       models=args.models, micro_batch=args.micro_batch, compare_malloc=args.compare_malloc)
+                       models=args.models, micro_batch=args.micro_batch, compare_malloc=args.compare_malloc,
+                       listeners=PROGRESS_LISTENERS)
         return 0
     if args.bench_command == "validate":
         if args.rows < 0 or args.compare < 0:

@@ -186,17 +186,20 @@ def test_a_warm_engine_is_taken_once_by_its_settings_and_what_is_left_is_stopped
 def test_a_worker_scores_one_micro_batch_while_it_generates_the_next_never_two_of_either(device):
     """The Worker actor runs the driver's in-flight calls in threads: generation and scoring overlap (pipelined),
     but two micro-batches are never generated (or scored) at once; on a CPU device they take turns (generation
-    already uses every core the actor has). Each model is loaded and run by one thread (torch on a CPU is ~1.7x
-    slower from another thread than the one that first ran it), never by the callers' threads."""
+    already uses every core the actor has), each micro-batch scored before the next is generated (its scores
+    are not kept waiting behind the other calls in flight). Each model is loaded and run by one thread (torch on
+    a CPU is ~1.7x slower from another thread than the one that first ran it), never by the callers' threads."""
     from types import SimpleNamespace
 
     active, peak, overlapped, lock = {"gen": 0, "rank": 0}, {"gen": 0, "rank": 0}, [False], threading.Lock()
+    order: list[str] = []
     threads = {"gen": set(), "rank": set(), "gen load": set(), "rank load": set()}
 
     def tracked(kind, method):
         def call(*args):
             with lock:
                 threads[kind].add(threading.get_ident())
+                order.append(kind)
                 active[kind] += 1
                 peak[kind] = max(peak[kind], active[kind])
                 overlapped[0] |= active["gen"] and active["rank"]
@@ -232,6 +235,7 @@ def test_a_worker_scores_one_micro_batch_while_it_generates_the_next_never_two_o
     for t in callers:
         t.join()
     assert peak == {"gen": 1, "rank": 1} and overlapped[0] == (device != "cpu")
+    assert (order == ["gen", "rank"] * 6) == (device == "cpu"), order  # a GPU generates ahead of the scoring
     assert threads["gen"] == threads["gen load"] and threads["rank"] == threads["rank load"]
     assert len(threads["gen"]) == len(threads["rank"]) == 1
     assert (threads["gen"] == threads["rank"]) == (device == "cpu")

@@ -207,13 +207,15 @@ def bare_library(models: str, pairs: int, candidates: int, steps: int, micro_bat
     load_s = time.perf_counter() - t0
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
+    ends = []
     for i in range(pairs):
         params = GenerationParams(f"a painting of bells {i}", f"bells ringing {i}", num_candidates=candidates,
                                   steps=steps)
         result = pipe(params, micro_batch=micro_batch)
         clip([c.image for c in result.candidates], params.effective_image_prompt)
         clap([c.audio for c in result.candidates], params.audio_prompt)
-    return {"load_s": load_s, "work_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
+        ends.append(time.perf_counter() - t0)
+    return {"load_s": load_s, "work_s": ends[-1] if ends else 0.0, "pair_ends_s": ends, "peak_rss_mb": peak_rss_mb(),
             "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, "actors_malloc": applied}
 
 
@@ -236,11 +238,15 @@ def _bare_in_a_child(*args: Any) -> dict:
 
 def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 8, steps: int = 20,
                    models: str = "tiny", micro_batch: int = 8, workdir: str | None = None,
-                   compare_malloc: bool = False, print_fn: Callable[[str], None] = print) -> dict:
+                   compare_malloc: bool = False, listeners: list | None = None,
+                   print_fn: Callable[[str], None] = print) -> dict:
     """The bare library (bare_library, in a child process) and the whole pipeline (the flow with its Prefect
     API, Ray, actors, writer and finalize) on the same work, one after the other in one process tree. Prints a
     table and `pipeline efficiency E.EE of bare, start-up U.U s, finalize F.F s`: efficiency = the bare library's
-    work / the pipeline's steady-state shard work.
+    work / the pipeline's shard work (its whole dispatch, the first pair included). With `listeners` (the flow's
+    PROGRESS_LISTENERS, called in this process as each pair is ranked) it also prints the steady state: the
+    time from the first pair's end to the last's, on both sides (the first pair of the pipeline shares the cores
+    with the end of the start-up of Prefect's and Ray's processes).
 
     On a CPU both run with the glibc malloc settings the CPU actors get (pws_batch.core.allocator; on a GPU both
     keep glibc's defaults), so the ratio measures the orchestration alone; `compare_malloc` also runs the bare
@@ -267,8 +273,19 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
     config = RunConfig().replace(defaults={"num_candidates": candidates, "steps": steps, "keep": 1},
                                  engine={"models": models, "micro_batch": micro_batch},
                                  plan={"overwrite": True, "shard_size": max(1, pairs)})
+    ranked_at: dict[int, float] = {}  # pairs done -> when first seen
+
+    def on_progress(done: int, total: int) -> None:
+        ranked_at.setdefault(done, time.perf_counter())
+
+    if listeners is not None:
+        listeners.append(on_progress)
     t0 = time.perf_counter()
-    summary = flow(manifest, os.path.join(folder, "out"), config)
+    try:
+        summary = flow(manifest, os.path.join(folder, "out"), config)
+    finally:
+        if listeners is not None:
+            listeners.remove(on_progress)
     whole = time.perf_counter() - t0
     timings = summary.get("timings", {})
     work, finalize_s = timings.get("dispatch_s", float("nan")), timings.get("finalize_s", float("nan"))
@@ -298,7 +315,15 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
                  f"memory {bare['peak_rss_mb']:.0f} MB vs {default['peak_rss_mb']:.0f} MB)")
     else:
         print_fn(f"(the bare library ran with {settings}, as the CPU actors do; --compare-malloc: also without)")
+    steady = None
+    if pairs >= 2 and 1 in ranked_at and pairs in ranked_at:
+        pipeline_steady = ranked_at[pairs] - ranked_at[1]
+        bare_steady = bare["pair_ends_s"][-1] - bare["pair_ends_s"][0]
+        steady = bare_steady / pipeline_steady if pipeline_steady > 0 else float("nan")
+        print_fn(f"steady state (pair 2 to pair {pairs}): bare {bare_steady:.1f} s, pipeline {pipeline_steady:.1f} s: "
+                 f"efficiency {steady:.2f}; the rest: bare's first pair {bare['pair_ends_s'][0]:.1f} s, the "
+                 f"pipeline's dispatch {work - pipeline_steady:.1f} s (its first pair and the shard's commit)")
     print_fn(f"pipeline efficiency {efficiency:.2f} of bare, start-up {startup:.1f} s, finalize {finalize_s:.1f} s")
     return {"bare_load_s": bare_load, "bare_work_s": bare_work, "startup_s": startup, "work_s": work,
-            "finalize_s": finalize_s, "total_s": whole, "efficiency": efficiency,
+            "finalize_s": finalize_s, "total_s": whole, "efficiency": efficiency, "steady_efficiency": steady,
             **({"default_malloc_work_s": default["work_s"]} if default else {})}
