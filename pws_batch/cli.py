@@ -250,9 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     bv.add_argument("--compare", type=int, default=0, help="rows to check against the row-by-row path (default: 0)")
     bv.add_argument("--other-scheduler", metavar="CLASS",
                     help="a third of the good rows use this diffusers scheduler class (say "
-                         "DPMSolverMultistepScheduler), whose timesteps only diffusers computes: shows the one-time "
-                         "cost of importing it (default: none; the rows use DDIMScheduler and EulerDiscreteScheduler "
-                         "and some bad rows name 'NoSuchScheduler', all checked without torch)")
+                         "DPMSolverMultistepScheduler), whose timesteps only diffusers computes (in a child "
+                         "process: shows its cost) (default: none; the rows use DDIMScheduler and "
+                         "EulerDiscreteScheduler and some bad rows name 'NoSuchScheduler', all checked without "
+                         "diffusers)")
     return parser
 
 

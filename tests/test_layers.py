@@ -86,10 +86,11 @@ def test_importing_the_driver_side_loads_no_torch(module):
     assert result.returncode == 0, f"importing {module} loaded {result.stdout.strip()} {result.stderr[-2000:]}"
 
 
-def test_validating_a_manifest_of_ddim_and_euler_schedules_loads_no_torch(tmp_path):
+def test_validating_a_manifest_loads_no_torch(tmp_path):
     """`pws-batch validate` (and so the driver of `pws-batch run`) checks DDIM (the default) and Euler schedules with
     numpy and opens guide files without torch or diffusers. A scheduler name that is no diffusers class is told
-    without importing diffusers too, whether or not it ends in "Scheduler"."""
+    without importing diffusers too, whether or not it ends in "Scheduler"; a class whose timesteps only diffusers
+    computes is built in a child process."""
     import numpy as np
     import soundfile as sf
     from PIL import Image
@@ -103,7 +104,9 @@ def test_validating_a_manifest_of_ddim_and_euler_schedules_loads_no_torch(tmp_pa
                         "a cat,meowing,10,1.0,1.0,bogus,,\n"
                         "a cow,mooing,10,1.0,1.0,,,guide.png\n"
                         "a bird,singing,30,0.9,1.0,EulerDiscreteScheduler,,\n"
-                        "a fox,howling,30,1.0,1.0,NoSuchScheduler,,\n")
+                        "a fox,howling,30,1.0,1.0,NoSuchScheduler,,\n"
+                        "a hen,clucking,20,1.0,1.0,DPMSolverMultistepScheduler,,\n"
+                        "an owl,hooting,20,0.5,0.5,DPMSolverMultistepScheduler,,\n")
     code = ("import sys; from pws_batch import cli; sys.argv = ['pws-batch', 'validate', sys.argv[1]]\n"
             "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
             "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
@@ -115,7 +118,8 @@ def test_validating_a_manifest_of_ddim_and_euler_schedules_loads_no_torch(tmp_pa
     assert "row 1" in result.stdout and "no model is active at timestep" in result.stdout
     assert "row 2: scheduler" in result.stdout and "'bogus'" in result.stdout
     assert "row 5: scheduler" in result.stdout and "'NoSuchScheduler'" in result.stdout
-    assert "6 rows, 3 good, 3 bad" in result.stdout
+    assert "row 7: t_image" in result.stdout  # DPM's schedule, built by diffusers in a child process
+    assert "8 rows, 4 good, 4 bad" in result.stdout
 
 
 def test_the_scheduler_names_read_from_diffusers_source_are_exactly_its_scheduler_classes():

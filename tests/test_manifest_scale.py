@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from pws_batch.batch.bench import same_answers, synthetic_manifest
 from pws_batch.batch.config import GenerationDefaults
@@ -33,6 +34,34 @@ def test_large_generated_manifest_same_answers_as_row_by_row():
     # and on the rejected rows of the whole manifest with their neighbours (duplicate ids need the earlier row)
     first = {r.pair_id: r.row for r in fast.requests}
     assert all(first[r.pair_id] < r.row for r in fast.rejections if r.reason.startswith("duplicate"))
+
+
+def test_a_scheduler_only_diffusers_computes_is_built_in_a_child_with_the_same_answers():
+    """DPMSolverMultistepScheduler's timesteps come from diffusers: the vectorised validation asks a child process
+    (schedule.diffusers_in_a_child), the row-by-row reference builds it here; the answers are the same, including
+    the rows whose schedule leaves no model active, and the child is gone afterwards."""
+    from pws_batch.core import schedule
+
+    df = synthetic_manifest(3_000, seed=5, bad_fraction=0.05, other_scheduler="DPMSolverMultistepScheduler")
+    df.loc[:40, ["t_image", "t_audio"]] = 0.5  # a schedule with no active model, on DPM rows among others
+    fast = validate_manifest(df, scheduler_config=SD15_SCHEDULER_CONFIG)
+    assert "child" not in schedule._CHILD
+    dpm = df["scheduler"] == "DPMSolverMultistepScheduler"
+    good_dpm = {r.row for r in fast.requests if r.params.scheduler == "DPMSolverMultistepScheduler"}
+    assert len(good_dpm) > 500 and any(r.reason.startswith("no model is active") and dpm[r.row]
+                                       for r in fast.rejections)
+    assert same_answers(validate_manifest_by_row(df, scheduler_config=SD15_SCHEDULER_CONFIG), fast)
+
+
+def test_when_the_child_cannot_answer_the_timesteps_are_computed_here(monkeypatch):
+    from pws_batch.core import schedule
+
+    expected = schedule._through_diffusers("DPMSolverMultistepScheduler", SD15_SCHEDULER_CONFIG, 20, 0.5)
+    monkeypatch.setattr(schedule, "_CHILD_CODE", "import sys; sys.exit(3)")  # dies before answering
+    with schedule.diffusers_in_a_child():
+        assert schedule.schedule_timesteps("DPMSolverMultistepScheduler", SD15_SCHEDULER_CONFIG, 20, 0.5) == expected
+        with pytest.raises(ValueError, match="unknown scheduler 'NoSuchScheduler'"):
+            schedule.schedule_timesteps("NoSuchScheduler", SD15_SCHEDULER_CONFIG, 20, 1.0)
 
 
 def test_targets_per_row_with_run_defaults_and_bad_values():

@@ -20,7 +20,7 @@ def synthetic_manifest(rows: int, seed: int = 0, bad_fraction: float = 0.05, oth
     targets), plus pass-through columns (one clashing with an output column). Good rows use DDIMScheduler and
     EulerDiscreteScheduler, and some bad rows name `NoSuchScheduler`: all checked without torch. With
     `other_scheduler` (a diffusers class such as DPMSolverMultistepScheduler), a third of the good rows use it:
-    its timesteps come from diffusers, imported once."""
+    its timesteps come from diffusers, in a child process."""
     import numpy as np
     import pandas as pd
 
@@ -84,11 +84,15 @@ def bench_validate(rows: int = 100_000, compare: int = 0, print_fn: Callable[[st
     t0 = time.perf_counter()
     validated = validate_manifest(df, scheduler_config=SD15_SCHEDULER_CONFIG)
     seconds = time.perf_counter() - t0
+    child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # diffusers' child, if it ran
     out = {"rows": rows, "good": len(validated.requests), "rejected": len(validated.rejections),
-           "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "peak_rss_before_mb": rss0, "pid": os.getpid()}
+           "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "peak_rss_before_mb": rss0, "pid": os.getpid(),
+           "child_peak_rss_mb": child_mb}
     print_fn(f"validate: {rows} rows ({out['good']} good, {out['rejected']} rejected) in {seconds:.2f} s; "
              f"peak memory of this process {out['peak_rss_mb']:.0f} MB ({rss0:.0f} MB before validating; "
-             f"manifest made in {made_s:.1f} s; torch imported: {'yes' if 'torch' in sys.modules else 'no'})")
+             f"manifest made in {made_s:.1f} s; torch imported: {'yes' if 'torch' in sys.modules else 'no'})"
+             + (f"; the child process that built schedulers through diffusers: peak {child_mb:.0f} MB, gone"
+                if child_mb else ""))
     if compare:
         part = df.iloc[:compare].reset_index(drop=True)
         t0 = time.perf_counter()

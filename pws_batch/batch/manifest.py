@@ -531,8 +531,19 @@ def validate_manifest(df, defaults: GenerationDefaults | None = None, scheduler_
     guide from anywhere but `manifest`'s own storage and those places is rejected before it is opened (see
     `guide_allowed`). Vectorised for big manifests:
     each known column is coerced and checked at once, each distinct schedule and guide file is checked once, and a
-    row is assembled only to build its request; the answers are those of `validate_manifest_by_row`.
+    row is assembled only to build its request; the answers are those of `validate_manifest_by_row`. A scheduler
+    class whose timesteps only diffusers computes is built in a child process (schedule.diffusers_in_a_child):
+    validating imports no torch.
     """
+    from pws_batch.core.schedule import diffusers_in_a_child
+
+    with diffusers_in_a_child():
+        return _validate_manifest(df, defaults, scheduler_config, check_files, base, manifest, allow_guides)
+
+
+def _validate_manifest(df, defaults: GenerationDefaults | None, scheduler_config: dict | None, check_files: bool,
+                       base: str | None, manifest: str | None,
+                       allow_guides: list[str] | tuple[str, ...] | None) -> Validated:
     from pws_batch.core.schedule import checked_timesteps
     from pws_batch.core.schedule import ScheduleError
 

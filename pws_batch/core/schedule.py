@@ -4,9 +4,10 @@ Validating a manifest checks every distinct schedule before any work (docs/algor
 default DDIMScheduler and for EulerDiscreteScheduler the timesteps are computed here with numpy exactly as
 diffusers' `set_timesteps` computes them (their three `timestep_spacing` modes; tests compare the two), so
 `pws-batch validate` and a run's driver import neither torch nor diffusers for them. Any other scheduler class (or
-an Euler config with Karras, exponential or beta sigmas) is built through diffusers. A name that is no scheduler
-class of the installed diffusers is told from the names diffusers' `__init__.py` declares (read, not run: importing
-diffusers imports torch, ~300 MB).
+an Euler config with Karras, exponential or beta sigmas) is built through diffusers, which validation does in a
+child process (`diffusers_in_a_child`): the validating process imports neither torch nor diffusers in any case. A
+name that is no scheduler class of the installed diffusers is told from the names diffusers' `__init__.py`
+declares (read, not run: importing diffusers imports torch, ~300 MB).
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
+import json
 import math
-from typing import Sequence
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -124,15 +130,107 @@ TORCH_FREE = {"DDIMScheduler": ddim_timesteps, "EulerDiscreteScheduler": euler_t
 
 
 def schedule_timesteps(scheduler: str, scheduler_config: dict, steps: int, strength: float) -> tuple[list[float], int]:
-    """The timesteps a request runs and T, without any model: for checking parameters up front."""
+    """The timesteps a request runs and T, without any model: for checking parameters up front. Any class but
+    those of TORCH_FREE goes through diffusers: in this process, or inside `diffusers_in_a_child()` in the child
+    process it starts."""
     full = TORCH_FREE[scheduler](scheduler_config, steps) if scheduler in TORCH_FREE else None
     if full is not None:
         timesteps, T = full
         return [float(t) for t in timesteps[steps - steps_run(steps, strength):]], T
+    check_scheduler_name(scheduler)  # an unknown name is told here, without diffusers
+    child = _CHILD.get("child")
+    if child is not None:
+        answer = child.ask(scheduler, scheduler_config, steps, strength)
+        if answer is not None:
+            return answer
+    return _through_diffusers(scheduler, scheduler_config, steps, strength)
+
+
+def _through_diffusers(scheduler: str, scheduler_config: dict, steps: int, strength: float
+                       ) -> tuple[list[float], int]:
     built = make_scheduler(scheduler, scheduler_config)  # any other class: through diffusers (imports torch)
     from pws_batch.core.sampler import run_timesteps
 
     return [float(t) for t in run_timesteps(built, steps, strength)], int(built.config.num_train_timesteps)
+
+
+# The child process of `diffusers_in_a_child`: reads one JSON request per line, answers one JSON line each.
+_CHILD_CODE = """
+import json, sys
+from pws_batch.core.schedule import _through_diffusers
+for line in sys.stdin:
+    scheduler, config, steps, strength = json.loads(line)
+    try:
+        timesteps, T = _through_diffusers(scheduler, config, steps, strength)
+        answer = {"timesteps": timesteps, "T": T}
+    except ValueError as exc:
+        answer = {"error": str(exc)}
+    print(json.dumps(answer), flush=True)
+"""
+_CHILD: dict[str, "_DiffusersChild"] = {}
+
+
+class _DiffusersChild:
+    """A child process that computes timesteps through diffusers, so that the caller never imports torch."""
+
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+        self.lock = threading.RLock()
+        self.cache: dict[str, tuple[list[float], int] | str] = {}
+
+    def ask(self, scheduler: str, config: dict, steps: int, strength: float) -> tuple[list[float], int] | None:
+        """The answer (a ValueError raised as diffusers raised it), or None when the child cannot give one (the
+        caller computes it itself)."""
+        try:
+            request = json.dumps([scheduler, config, steps, strength])
+        except (TypeError, ValueError):  # a config JSON cannot carry
+            return None
+        with self.lock:
+            if request not in self.cache:
+                try:
+                    if self.process is None:
+                        self.process = subprocess.Popen([sys.executable, "-c", _CHILD_CODE], stdin=subprocess.PIPE,
+                                                        stdout=subprocess.PIPE, text=True)
+                    self.process.stdin.write(request + "\n")
+                    self.process.stdin.flush()
+                    answer = json.loads(self.process.stdout.readline())
+                except (OSError, ValueError):  # it died or answered garbage: compute here
+                    self.close()
+                    return None
+                self.cache[request] = answer.get("error") or (answer["timesteps"], int(answer["T"]))
+        answer = self.cache[request]
+        if isinstance(answer, str):
+            raise ValueError(answer)
+        return answer
+
+    def close(self) -> None:
+        with self.lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self.process is not None:
+            try:
+                self.process.stdin.close()
+                self.process.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+            self.process = None
+
+
+@contextmanager
+def diffusers_in_a_child() -> Iterator[None]:
+    """Within it, schedule_timesteps computes the timesteps of any scheduler class diffusers must build (not
+    DDIM's or Euler's) in one child process, started when first needed and stopped at the end: this process
+    never imports torch or diffusers (~330 MB, kept for its life once imported). Validation runs in it."""
+    if "child" in _CHILD:  # nested: the outer one owns it
+        yield
+        return
+    _CHILD["child"] = child = _DiffusersChild()
+    try:
+        yield
+    finally:
+        del _CHILD["child"]
+        child.close()
 
 
 @functools.lru_cache(maxsize=1)
@@ -171,20 +269,27 @@ def declared_scheduler_names() -> frozenset[str] | None:
     return frozenset(names) if "DDIMScheduler" in names else None
 
 
+def _unknown_scheduler(name: str) -> ValueError:
+    return ValueError(f"unknown scheduler {name!r}: use a diffusers scheduler class name such as "
+                      f"DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler")
+
+
+def check_scheduler_name(name: str) -> None:
+    """ValueError for a name that is no scheduler class of the installed diffusers, as far as can be told
+    without importing it (the name's ending; the names its __init__.py declares)."""
+    declared = declared_scheduler_names()
+    if not name.endswith("Scheduler") or (declared is not None and name not in declared):
+        raise _unknown_scheduler(name)
+
+
 def make_scheduler(name: str, config: dict):
     """Any diffusers scheduler class by name, built from the image model's scheduler config."""
-    unknown = ValueError(f"unknown scheduler {name!r}: use a diffusers scheduler class name such as "
-                         f"DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler")
-    if not name.endswith("Scheduler"):  # told without importing diffusers
-        raise unknown
-    declared = declared_scheduler_names()
-    if declared is not None and name not in declared:  # told from diffusers' source, without importing it
-        raise unknown
+    check_scheduler_name(name)
     import diffusers
 
     cls = getattr(diffusers, name, None)
     if cls is None or not hasattr(cls, "from_config"):
-        raise unknown
+        raise _unknown_scheduler(name)
     return cls.from_config(config)
 
 
