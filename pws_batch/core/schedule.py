@@ -177,6 +177,7 @@ class _DiffusersChild:
         self.process: subprocess.Popen | None = None
         self.lock = threading.RLock()
         self.cache: dict[str, tuple[list[float], int] | str] = {}
+        self.failed = False  # a child that died is not started again: this process computes the rest
 
     def ask(self, scheduler: str, config: dict, steps: int, strength: float) -> tuple[list[float], int] | None:
         """The answer (a ValueError raised as diffusers raised it), or None when the child cannot give one (the
@@ -187,6 +188,8 @@ class _DiffusersChild:
             return None
         with self.lock:
             if request not in self.cache:
+                if self.failed:
+                    return None
                 try:
                     if self.process is None:
                         self.process = subprocess.Popen([sys.executable, "-c", _CHILD_CODE], stdin=subprocess.PIPE,
@@ -194,10 +197,14 @@ class _DiffusersChild:
                     self.process.stdin.write(request + "\n")
                     self.process.stdin.flush()
                     answer = json.loads(self.process.stdout.readline())
+                    if not isinstance(answer, dict) or not ("error" in answer or "timesteps" in answer):
+                        raise ValueError(f"unexpected answer {answer!r}")
                 except (OSError, ValueError):  # it died or answered garbage: compute here
+                    self.failed = True
                     self.close()
                     return None
-                self.cache[request] = answer.get("error") or (answer["timesteps"], int(answer["T"]))
+                self.cache[request] = (answer["error"] if "error" in answer
+                                       else (answer["timesteps"], int(answer["T"])))
         answer = self.cache[request]
         if isinstance(answer, str):
             raise ValueError(answer)
