@@ -85,9 +85,10 @@ DESCRIPTIONS = {
     "bench pipeline": """
         Runs the bare library (load the models, then generate and score each pair in one process) and the whole
         pipeline (the flow: Prefect API, Ray, actors, writer, finalize) on the same pairs, one after the other;
-        prints a table and `pipeline efficiency E.EE of bare, start-up U.U s, finalize F.F s`. The bare library
-        runs with the glibc malloc settings the CPU actors get (--compare-malloc: also without them). Uses
-        $PREFECT_API_URL, else an ephemeral Prefect API.""",
+        prints a table, the steady state (from the first pair's end to the last's, on both sides) and `pipeline
+        efficiency E.EE of bare, start-up U.U s, finalize F.F s`. On a CPU the bare library runs with the glibc
+        malloc settings the CPU actors get (--compare-malloc: also without them). Uses $PREFECT_API_URL, else an
+        ephemeral Prefect API.""",
     "bench validate": """
         Builds a manifest of --rows rows (about 5% carry a bad value of some kind), validates it, and prints
         the seconds, this process's peak memory and whether torch was imported; with --compare N, also validates
