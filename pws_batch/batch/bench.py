@@ -190,6 +190,11 @@ def _cpu_s() -> float:
 
 
 # ---------------------------------------------------------------------------------------------- bench pipeline
+def _bench_prompts(i: int) -> tuple[str, str]:
+    """Pair i's image and audio prompts, the same for the bare library and the pipeline's manifest."""
+    return f"a painting of bells {i}", f"bells ringing {i}"
+
+
 def bare_library(models: str, pairs: int, candidates: int, steps: int, micro_batch: int,
                  actors_malloc: bool = True) -> dict:
     """What a script would do by hand, in this process: load the models, then generate and score each pair.
@@ -213,8 +218,7 @@ def bare_library(models: str, pairs: int, candidates: int, steps: int, micro_bat
     t0 = time.perf_counter()
     ends = []
     for i in range(pairs):
-        params = GenerationParams(f"a painting of bells {i}", f"bells ringing {i}", num_candidates=candidates,
-                                  steps=steps)
+        params = GenerationParams(*_bench_prompts(i), num_candidates=candidates, steps=steps)
         result = pipe(params, micro_batch=micro_batch)
         clip([c.image for c in result.candidates], params.effective_image_prompt)
         clap([c.audio for c in result.candidates], params.audio_prompt)
@@ -262,9 +266,9 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
     from pws_batch.batch.config import RunConfig
     from pws_batch.core.allocator import CPU_MALLOC_ENV
 
-    rows = [dict(pair_id=f"bench-{i}", image_prompt=f"a painting of bells {i}", audio_prompt=f"bells ringing {i}")
+    rows = [dict(zip(("pair_id", "image_prompt", "audio_prompt"), (f"bench-{i}", *_bench_prompts(i))))
             for i in range(pairs)]
-    # The bare library: what a script would do by hand (bare_library uses the same prompts).
+    # The bare library: what a script would do by hand, on the same prompts.
     work_args = (models, pairs, candidates, steps, micro_batch)
     bare = _bare_in_a_child(*work_args, True)
     default = _bare_in_a_child(*work_args, False) if compare_malloc else None

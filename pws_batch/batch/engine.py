@@ -189,14 +189,14 @@ class Worker:
     `make_batch` generates one micro-batch and scores it; the driver keeps a few calls in flight (the actor runs
     them in threads, `max_concurrency=LOOKAHEAD`) and the work is pipelined: while one call's candidates are
     scored, the next call's are generated, and never two of either at once (so one micro-batch of arrays is
-    generated at a time, on one GPU). On a CPU device each micro-batch is generated and scored in turn, as one
-    job: the next generation waits for the last scoring. Each model is loaded and run by one thread of its own (the generator's,
-    the ranker's), whichever of Ray's threads makes the call: torch on a CPU runs its operators ~1.7x slower from a
+    generated at a time, on one GPU). Each model is loaded and run by one thread of its own (the generator's, the
+    ranker's), whichever of Ray's threads makes the call: torch on a CPU runs its operators ~1.7x slower from a
     thread other than the one that first ran them (measured: denoising 3.2 s instead of 1.8 s). On a CPU device
-    one thread serves both: generation already keeps every core of the actor busy, and scoring beside it would
-    only make the two share them. The arrays go from generator to ranker inside the process: only scores and the
-    media that may be kept leave it. `generator_cls` / `ranker_cls` replace the model-holding classes
-    (pws_batch.batch.standins, for benchmarks and tests of the orchestration)."""
+    one thread serves both, and each micro-batch is generated and scored in turn, as one job: generation already
+    keeps every core of the actor busy, and scoring beside it would only make the two share them. The arrays go
+    from generator to ranker inside the process: only scores and the media that may be kept leave it.
+    `generator_cls` / `ranker_cls` replace the model-holding classes (pws_batch.batch.standins, for benchmarks
+    and tests of the orchestration)."""
 
     def __init__(self, config: RunConfig, generator_cls: type | None = None, ranker_cls: type | None = None,
                  **kwargs: Any):
