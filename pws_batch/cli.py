@@ -87,8 +87,9 @@ DESCRIPTIONS = {
         pipeline (the flow: Prefect API, Ray, actors, writer, finalize) on the same pairs, one after the other;
         prints a table, the steady state (from the first pair's end to the last's, on both sides) and `pipeline
         efficiency E.EE of bare, start-up U.U s, finalize F.F s`. On a CPU the bare library runs with the glibc
-        malloc settings the CPU actors get (--compare-malloc: also without them). Uses $PREFECT_API_URL, else an
-        ephemeral Prefect API.""",
+        malloc settings the CPU actors get (--compare-malloc: also without them); --ray-baseline also runs it in a
+        Ray worker process and says how much of the difference is Ray's kind of process and how much the
+        pipeline's own orchestration. Uses $PREFECT_API_URL, else an ephemeral Prefect API.""",
     "bench validate": """
         Builds a manifest of --rows rows (about 5% carry a bad value of some kind), validates it, and prints
         the seconds, this process's peak memory and whether torch was imported; with --compare N, also validates
@@ -245,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--compare-malloc", action="store_true",
                     help="also run the bare library with glibc's default malloc settings and print what the CPU "
                          "actors' settings are worth (default: the bare library runs with the actors' settings)")
+    bp.add_argument("--ray-baseline", action="store_true",
+                    help="also run the bare library as one Ray task on a local Ray started for it (placed as the "
+                         "worker is) and split the pipeline's cost into Ray's process and its own orchestration")
     bv = bsub.add_parser("validate", help="validate a generated manifest with every kind of bad value",
                          description=DESCRIPTIONS["bench validate"])
     bv.add_argument("--rows", type=int, default=100_000, help="(default: 100000)")
@@ -442,7 +446,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         bench_pipeline(run_flow, pairs=args.pairs, candidates=args.candidates, steps=args.steps,
                        models=args.models, micro_batch=args.micro_batch, compare_malloc=args.compare_malloc,
-                       listeners=PROGRESS_LISTENERS)
+                       ray_baseline=args.ray_baseline, listeners=PROGRESS_LISTENERS)
         return 0
     if args.bench_command == "validate":
         if args.rows < 0 or args.compare < 0:

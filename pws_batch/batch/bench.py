@@ -227,26 +227,49 @@ def bare_library(models: str, pairs: int, candidates: int, steps: int, micro_bat
             "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, "actors_malloc": applied}
 
 
-def _bare_in_a_child(*args: Any) -> dict:
-    """bare_library(*args) in a child process (without any glibc malloc variable this process may have)."""
+def bare_in_a_ray_worker(models: str, pairs: int, candidates: int, steps: int, micro_batch: int) -> dict:
+    """bare_library as one Ray task, on a local Ray started for it: the same work in the kind of process the
+    pipeline's worker is (a Ray worker given what start_actors gives a worker: every CPU and the CPU actors' malloc
+    settings, or one GPU), with none of the pipeline's orchestration."""
+    from pws_batch.batch import engine
+    from pws_batch.core.allocator import CPU_MALLOC_ENV
+
+    engine.ray_environment(None)  # a local Ray on loopback: set before ray is imported, which reads it
+    import ray
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never $RAY_ADDRESS's cluster
+    try:
+        resources = ray.cluster_resources()
+        gpu = resources.get("GPU", 0) >= 1
+        placement = dict(num_gpus=1, num_cpus=1) if gpu else dict(
+            num_cpus=max(1, int(resources.get("CPU", 1))), runtime_env={"env_vars": dict(CPU_MALLOC_ENV)})
+        task = ray.remote(bare_library).options(max_retries=0, **placement)
+        return ray.get(task.remote(models, pairs, candidates, steps, micro_batch, not gpu))
+    finally:
+        ray.shutdown()
+
+
+def _in_a_child(function: str, *args: Any) -> dict:
+    """`function`(*args) of this module in a child process (without any glibc malloc variable this process may
+    have), its result a JSON object."""
     import json
     import subprocess
 
     from pws_batch.core.allocator import CPU_MALLOC_ENV
 
     env = {k: v for k, v in os.environ.items() if k not in CPU_MALLOC_ENV}
-    code = ("import json, sys; from pws_batch.batch.bench import bare_library; "
-            "print('BARE ' + json.dumps(bare_library(*json.loads(sys.argv[1]))))")
+    code = (f"import json, sys; from pws_batch.batch.bench import {function}; "
+            f"print('RESULT ' + json.dumps({function}(*json.loads(sys.argv[1]))))")
     done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], env=env, stdout=subprocess.PIPE, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("BARE ")]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        raise RuntimeError(f"the bare library's process failed (exit {done.returncode}): {done.stdout[-2000:]}")
-    return json.loads(lines[-1][len("BARE "):])
+        raise RuntimeError(f"the process of {function} failed (exit {done.returncode}): {done.stdout[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 8, steps: int = 20,
                    models: str = "tiny", micro_batch: int = 8, workdir: str | None = None,
-                   compare_malloc: bool = False, listeners: list | None = None,
+                   compare_malloc: bool = False, ray_baseline: bool = False, listeners: list | None = None,
                    print_fn: Callable[[str], None] = print) -> dict:
     """The bare library (bare_library, in a child process) and the whole pipeline (the flow with its Prefect
     API, Ray, actors, writer and finalize) on the same work, one after the other in one process tree. Prints a
@@ -258,7 +281,9 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
 
     On a CPU both run with the glibc malloc settings the CPU actors get (pws_batch.core.allocator; on a GPU both
     keep glibc's defaults), so the ratio measures the orchestration alone; `compare_malloc` also runs the bare
-    library with glibc's defaults and prints what the settings are worth."""
+    library with glibc's defaults and prints what the settings are worth. `ray_baseline` also runs it in a Ray
+    worker process (bare_in_a_ray_worker) and splits the pipeline's cost into what running in Ray's kind of process
+    costs the same work and what the pipeline's own orchestration costs on top."""
     import tempfile
 
     import pandas as pd
@@ -270,8 +295,9 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
             for i in range(pairs)]
     # The bare library: what a script would do by hand, on the same prompts.
     work_args = (models, pairs, candidates, steps, micro_batch)
-    bare = _bare_in_a_child(*work_args, True)
-    default = _bare_in_a_child(*work_args, False) if compare_malloc else None
+    bare = _in_a_child("bare_library", *work_args, True)
+    default = _in_a_child("bare_library", *work_args, False) if compare_malloc else None
+    in_ray = _in_a_child("bare_in_a_ray_worker", *work_args) if ray_baseline else None
     bare_load, bare_work = bare["load_s"], bare["work_s"]
 
     # The whole pipeline on the same pairs.
@@ -306,6 +332,9 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
     if default:
         print_fn(f"{'bare, default malloc':<26} {default['load_s']:>11.1f} {default['work_s']:>9.1f} "
                  f"{0.0:>11.1f} {default['load_s'] + default['work_s']:>9.1f}")
+    if in_ray:
+        print_fn(f"{'bare, in a Ray worker':<26} {in_ray['load_s']:>11.1f} {in_ray['work_s']:>9.1f} "
+                 f"{0.0:>11.1f} {in_ray['load_s'] + in_ray['work_s']:>9.1f}")
     print_fn(f"{'pipeline':<26} {startup:>11.1f} {work:>9.1f} {finalize_s:>11.1f} {whole:>9.1f}")
     if "api_and_ray_s" in timings:  # where start-up goes
         api, ready, flow_s = timings["api_and_ray_s"], timings.get("ready_s", 0.0), timings.get("flow_s", whole)
@@ -324,14 +353,32 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
     else:
         print_fn(f"(the bare library ran with {settings}, as the CPU actors do; --compare-malloc: also without)")
     steady = None
-    if pairs >= 2 and 1 in ranked_at and pairs in ranked_at:
-        pipeline_steady = ranked_at[pairs] - ranked_at[1]
-        bare_steady = bare["pair_ends_s"][-1] - bare["pair_ends_s"][0]
+    pipeline_steady = ranked_at[pairs] - ranked_at[1] if pairs >= 2 and {1, pairs} <= set(ranked_at) else None
+    if pipeline_steady is not None:
+        bare_steady = _steady(bare["pair_ends_s"])
         steady = bare_steady / pipeline_steady if pipeline_steady > 0 else float("nan")
         print_fn(f"steady state (pair 2 to pair {pairs}): bare {bare_steady:.1f} s, pipeline {pipeline_steady:.1f} s: "
                  f"efficiency {steady:.2f}; the rest: bare's first pair {bare['pair_ends_s'][0]:.1f} s, the "
                  f"pipeline's dispatch {work - pipeline_steady:.1f} s (its first pair and the shard's commit)")
+    if in_ray:  # where the pipeline's cost goes: Ray's kind of process, then the pipeline's own orchestration
+        print_fn(f"Ray's worker process: the bare library's work {in_ray['work_s']:.1f} s there, "
+                 f"{bare_work / in_ray['work_s']:.2f} of its speed in a process of its own"
+                 + _steady_ratio(bare["pair_ends_s"], _steady(in_ray["pair_ends_s"]))
+                 + f"; the pipeline's own orchestration: {in_ray['work_s'] / work:.2f} of the bare library in a "
+                   f"Ray worker" + _steady_ratio(in_ray["pair_ends_s"], pipeline_steady))
     print_fn(f"pipeline efficiency {efficiency:.2f} of bare, start-up {startup:.1f} s, finalize {finalize_s:.1f} s")
     return {"bare_load_s": bare_load, "bare_work_s": bare_work, "startup_s": startup, "work_s": work,
             "finalize_s": finalize_s, "total_s": whole, "efficiency": efficiency, "steady_efficiency": steady,
-            **({"default_malloc_work_s": default["work_s"]} if default else {})}
+            **({"default_malloc_work_s": default["work_s"]} if default else {}),
+            **({"ray_worker_work_s": in_ray["work_s"]} if in_ray else {})}
+
+
+def _steady(pair_ends_s: list[float]) -> float | None:
+    """From the first pair's end to the last's (None with one pair)."""
+    return pair_ends_s[-1] - pair_ends_s[0] if len(pair_ends_s) >= 2 else None
+
+
+def _steady_ratio(reference_ends_s: list[float], steady_s: float | None) -> str:
+    """", steady state R.RR": the reference's steady state over `steady_s`, when both have one."""
+    reference = _steady(reference_ends_s)
+    return f" (steady state {reference / steady_s:.2f})" if reference and steady_s else ""
