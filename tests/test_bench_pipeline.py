@@ -27,6 +27,9 @@ def test_bench_pipeline_small_configuration_runs_and_prints_its_efficiency(tmp_p
     assert any(re.match(r"steady state \(pair 2 to pair 2\): bare [\d.]+ s, pipeline [\d.]+ s: efficiency \d+\.\d\d",
                         line) for line in lines), lines[-8:]
     assert any(re.match(r"bare, in a Ray worker\s+[\d.]+\s+[\d.]+", line) for line in lines), lines[-8:]
+    # ... in a Ray worker process, not this one's child, started as the CPU actors are (this machine has no GPU)
+    worker = next(line for line in lines if line.startswith("(the bare library in a Ray worker: pid "))
+    assert "MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647)" in worker, worker
     assert any(re.fullmatch(r"Ray's worker process: the bare library's work [\d.]+ s there, \d+\.\d\d of its speed in "
                             r"a process of its own \(steady state \d+\.\d\d\); the pipeline's own orchestration: "
                             r"\d+\.\d\d of the bare library in a Ray worker \(steady state \d+\.\d\d\)", line)

@@ -243,10 +243,18 @@ def bare_in_a_ray_worker(models: str, pairs: int, candidates: int, steps: int, m
         gpu = resources.get("GPU", 0) >= 1
         placement = dict(num_gpus=1, num_cpus=1) if gpu else dict(
             num_cpus=max(1, int(resources.get("CPU", 1))), runtime_env={"env_vars": dict(CPU_MALLOC_ENV)})
-        task = ray.remote(bare_library).options(max_retries=0, **placement)
+        task = ray.remote(_bare_library_in_a_worker).options(max_retries=0, **placement)
         return ray.get(task.remote(models, pairs, candidates, steps, micro_batch, not gpu))
     finally:
         ray.shutdown()
+
+
+def _bare_library_in_a_worker(*args: Any) -> dict:
+    """bare_library(*args), with the process it ran in: its pid and the glibc malloc variables it started with."""
+    from pws_batch.core.allocator import CPU_MALLOC_ENV
+
+    return {**bare_library(*args), "pid": os.getpid(),
+            "malloc_env": {k: os.environ[k] for k in CPU_MALLOC_ENV if k in os.environ}}
 
 
 def _in_a_child(function: str, *args: Any) -> dict:
@@ -361,6 +369,9 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
                  f"efficiency {steady:.2f}; the rest: bare's first pair {bare['pair_ends_s'][0]:.1f} s, the "
                  f"pipeline's dispatch {work - pipeline_steady:.1f} s (its first pair and the shard's commit)")
     if in_ray:  # where the pipeline's cost goes: Ray's kind of process, then the pipeline's own orchestration
+        started = " ".join(f"{k}={v}" for k, v in in_ray["malloc_env"].items()) or "glibc's default malloc settings"
+        print_fn(f"(the bare library in a Ray worker: pid {in_ray['pid']} of a local Ray started for it, with "
+                 f"{started})")
         print_fn(f"Ray's worker process: the bare library's work {in_ray['work_s']:.1f} s there, "
                  f"{bare_work / in_ray['work_s']:.2f} of its speed in a process of its own"
                  + _steady_ratio(bare["pair_ends_s"], _steady(in_ray["pair_ends_s"]))
