@@ -232,7 +232,6 @@ def bare_in_a_ray_worker(models: str, pairs: int, candidates: int, steps: int, m
     pipeline's worker is (a Ray worker given what start_actors gives a worker: every CPU and the CPU actors' malloc
     settings, or one GPU), with none of the pipeline's orchestration."""
     from pws_batch.batch import engine
-    from pws_batch.core.allocator import CPU_MALLOC_ENV
 
     engine.ray_environment(None)  # a local Ray on loopback: set before ray is imported, which reads it
     import ray
@@ -241,8 +240,7 @@ def bare_in_a_ray_worker(models: str, pairs: int, candidates: int, steps: int, m
     try:
         resources = ray.cluster_resources()
         gpu = resources.get("GPU", 0) >= 1
-        placement = dict(num_gpus=1, num_cpus=1) if gpu else dict(
-            num_cpus=max(1, int(resources.get("CPU", 1))), runtime_env={"env_vars": dict(CPU_MALLOC_ENV)})
+        placement = engine.worker_placement(gpu, int(resources.get("CPU", 1)))  # as start_actors places one worker
         task = ray.remote(_bare_library_in_a_worker).options(max_retries=0, **placement)
         return ray.get(task.remote(models, pairs, candidates, steps, micro_batch, not gpu))
     finally:
@@ -251,10 +249,9 @@ def bare_in_a_ray_worker(models: str, pairs: int, candidates: int, steps: int, m
 
 def _bare_library_in_a_worker(*args: Any) -> dict:
     """bare_library(*args), with the process it ran in: its pid and the glibc malloc variables it started with."""
-    from pws_batch.core.allocator import CPU_MALLOC_ENV
+    from pws_batch.core.allocator import malloc_env_started_with
 
-    return {**bare_library(*args), "pid": os.getpid(),
-            "malloc_env": {k: os.environ[k] for k in CPU_MALLOC_ENV if k in os.environ}}
+    return {**bare_library(*args), "pid": os.getpid(), "malloc_env": malloc_env_started_with()}
 
 
 def _in_a_child(function: str, *args: Any) -> dict:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 from pws_batch.batch.config import RunConfig
 from pws_batch.batch.pair import CandidateBatch, PairRequest, PairResult
 from pws_batch.batch.stream import PairStream, score_batch
-from pws_batch.core.allocator import CPU_MALLOC_ENV
+from pws_batch.core.allocator import CPU_MALLOC_ENV, malloc_env_started_with
 
 MAX_RESTARTS = 2
 MAX_TASK_RETRIES = 2
@@ -211,8 +211,7 @@ class Worker:
     def infos(self) -> list[dict[str, Any]]:
         """The generator's info (with the glibc malloc settings its process started with: CPU actors get
         CPU_MALLOC_ENV) and the ranker's."""
-        malloc_env = {k: os.environ[k] for k in CPU_MALLOC_ENV if k in os.environ}
-        return [{**self.generator.info(), "malloc_env": malloc_env}, self.ranker.info()]
+        return [{**self.generator.info(), "malloc_env": malloc_env_started_with()}, self.ranker.info()]
 
     def make_batch(self, request: PairRequest, start: int, count: int,
                    held: list[tuple[float, float]]) -> CandidateBatch:
@@ -365,11 +364,7 @@ def start_actors(config: RunConfig, log: Callable[[str], None], generator_cls: t
         raise ValueError(f"--actors {n}: the cluster has {gpus} GPU(s); one worker needs one GPU")
     if not use_gpu and n > cpus:
         raise ValueError(f"--actors {n}: the cluster has {cpus} CPU(s) and no GPU; use --actors {cpus} or fewer")
-    # A worker takes a whole GPU. Without GPUs the workers split the CPUs (Ray gives each as many torch threads)
-    # and run with glibc malloc settings that keep freed memory for the next step (pws_batch.core.allocator:
-    # ~1.4x faster on a CPU; merged into the job's own runtime_env, if any).
-    opts = dict(num_gpus=1, num_cpus=1) if use_gpu else dict(
-        num_gpus=0, num_cpus=max(1, cpus // n), runtime_env={"env_vars": dict(CPU_MALLOC_ENV)})
+    opts = worker_placement(use_gpu, cpus // n)
     kwargs = dict(actor_kwargs or {}, generator_cls=generator_cls, ranker_cls=ranker_cls)
     workers = [ray.remote(Worker).options(**opts, max_concurrency=LOOKAHEAD, max_restarts=MAX_RESTARTS,
                                           max_task_retries=MAX_TASK_RETRIES).remote(config, **kwargs)
@@ -378,6 +373,15 @@ def start_actors(config: RunConfig, log: Callable[[str], None], generator_cls: t
     if wait:
         pool.wait_ready(log)
     return pool
+
+
+def worker_placement(use_gpu: bool, cpus: int) -> dict[str, Any]:
+    """Ray options that place one worker: a whole GPU; or, without GPUs, `cpus` CPUs (Ray gives it as many torch
+    threads) and glibc malloc settings that keep freed memory for the next step (pws_batch.core.allocator: ~1.4x
+    faster on a CPU; merged into the job's own runtime_env, if any)."""
+    if use_gpu:
+        return dict(num_gpus=1, num_cpus=1)
+    return dict(num_gpus=0, num_cpus=max(1, cpus), runtime_env={"env_vars": dict(CPU_MALLOC_ENV)})
 
 
 # The actor classes the flow's runs use in this process; `use_actors` swaps in stand-ins (pws_batch.batch.standins)
