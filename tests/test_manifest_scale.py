@@ -45,7 +45,7 @@ def test_a_scheduler_only_diffusers_computes_is_built_in_a_child_with_the_same_a
     df = synthetic_manifest(3_000, seed=5, bad_fraction=0.05, other_scheduler="DPMSolverMultistepScheduler")
     df.loc[:40, ["t_image", "t_audio"]] = 0.5  # a schedule with no active model, on DPM rows among others
     fast = validate_manifest(df, scheduler_config=SD15_SCHEDULER_CONFIG)
-    assert "child" not in schedule._CHILD
+    assert schedule._child is None
     dpm = df["scheduler"] == "DPMSolverMultistepScheduler"
     good_dpm = {r.row for r in fast.requests if r.params.scheduler == "DPMSolverMultistepScheduler"}
     assert len(good_dpm) > 500 and any(r.reason.startswith("no model is active") and dpm[r.row]

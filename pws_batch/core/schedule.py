@@ -138,9 +138,8 @@ def schedule_timesteps(scheduler: str, scheduler_config: dict, steps: int, stren
         timesteps, T = full
         return [float(t) for t in timesteps[steps - steps_run(steps, strength):]], T
     check_scheduler_name(scheduler)  # an unknown name is told here, without diffusers
-    child = _CHILD.get("child")
-    if child is not None:
-        answer = child.ask(scheduler, scheduler_config, steps, strength)
+    if _child is not None:
+        answer = _child.ask(scheduler, scheduler_config, steps, strength)
         if answer is not None:
             return answer
     return _through_diffusers(scheduler, scheduler_config, steps, strength)
@@ -167,7 +166,7 @@ for line in sys.stdin:
         answer = {"error": str(exc)}
     print(json.dumps(answer), flush=True)
 """
-_CHILD: dict[str, "_DiffusersChild"] = {}
+_child: "_DiffusersChild | None" = None  # the child of the diffusers_in_a_child block running, if any
 
 
 class _DiffusersChild:
@@ -212,16 +211,13 @@ class _DiffusersChild:
 
     def close(self) -> None:
         with self.lock:
-            self._close()
-
-    def _close(self) -> None:
-        if self.process is not None:
-            try:
-                self.process.stdin.close()
-                self.process.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.process.kill()
-            self.process = None
+            if self.process is not None:
+                try:
+                    self.process.stdin.close()
+                    self.process.wait(timeout=10)
+                except (OSError, subprocess.TimeoutExpired):
+                    self.process.kill()
+                self.process = None
 
 
 @contextmanager
@@ -229,14 +225,15 @@ def diffusers_in_a_child() -> Iterator[None]:
     """Within it, schedule_timesteps computes the timesteps of any scheduler class diffusers must build (not
     DDIM's or Euler's) in one child process, started when first needed and stopped at the end: this process
     never imports torch or diffusers (~330 MB, kept for its life once imported). Validation runs in it."""
-    if "child" in _CHILD:  # nested: the outer one owns it
+    global _child
+    if _child is not None:  # nested: the outer one owns it
         yield
         return
-    _CHILD["child"] = child = _DiffusersChild()
+    _child = child = _DiffusersChild()
     try:
         yield
     finally:
-        del _CHILD["child"]
+        _child = None
         child.close()
 
 
