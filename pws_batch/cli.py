@@ -84,12 +84,13 @@ DESCRIPTIONS = {
         x steady-state wall). Uses $PREFECT_API_URL, else an ephemeral Prefect API.""",
     "bench pipeline": """
         Runs the bare library (load the models, then generate and score each pair in one process) and the whole
-        pipeline (the flow: Prefect API, Ray, actors, writer, finalize) on the same pairs, one after the other;
-        prints a table, the steady state (from the first pair's end to the last's, on both sides) and `pipeline
-        efficiency E.EE of bare, start-up U.U s, finalize F.F s`. On a CPU the bare library runs with the glibc
-        malloc settings the CPU actors get (--compare-malloc: also without them); --ray-baseline also runs it in a
-        Ray worker process and says how much of the difference is Ray's kind of process and how much the
-        pipeline's own orchestration. Uses $PREFECT_API_URL, else an ephemeral Prefect API.""",
+        pipeline (the flow: Prefect API, Ray, actors, writer, finalize) on the same pairs, one after the other,
+        --rounds times in turn; prints each round's table and steady state (from the first pair's end to the
+        last's, on both sides), the medians over the rounds, and `pipeline efficiency E.EE of bare, start-up U.U s,
+        finalize F.F s` (medians). On a CPU the bare library runs with the glibc malloc settings the CPU actors get
+        (--compare-malloc: also without them); --ray-baseline also runs it beside an idle local Ray and in a Ray
+        worker process, and splits the difference into Ray's processes sharing the machine, the work running in
+        one of them, and the pipeline's own orchestration. Uses $PREFECT_API_URL, else an ephemeral Prefect API.""",
     "bench validate": """
         Builds a manifest of --rows rows (about 5% carry a bad value of some kind), validates it, and prints
         the seconds, this process's peak memory and whether torch was imported; with --compare N, also validates
@@ -247,8 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also run the bare library with glibc's default malloc settings and print what the CPU "
                          "actors' settings are worth (default: the bare library runs with the actors' settings)")
     bp.add_argument("--ray-baseline", action="store_true",
-                    help="also run the bare library as one Ray task on a local Ray started for it (placed as the "
-                         "worker is) and split the pipeline's cost into Ray's process and its own orchestration")
+                    help="also run the bare library beside an idle local Ray, and as one Ray task on a local Ray "
+                         "started for it (placed as the worker is), and split the pipeline's cost into Ray's "
+                         "processes, the work running in one of them, and its own orchestration")
+    bp.add_argument("--rounds", type=int, default=3,
+                    help="run the bare library and the pipeline in turn this many times and report the medians "
+                         "(default: 3; one round's ratio can be off by a tenth on a busy or virtual machine)")
     bv = bsub.add_parser("validate", help="validate a generated manifest with every kind of bad value",
                          description=DESCRIPTIONS["bench validate"])
     bv.add_argument("--rows", type=int, default=100_000, help="(default: 100000)")
@@ -430,9 +435,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       candidates=args.candidates, micro_batch=args.micro_batch, shard_size=args.shard_size)
         return 0
     if args.bench_command == "pipeline":
-        if min(args.pairs, args.candidates, args.steps, args.micro_batch) < 1:
-            raise UsageError("pws-batch bench pipeline: error: --pairs, --candidates, --steps and --micro-batch "
-                             "must be >= 1")
+        if min(args.pairs, args.candidates, args.steps, args.micro_batch, args.rounds) < 1:
+            raise UsageError("pws-batch bench pipeline: error: --pairs, --candidates, --steps, --micro-batch and "
+                             "--rounds must be >= 1")
         from flows.generate_dataset import PROGRESS_LISTENERS, generate_dataset
         from pws_batch.batch.bench import bench_pipeline
 
@@ -446,7 +451,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         bench_pipeline(run_flow, pairs=args.pairs, candidates=args.candidates, steps=args.steps,
                        models=args.models, micro_batch=args.micro_batch, compare_malloc=args.compare_malloc,
-                       ray_baseline=args.ray_baseline, listeners=PROGRESS_LISTENERS)
+                       ray_baseline=args.ray_baseline, rounds=args.rounds, listeners=PROGRESS_LISTENERS)
         return 0
     if args.bench_command == "validate":
         if args.rows < 0 or args.compare < 0:

@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import resource
+import statistics
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -125,8 +128,6 @@ def bench_cluster(flow: Callable[..., dict], actors: int = 4, pairs: int = 64, p
     (pws_batch.batch.standins). Prints the driver's CPU and memory and `orchestration efficiency E.EE` =
     pairs x pair_seconds / (actors x steady-state wall), the steady state being the flow's dispatch of the shards
     (after the actors are up, before finalize)."""
-    import tempfile
-
     import pandas as pd
 
     from pws_batch.batch import engine
@@ -247,6 +248,34 @@ def bare_in_a_ray_worker(models: str, pairs: int, candidates: int, steps: int, m
         ray.shutdown()
 
 
+def bare_beside_ray(models: str, pairs: int, candidates: int, steps: int, micro_batch: int) -> dict:
+    """bare_library in a process of its own (a child of this one), as `bare` runs it, while a local Ray started for
+    it idles beside it with the pipeline's processes: its GCS, raylet and agents, this process as its driver, and
+    one idle actor holding the worker's resources (placed as the worker is). The cost of Ray's processes sharing
+    the machine, without the work running in one of them."""
+    from pws_batch.batch import engine
+
+    engine.ray_environment(None)  # a local Ray on loopback: set before ray is imported, which reads it
+    import ray
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never $RAY_ADDRESS's cluster
+    try:
+        resources = ray.cluster_resources()
+        placement = engine.worker_placement(resources.get("GPU", 0) >= 1, int(resources.get("CPU", 1)))
+        idle = ray.remote(_IdleActor).options(**placement).remote()
+        ray.get(idle.ready.remote())  # its process is up (and Ray's start-up over) before the work starts
+        return _in_a_child("bare_library", models, pairs, candidates, steps, micro_batch, True)
+    finally:
+        ray.shutdown()
+
+
+class _IdleActor:
+    """Holds a worker's place in bare_beside_ray and does nothing."""
+
+    def ready(self) -> bool:
+        return True
+
+
 def _bare_library_in_a_worker(*args: Any) -> dict:
     """bare_library(*args), with the process it ran in: its pid and the glibc malloc variables it started with."""
     from pws_batch.core.allocator import malloc_env_started_with
@@ -274,41 +303,80 @@ def _in_a_child(function: str, *args: Any) -> dict:
 
 def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 8, steps: int = 20,
                    models: str = "tiny", micro_batch: int = 8, workdir: str | None = None,
-                   compare_malloc: bool = False, ray_baseline: bool = False, listeners: list | None = None,
-                   print_fn: Callable[[str], None] = print) -> dict:
+                   compare_malloc: bool = False, ray_baseline: bool = False, rounds: int = 1,
+                   listeners: list | None = None, print_fn: Callable[[str], None] = print) -> dict:
     """The bare library (bare_library, in a child process) and the whole pipeline (the flow with its Prefect
-    API, Ray, actors, writer and finalize) on the same work, one after the other in one process tree. Prints a
-    table and `pipeline efficiency E.EE of bare, start-up U.U s, finalize F.F s`: efficiency = the bare library's
-    work / the pipeline's shard work (its whole dispatch, the first pair included). With `listeners` (the flow's
-    PROGRESS_LISTENERS, called in this process as each pair is ranked) it also prints the steady state: the
-    time from the first pair's end to the last's, on both sides (the first pair of the pipeline shares the cores
-    with the end of the start-up of Prefect's and Ray's processes).
+    API, Ray, actors, writer and finalize) on the same work, one after the other in one process tree, `rounds`
+    times in turn (these machines are noisy: one round's ratio can be off by a tenth). Prints each round's table and
+    `pipeline efficiency E.EE of bare, start-up U.U s, finalize F.F s` (over several rounds, the medians):
+    efficiency = the bare library's work / the pipeline's shard work (its whole dispatch, the first pair included).
+    With `listeners` (the flow's PROGRESS_LISTENERS, called in this process as each pair is ranked) it also prints
+    the steady state: the time from the first pair's end to the last's, on both sides (the first pair of the
+    pipeline shares the cores with the end of the start-up of Prefect's and Ray's processes).
 
     On a CPU both run with the glibc malloc settings the CPU actors get (pws_batch.core.allocator; on a GPU both
     keep glibc's defaults), so the ratio measures the orchestration alone; `compare_malloc` also runs the bare
-    library with glibc's defaults and prints what the settings are worth. `ray_baseline` also runs it in a Ray
-    worker process (bare_in_a_ray_worker) and splits the pipeline's cost into what running in Ray's kind of process
-    costs the same work and what the pipeline's own orchestration costs on top."""
-    import tempfile
-
+    library with glibc's defaults and prints what the settings are worth. `ray_baseline` also runs it beside an idle
+    local Ray (bare_beside_ray) and in a Ray worker process (bare_in_a_ray_worker), and splits the pipeline's cost
+    into Ray's processes sharing the machine, the work running in one of them, and the pipeline's own
+    orchestration."""
     import pandas as pd
 
+    folder = workdir or tempfile.mkdtemp(prefix="pws-bench-pipeline-")
+    manifest = os.path.join(folder, "bench-pipeline.parquet")
+    pd.DataFrame([dict(zip(("pair_id", "image_prompt", "audio_prompt"), (f"bench-{i}", *_bench_prompts(i))))
+                  for i in range(pairs)]).to_parquet(manifest, index=False)
+    print_fn(f"pws-batch bench pipeline: models={models} pairs={pairs} candidates={candidates} steps={steps} "
+             f"micro_batch={micro_batch}" + (f" rounds={rounds} (the bare library and the pipeline in turn)"
+                                             if rounds > 1 else ""))
+    done = []
+    for r in range(rounds):
+        if rounds > 1:
+            print_fn(f"round {r + 1} of {rounds}")
+        done.append(_pipeline_round(flow, manifest, os.path.join(folder, "out"), pairs, candidates, steps, models,
+                                    micro_batch, compare_malloc, ray_baseline, listeners, print_fn))
+    result = {key: _median([d[key] for d in done]) for key in done[0]
+              if all(isinstance(d[key], (int, float)) for d in done)}  # not a ratio a round could not measure
+    if rounds > 1:
+        parts = [f"efficiency {_spread([d['efficiency'] for d in done])}"]
+        if all(d["steady_efficiency"] is not None for d in done):
+            parts.append(f"steady state {_spread([d['steady_efficiency'] for d in done])}")
+        for key, name in (("beside_ray", "beside an idle Ray"), ("in_ray_worker", "in a Ray worker"),
+                          ("orchestration", "the pipeline's own orchestration")):
+            if all(d.get(key) is not None for d in done):
+                parts.append(f"{name} {_spread([d[key] for d in done])}")
+        print_fn(f"over {rounds} rounds, median (lowest-highest): " + "; ".join(parts))
+    print_fn(f"pipeline efficiency {result['efficiency']:.2f} of bare, start-up {result['startup_s']:.1f} s, "
+             f"finalize {result['finalize_s']:.1f} s")
+    return {**result, "rounds": done}
+
+
+def _median(values: list[float]) -> float:
+    """The median, NaN when any value is (a round that measured nothing)."""
+    return float("nan") if any(math.isnan(v) for v in values) else statistics.median(values)
+
+
+def _spread(values: list[float]) -> str:
+    """"M.MM (L.LL-H.HH)": the median, lowest and highest."""
+    return f"{_median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def _pipeline_round(flow: Callable[..., dict], manifest: str, out: str, pairs: int, candidates: int, steps: int,
+                    models: str, micro_batch: int, compare_malloc: bool, ray_baseline: bool,
+                    listeners: list | None, print_fn: Callable[[str], None]) -> dict:
+    """One round of bench_pipeline: the bare library (and its baselines), then the pipeline; prints its table."""
     from pws_batch.batch.config import RunConfig
     from pws_batch.core.allocator import CPU_MALLOC_ENV
 
-    rows = [dict(zip(("pair_id", "image_prompt", "audio_prompt"), (f"bench-{i}", *_bench_prompts(i))))
-            for i in range(pairs)]
     # The bare library: what a script would do by hand, on the same prompts.
     work_args = (models, pairs, candidates, steps, micro_batch)
     bare = _in_a_child("bare_library", *work_args, True)
     default = _in_a_child("bare_library", *work_args, False) if compare_malloc else None
+    beside = _in_a_child("bare_beside_ray", *work_args) if ray_baseline else None
     in_ray = _in_a_child("bare_in_a_ray_worker", *work_args) if ray_baseline else None
     bare_load, bare_work = bare["load_s"], bare["work_s"]
 
     # The whole pipeline on the same pairs.
-    folder = workdir or tempfile.mkdtemp(prefix="pws-bench-pipeline-")
-    manifest = os.path.join(folder, "bench-pipeline.parquet")
-    pd.DataFrame(rows).to_parquet(manifest, index=False)
     config = RunConfig().replace(defaults={"num_candidates": candidates, "steps": steps, "keep": 1},
                                  engine={"models": models, "micro_batch": micro_batch},
                                  plan={"overwrite": True, "shard_size": max(1, pairs)})
@@ -321,7 +389,7 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
         listeners.append(on_progress)
     t0 = time.perf_counter()
     try:
-        summary = flow(manifest, os.path.join(folder, "out"), config)
+        summary = flow(manifest, out, config)
     finally:
         if listeners is not None:
             listeners.remove(on_progress)
@@ -330,16 +398,13 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
     work, finalize_s = timings.get("dispatch_s", float("nan")), timings.get("finalize_s", float("nan"))
     startup = whole - work - finalize_s
     efficiency = bare_work / work if work else float("nan")
-    print_fn(f"pws-batch bench pipeline: models={models} pairs={pairs} candidates={candidates} steps={steps} "
-             f"micro_batch={micro_batch}")
     print_fn(f"{'':<26} {'start-up_s':>11} {'work_s':>9} {'finalize_s':>11} {'total_s':>9}")
     print_fn(f"{'bare':<26} {bare_load:>11.1f} {bare_work:>9.1f} {0.0:>11.1f} {bare_load + bare_work:>9.1f}")
-    if default:
-        print_fn(f"{'bare, default malloc':<26} {default['load_s']:>11.1f} {default['work_s']:>9.1f} "
-                 f"{0.0:>11.1f} {default['load_s'] + default['work_s']:>9.1f}")
-    if in_ray:
-        print_fn(f"{'bare, in a Ray worker':<26} {in_ray['load_s']:>11.1f} {in_ray['work_s']:>9.1f} "
-                 f"{0.0:>11.1f} {in_ray['load_s'] + in_ray['work_s']:>9.1f}")
+    for name, other in (("bare, default malloc", default), ("bare, beside an idle Ray", beside),
+                        ("bare, in a Ray worker", in_ray)):
+        if other:
+            print_fn(f"{name:<26} {other['load_s']:>11.1f} {other['work_s']:>9.1f} {0.0:>11.1f} "
+                     f"{other['load_s'] + other['work_s']:>9.1f}")
     print_fn(f"{'pipeline':<26} {startup:>11.1f} {work:>9.1f} {finalize_s:>11.1f} {whole:>9.1f}")
     if "api_and_ray_s" in timings:  # where start-up goes
         api, ready, flow_s = timings["api_and_ray_s"], timings.get("ready_s", 0.0), timings.get("flow_s", whole)
@@ -365,20 +430,35 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
         print_fn(f"steady state (pair 2 to pair {pairs}): bare {bare_steady:.1f} s, pipeline {pipeline_steady:.1f} s: "
                  f"efficiency {steady:.2f}; the rest: bare's first pair {bare['pair_ends_s'][0]:.1f} s, the "
                  f"pipeline's dispatch {work - pipeline_steady:.1f} s (its first pair and the shard's commit)")
-    if in_ray:  # where the pipeline's cost goes: Ray's kind of process, then the pipeline's own orchestration
+        ends = [ranked_at[n] for n in range(1, pairs + 1)] if set(range(1, pairs + 1)) <= set(ranked_at) else None
+        if ends:  # where a steady state is not yet steady (a worker's heap still growing, say)
+            print_fn(f"pairs 2 to {pairs}, seconds each: bare {_intervals(bare['pair_ends_s'])}; pipeline "
+                     f"{_intervals(ends)}")
+    split: dict[str, float | None] = {}
+    if in_ray and beside:  # where the pipeline's cost goes: Ray's processes, the work in one, the orchestration
         started = " ".join(f"{k}={v}" for k, v in in_ray["malloc_env"].items()) or "glibc's default malloc settings"
         print_fn(f"(the bare library in a Ray worker: pid {in_ray['pid']} of a local Ray started for it, with "
-                 f"{started})")
-        print_fn(f"Ray's worker process: the bare library's work {in_ray['work_s']:.1f} s there, "
-                 f"{bare_work / in_ray['work_s']:.2f} of its speed in a process of its own"
-                 + _steady_ratio(bare["pair_ends_s"], _steady(in_ray["pair_ends_s"]))
-                 + f"; the pipeline's own orchestration: {in_ray['work_s'] / work:.2f} of the bare library in a "
-                   f"Ray worker" + _steady_ratio(in_ray["pair_ends_s"], pipeline_steady))
-    print_fn(f"pipeline efficiency {efficiency:.2f} of bare, start-up {startup:.1f} s, finalize {finalize_s:.1f} s")
+                 f"{started}; beside an idle Ray: in a process of its own, as `bare`, while a local Ray with one "
+                 f"idle actor placed as the worker runs beside it)")
+        # Each ratio is a work time over the next one's, steady states over steady states where there are some.
+        chain = [("beside_ray", bare, beside["work_s"], _steady(beside["pair_ends_s"])),
+                 ("in_ray_worker", beside, in_ray["work_s"], _steady(in_ray["pair_ends_s"])),
+                 ("orchestration", in_ray, work, pipeline_steady)]
+        for key, before, after_work, after_steady in chain:
+            reference = _steady(before["pair_ends_s"])
+            split[key] = reference / after_steady if reference and after_steady else None
+            split[key + "_work"] = before["work_s"] / after_work
+        print_fn(f"Ray's processes beside it: the bare library's work {beside['work_s']:.1f} s, "
+                 f"{split['beside_ray_work']:.2f} of its speed alone{_in_steady(split['beside_ray'])}; in a Ray "
+                 f"worker: {in_ray['work_s']:.1f} s, {split['in_ray_worker_work']:.2f} of that"
+                 f"{_in_steady(split['in_ray_worker'])}; the pipeline's own orchestration: "
+                 f"{split['orchestration_work']:.2f} of the bare library in a Ray worker"
+                 f"{_in_steady(split['orchestration'])}")
     return {"bare_load_s": bare_load, "bare_work_s": bare_work, "startup_s": startup, "work_s": work,
             "finalize_s": finalize_s, "total_s": whole, "efficiency": efficiency, "steady_efficiency": steady,
             **({"default_malloc_work_s": default["work_s"]} if default else {}),
-            **({"ray_worker_work_s": in_ray["work_s"]} if in_ray else {})}
+            **({"ray_worker_work_s": in_ray["work_s"], "beside_ray_work_s": beside["work_s"]} if in_ray else {}),
+            **split}
 
 
 def _steady(pair_ends_s: list[float]) -> float | None:
@@ -386,7 +466,11 @@ def _steady(pair_ends_s: list[float]) -> float | None:
     return pair_ends_s[-1] - pair_ends_s[0] if len(pair_ends_s) >= 2 else None
 
 
-def _steady_ratio(reference_ends_s: list[float], steady_s: float | None) -> str:
-    """", steady state R.RR": the reference's steady state over `steady_s`, when both have one."""
-    reference = _steady(reference_ends_s)
-    return f" (steady state {reference / steady_s:.2f})" if reference and steady_s else ""
+def _intervals(ends: list[float]) -> str:
+    """The time from each pair's end to the next's, "4.8 4.9 ..." ."""
+    return " ".join(f"{b - a:.1f}" for a, b in zip(ends, ends[1:]))
+
+
+def _in_steady(ratio: float | None) -> str:
+    """" (steady state R.RR)" when there is one."""
+    return f" (steady state {ratio:.2f})" if ratio else ""
