@@ -13,7 +13,8 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 
 def synthetic_manifest(rows: int, seed: int = 0, bad_fraction: float = 0.05, other_scheduler: str | None = None):
@@ -228,24 +229,34 @@ def bare_library(models: str, pairs: int, candidates: int, steps: int, micro_bat
             "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, "actors_malloc": applied}
 
 
-def bare_in_a_ray_worker(models: str, pairs: int, candidates: int, steps: int, micro_batch: int) -> dict:
-    """bare_library as one Ray task, on a local Ray started for it: the same work in the kind of process the
-    pipeline's worker is (a Ray worker given what start_actors gives a worker: every CPU and the CPU actors' malloc
-    settings, or one GPU), with none of the pipeline's orchestration."""
+@contextmanager
+def _local_ray() -> Iterator[tuple[bool, dict[str, Any]]]:
+    """A local Ray started for one baseline (never $RAY_ADDRESS's cluster), stopped after it: whether it has a GPU,
+    and the options that place one worker on it as start_actors places one (every CPU and the CPU actors' malloc
+    settings, or one GPU)."""
     from pws_batch.batch import engine
 
     engine.ray_environment(None)  # a local Ray on loopback: set before ray is imported, which reads it
     import ray
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never $RAY_ADDRESS's cluster
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         resources = ray.cluster_resources()
         gpu = resources.get("GPU", 0) >= 1
-        placement = engine.worker_placement(gpu, int(resources.get("CPU", 1)))  # as start_actors places one worker
-        task = ray.remote(_bare_library_in_a_worker).options(max_retries=0, **placement)
-        return ray.get(task.remote(models, pairs, candidates, steps, micro_batch, not gpu))
+        yield gpu, engine.worker_placement(gpu, int(resources.get("CPU", 1)))
     finally:
         ray.shutdown()
+
+
+def bare_in_a_ray_worker(models: str, pairs: int, candidates: int, steps: int, micro_batch: int) -> dict:
+    """bare_library as one Ray task, on a local Ray started for it: the same work in the kind of process the
+    pipeline's worker is (a Ray worker placed as start_actors places one), with none of the pipeline's
+    orchestration."""
+    with _local_ray() as (gpu, placement):
+        import ray  # after _local_ray has set what ray reads when imported
+
+        task = ray.remote(_bare_library_in_a_worker).options(max_retries=0, **placement)
+        return ray.get(task.remote(models, pairs, candidates, steps, micro_batch, not gpu))
 
 
 def bare_beside_ray(models: str, pairs: int, candidates: int, steps: int, micro_batch: int) -> dict:
@@ -253,20 +264,12 @@ def bare_beside_ray(models: str, pairs: int, candidates: int, steps: int, micro_
     it idles beside it with the pipeline's processes: its GCS, raylet and agents, this process as its driver, and
     one idle actor holding the worker's resources (placed as the worker is). The cost of Ray's processes sharing
     the machine, without the work running in one of them."""
-    from pws_batch.batch import engine
+    with _local_ray() as (_, placement):
+        import ray  # after _local_ray has set what ray reads when imported
 
-    engine.ray_environment(None)  # a local Ray on loopback: set before ray is imported, which reads it
-    import ray
-
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never $RAY_ADDRESS's cluster
-    try:
-        resources = ray.cluster_resources()
-        placement = engine.worker_placement(resources.get("GPU", 0) >= 1, int(resources.get("CPU", 1)))
         idle = ray.remote(_IdleActor).options(**placement).remote()
         ray.get(idle.ready.remote())  # its process is up (and Ray's start-up over) before the work starts
         return _in_a_child("bare_library", models, pairs, candidates, steps, micro_batch, True)
-    finally:
-        ray.shutdown()
 
 
 class _IdleActor:
