@@ -137,7 +137,11 @@ def test_submit_wait_runs_the_deployment_on_the_ray_cluster(cluster, manifest, t
     assert {a["type"] for a in artifacts} >= {"progress", "table", "markdown"}
     logs = "\n".join(e["message"] for e in api(url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}}))
     ray_lines = [line for line in logs.splitlines() if line.startswith("Ray:")]
-    assert ray_lines and f"joined the Ray cluster at {address}" in ray_lines[0], ray_lines  # not a local Ray
+    # Joined the cluster, not a local Ray. A busy head can lose Ray Client's server for a connection before it serves
+    # ("Initialization failure from server"): the run then says so and joins again (engine.CLIENT_ATTEMPTS).
+    joined = [line for line in ray_lines if f"joined the Ray cluster at {address}" in line]
+    retried = [line for line in ray_lines if line.startswith("Ray: joining ray://") and "trying again in" in line]
+    assert len(joined) == 1 and len(joined) + len(retried) == len(ray_lines), ray_lines
     assert "generator on " in logs and "ranker on " in logs and "GPUs none" in logs
 
     run = json.load(open(os.path.join(out, "run.json")))
