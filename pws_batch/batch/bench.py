@@ -426,17 +426,18 @@ def _pipeline_round(flow: Callable[..., dict], manifest: str, out: str, pairs: i
     else:
         print_fn(f"(the bare library ran with {settings}, as the CPU actors do; --compare-malloc: also without)")
     steady = None
-    pipeline_steady = ranked_at[pairs] - ranked_at[1] if pairs >= 2 and {1, pairs} <= set(ranked_at) else None
+    # When each pair ended in the pipeline (the flow's listeners hear every count from 1 to `pairs`)
+    ends = [ranked_at[n] for n in range(1, pairs + 1)] if set(range(1, pairs + 1)) <= set(ranked_at) else []
+    pipeline_steady = _steady(ends)
     if pipeline_steady is not None:
         bare_steady = _steady(bare["pair_ends_s"])
         steady = bare_steady / pipeline_steady if pipeline_steady > 0 else float("nan")
         print_fn(f"steady state (pair 2 to pair {pairs}): bare {bare_steady:.1f} s, pipeline {pipeline_steady:.1f} s: "
                  f"efficiency {steady:.2f}; the rest: bare's first pair {bare['pair_ends_s'][0]:.1f} s, the "
                  f"pipeline's dispatch {work - pipeline_steady:.1f} s (its first pair and the shard's commit)")
-        ends = [ranked_at[n] for n in range(1, pairs + 1)] if set(range(1, pairs + 1)) <= set(ranked_at) else None
-        if ends:  # where a steady state is not yet steady (a worker's heap still growing, say)
-            print_fn(f"pairs 2 to {pairs}, seconds each: bare {_intervals(bare['pair_ends_s'])}; pipeline "
-                     f"{_intervals(ends)}")
+        # where a steady state is not yet steady (a worker's heap still growing, say)
+        print_fn(f"pairs 2 to {pairs}, seconds each: bare {_intervals(bare['pair_ends_s'])}; pipeline "
+                 f"{_intervals(ends)}")
     split: dict[str, float | None] = {}
     if in_ray and beside:  # where the pipeline's cost goes: Ray's processes, the work in one, the orchestration
         started = " ".join(f"{k}={v}" for k, v in in_ray["malloc_env"].items()) or "glibc's default malloc settings"

@@ -25,7 +25,6 @@ import os
 CPU_MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
-
 def malloc_env_started_with() -> dict[str, str]:
     """The variables of CPU_MALLOC_ENV this process was started with (glibc reads them only at start)."""
     return {k: os.environ[k] for k in CPU_MALLOC_ENV if k in os.environ}
