@@ -40,3 +40,8 @@ def test_targets_stop_a_pair_after_its_first_micro_batch_or_never(tmp_path, tiny
     # the stopped pair used about half the U-Net evaluations of a full pair
     evals = data.set_index("pair_id").unet_evals
     assert evals["met"] * 2 == evals["never"] == evals["plain"]
+    # what made the sounds is recorded where users look: each row, run.json's models and the card
+    assert set(data.model_vocoder) == {"griffin-lim"}
+    assert json.load(open(os.path.join(out, "run.json")))["models"]["vocoder"] == "griffin-lim"
+    card = open(os.path.join(out, "README.md")).read()
+    assert "- vocoder: `griffin-lim`" in card and "| engine.vocoder | griffin-lim |" in card

@@ -91,6 +91,14 @@ def scheduler_config_for(models: str) -> tuple[dict, dict[str, str]]:
     return load_scheduler_config(model_set.image, fallback=True), model_set.ids()
 
 
+def run_model_ids(model_ids: dict[str, str], config: RunConfig) -> dict[str, str]:
+    """The model ids a run's rows record: the model set's, with `vocoder` naming what made the sound (with
+    `--vocoder griffin-lim` no vocoder model is loaded, and `generate` needs that flag to make the same sound)."""
+    if config.engine.vocoder == "griffin-lim":
+        return {**model_ids, "vocoder": "griffin-lim"}
+    return model_ids
+
+
 def manifest_base(manifest: str) -> str:
     return manifest.rsplit("/", 1)[0] if "/" in manifest else "."
 
@@ -282,6 +290,7 @@ def _prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], No
     output = Output(out)
     fingerprint = check_output(manifest, out, config)
     validated, model_ids = validate(manifest, config)
+    model_ids = run_model_ids(model_ids, config)
     check_models(config)  # before run.json says "running" and before Ray: a missing model is one line
     if not validated.requests:
         raise RunError(no_good_rows(manifest, validated))
