@@ -24,6 +24,7 @@ import pytest
 import soundfile as sf
 
 from dataset_maker import HEIGHT, RATE, WIDTH, make_dataset
+from pws_batch.batch.config import RunConfig
 
 
 def prompts(n: int) -> dict:
@@ -172,11 +173,31 @@ def test_the_card_carries_the_models_terms():
     from pws_batch.batch.card import dataset_card
 
     models = {"image": "stable-diffusion-v1-5/stable-diffusion-v1-5", "audio": "auffusion/auffusion-full-no-adapter"}
-    card = DatasetCard(dataset_card("real", {"models": models, "config": {"crop_columns": 0}},
+    card = DatasetCard(dataset_card("real", {"models": models, "config": RunConfig().to_dict()},
                                     [{"pair_id": "a|b", "clip_score": 0.3, "clap_score": 0.5}]))
     assert sorted(card.data.license) == ["cc-by-nc-sa-4.0", "creativeml-openrail-m"]
-    assert "no commercial use" in card.text and "256 x 1024" in card.text
+    assert "no commercial use" in card.text
     assert "a\\|b" in card.text  # table cells are escaped
+
+
+def test_the_card_describes_the_media_and_settings_of_the_run_as_run_json_holds_them():
+    """run.json's config is in sections (defaults, engine, plan, ranking): the card reads the canvas width and the
+    audio format from there (or the rows), and lists every setting whole."""
+    from pws_batch.batch.card import dataset_card
+
+    config = RunConfig().replace(defaults={"crop_columns": 0}, engine={"vocoder": "griffin-lim"},
+                                 plan={"audio_format": "flac", "overwrite": True}).to_dict()
+    row = {"pair_id": "p", "image_prompt": "a fox <script>alert(1)</script> & <b>co</b>", "clip_score": 0.3,
+           "clap_score": 0.5}
+    card = dataset_card("run", {"config": config}, [row])
+    assert "256 x 1024 grayscale canvas" in card and "16 kHz mono FLAC" in card
+    assert "| engine.vocoder | griffin-lim |" in card and "| plan.audio_format | flac |" in card
+    assert "| defaults.crop_columns | 0 |" in card and "…" not in card.split("## Generation settings")[1]
+    assert "overwrite" not in card and "ray_address" not in card
+    assert "<script>" not in card and "a fox &lt;script&gt;alert(1)&lt;/script&gt; &amp; &lt;b&gt;co" in card
+    # a manifest row may set its own crop: the rows say what the canvases are
+    mixed = dataset_card("run", {"config": config}, [{**row, "crop_columns": 32}, {**row, "crop_columns": 0}])
+    assert "256 x 992 to 1024 (per row: 1024 - crop_columns) grayscale canvas" in mixed
 
 
 def test_a_flac_run_stores_lossless_flac_about_half_the_size(jsonl_manifest, tmp_path):

@@ -9,6 +9,7 @@ sound is read to write it.
 from __future__ import annotations
 
 import heapq
+import html
 import io
 import math
 from typing import Any, Iterable
@@ -25,7 +26,10 @@ MODEL_TERMS = {
 }
 # The columns the card reads (never the media).
 CARD_COLUMNS = ["pair_id", "image_prompt", "audio_prompt", "candidate_index", "seed", "rank", "clip_score",
-                "clap_score"]
+                "clap_score", "crop_columns"]
+# Settings of run.json's config the card leaves out (besides the ranking, shown as its rule): what to do with an
+# earlier output, and where guides were read from and which cluster ran it (paths and addresses may be private)
+NOT_SHOWN = {"plan.overwrite", "plan.allow_guides", "engine.ray_address"}
 SCORES = {"clip_score": "CLIP score (picture vs image prompt)", "clap_score": "CLAP score (sound vs audio prompt)"}
 SAMPLE_ROWS = 10
 
@@ -109,10 +113,33 @@ def _rule_text(ranking: dict[str, Any]) -> str:
     return "pareto: the Pareto front of (CLIP, CLAP) first"
 
 
-def _cell(value: Any, width: int = 60) -> str:
+def _cell(value: Any, width: int | None = 60) -> str:
+    """A value as the text of a markdown table cell: `|` and HTML's `<`, `>`, `&` escaped (prompts are the users'
+    text; not every markdown viewer sanitises HTML), on one line, cut at `width` characters."""
     text = "" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
-    text = text.replace("|", "\\|").replace("\n", " ")
-    return text if len(text) <= width else text[: width - 1] + "…"
+    text = text.replace("\n", " ")
+    if width is not None and len(text) > width:
+        text = text[: width - 1] + "…"
+    return html.escape(text, quote=False).replace("|", "\\|")
+
+
+def settings(config: dict[str, Any]) -> list[tuple[str, Any]]:
+    """run.json's config as (`section.setting`, value) rows, in its order, without NOT_SHOWN and the ranking."""
+    return [(f"{section}.{key}", value) for section, values in config.items() if section != "ranking"
+            and isinstance(values, dict) for key, value in values.items() if f"{section}.{key}" not in NOT_SHOWN]
+
+
+def canvas_widths(config: dict[str, Any], kept_rows: list[dict[str, Any]]) -> str:
+    """The stored canvases' width: from the kept rows' crop_columns (a manifest row may set its own), else the
+    run's default."""
+    crops = {r["crop_columns"] for r in kept_rows if isinstance(r.get("crop_columns"), int)}
+    if not crops:
+        default = config.get("defaults", {}).get("crop_columns", 32)
+        crops = {default} if isinstance(default, int) else set()
+    widths = sorted(1024 - c for c in crops)
+    if not widths:
+        return "1024 - crop_columns"
+    return str(widths[0]) if len(widths) == 1 else f"{widths[0]} to {widths[-1]} (per row: 1024 - crop_columns)"
 
 
 LOAD_SNIPPET = '''```python
@@ -152,9 +179,8 @@ def dataset_card(name: str, run: dict[str, Any], kept_rows: list[dict[str, Any]]
     )
     if not licenses:
         data.license_name = "model-terms"  # the Hub asks for a name when the license is "other"
-    crop = config.get("crop_columns", 32)
-    width = 1024 - crop if isinstance(crop, int) else "1024 - crop_columns"
-    audio_format = config.get("audio_format", "wav").upper()
+    width = canvas_widths(config, kept_rows)
+    audio_format = str(config.get("plan", {}).get("audio_format", "wav")).upper()
     sample = best(kept_rows, SAMPLE_ROWS)
     columns = ["pair_id", "image_prompt", "audio_prompt", "seed", "clip_score", "clap_score"]
     lines = [
@@ -184,8 +210,7 @@ def dataset_card(name: str, run: dict[str, Any], kept_rows: list[dict[str, Any]]
         *["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in sample], "",
         "## Generation settings", "",
         "| setting | value |", "|---|---|",
-        *[f"| {k} | `{_cell(v)}` |" for k, v in config.items()
-          if k not in ("manifest", "out", "ray_address", "overwrite", "ranking")],
+        *[f"| {k} | {_cell(v, width=None)} |" for k, v in settings(config)],
         "", "A manifest row's own values (guidance, steps, seed, ...) win over these defaults; every row holds "
         "the parameters it was made with, its `base_seed` and its candidate's `seed`.", "",
         "## Models", "",
