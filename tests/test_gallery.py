@@ -24,7 +24,9 @@ window.addEventListener("load", async () => {
                   pageinfo: document.getElementById("pageinfo").textContent.trim(),
                   total: cards().map((c) => Number(c.dataset.clip) + Number(c.dataset.clap)),
                   bold: document.querySelectorAll(".card b").length,
-                  sound: document.querySelectorAll(".prompt")[1].textContent};
+                  sound: document.querySelectorAll(".prompt")[1].textContent,
+                  count: document.getElementById("count").textContent,
+                  prompts: cards().map((c) => c.querySelector(".prompt").textContent)};
   window.gallery.sortBy("clap_score");
   result.clap = cards().map((c) => Number(c.dataset.clap));
   document.getElementById("next").click();
@@ -39,7 +41,8 @@ window.addEventListener("load", async () => {
 def dataset(tmp_path_factory) -> str:
     tmp = tmp_path_factory.mktemp("gallery")
     n = 15
-    pq.write_table(pa.table({"image_prompt": [f"a picture {i}" for i in range(n)],
+    # prompts that end the page's script data in HTML's parser unless escaped (`<!--<script>`): no card would show
+    pq.write_table(pa.table({"image_prompt": [f"a picture {i} <!--<script> & </script>" for i in range(n)],
                              "audio_prompt": [f"a <b>sound</b> {i}" for i in range(n)]}), tmp / "m.parquet")
     out = str(tmp / "out")
     make_dataset(str(tmp / "m.parquet"), out, shard_size=4, keep=2)  # 30 kept rows
@@ -60,6 +63,8 @@ def test_the_gallery_renders_pictures_and_playable_sounds_in_chromium(dataset, c
     assert result["total"] == sorted(result["total"], reverse=True)  # best first
     assert result["clap"] == sorted(result["clap"], reverse=True) and len(set(result["clap"])) > 1
     assert result["page2"] == 6
+    assert result["count"].startswith("30 kept candidates of 15 pairs of ")
+    assert all(p.endswith(" <!--<script> & </script>") for p in result["prompts"])  # shown as the text it is
 
 
 def test_gallery_top_and_out(dataset, tmp_path):

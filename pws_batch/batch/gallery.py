@@ -140,7 +140,7 @@ def markdown_summary(uri: str, top: int = 4, max_chars: int = 2_000_000,
     else:
         best, total = best_rows(out, top, ["image_prompt", "audio_prompt", "seed"])
     media = media_of(out, best)
-    lines = [f"# Best {len(best)} of {total} kept pairs (CLIP + CLAP)", "",
+    lines = [f"# Best {len(best)} of {total} kept rows (CLIP + CLAP)", "",
              "| picture and sound | prompts | scores |", "|---|---|---|"]
     size = sum(len(line) + 1 for line in lines)
     shown = 0
@@ -169,9 +169,19 @@ def markdown_summary(uri: str, top: int = 4, max_chars: int = 2_000_000,
 
 
 def page(title: str, uri: str, items: list[dict[str, Any]], page_size: int = PAGE_SIZE) -> str:
-    data = json.dumps(items, ensure_ascii=False).replace("</", "<\\/")
+    # JSON inside <script>: with <, > and & as \u escapes no text in it (`</script>`, `<!--<script>`) can end or
+    # change the script element, and JSON.parse reads the same strings back
+    data = json.dumps(items, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e") \
+        .replace("&", "\\u0026")
     return TEMPLATE.replace("__TITLE__", html.escape(str(title))).replace("__URI__", html.escape(str(uri))) \
-        .replace("__COUNT__", str(len(items))).replace("__PAGE_SIZE__", str(int(page_size))).replace("__DATA__", data)
+        .replace("__COUNT__", count_text(items)).replace("__PAGE_SIZE__", str(int(page_size))) \
+        .replace("__DATA__", data)
+
+
+def count_text(rows: list[dict[str, Any]]) -> str:
+    """"N kept pairs" (one row per pair), else "R kept candidates of N pairs" (a run with --keep > 1)."""
+    pairs = len({r.get("pair_id") for r in rows})
+    return f"{pairs} kept pairs" if pairs == len(rows) else f"{len(rows)} kept candidates of {pairs} pairs"
 
 
 TEMPLATE = """<!doctype html>
@@ -197,7 +207,7 @@ details table td { padding: 0 .6rem 0 0; vertical-align: top; }
 </style>
 </head>
 <body>
-<header><h1>__TITLE__</h1><span class="label">__COUNT__ kept pairs of <code>__URI__</code></span></header>
+<header><h1>__TITLE__</h1><span class="label" id="count">__COUNT__ of <code>__URI__</code></span></header>
 <div class="controls">
   <label>sort by <select id="sort">
     <option value="total">CLIP + CLAP</option><option value="clip_score">CLIP score</option>
