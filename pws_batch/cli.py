@@ -746,14 +746,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from pws_batch.batch.manifest import ManifestError
     from pws_batch.core.models import ModelSetError
-    from pws_batch.batch.run import validate
+    from pws_batch.batch.run import kept_features, validate
 
     config = _run_config(args, "validate")
     try:
         validated, _ = validate(args.manifest, config)
     except (ManifestError, ModelSetError) as exc:
         raise UsageError(f"pws-batch validate: error: {exc}") from exc
-    for w in validated.warnings:
+    _, schema_warnings = kept_features(validated.requests)  # the pass-through columns `run` will write as text
+    for w in [*validated.warnings, *schema_warnings]:
         print(f"warning: {w}")
     for r in validated.rejections:
         print(str(r))

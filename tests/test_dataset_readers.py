@@ -45,6 +45,9 @@ def parquet_manifest(tmp_path) -> str:
         "captured": pa.array([dt.datetime(2024, 1, i + 1, 12, tzinfo=dt.timezone.utc) for i in range(n)],
                              pa.timestamp("us", tz="UTC")),
         "day": pa.array([dt.date(2024, 2, i + 1) for i in range(n)]),
+        # whole numbers beside nulls (pandas' reader would make them 7.0, NaN), at the top and nested
+        "count": pa.array([7, None, 8, None, 9], pa.int64()),
+        "stats": pa.array([{"n": i if i % 2 else None} for i in range(n)], pa.struct([("n", pa.int32())])),
     })
     path = tmp_path / "typed.parquet"
     pq.write_table(table, path)
@@ -99,6 +102,7 @@ def test_typed_pass_through_columns_keep_their_types_in_every_reader(parquet_man
     assert schema.field("tags").type == pa.list_(pa.string())
     assert schema.field("captured").type == pa.timestamp("us", tz="UTC")
     assert schema.field("day").type == pa.date32()
+    assert schema.field("count").type == pa.int64() and schema.field("stats").type == pa.struct([("n", pa.int64())])
     features = json.loads(schema.metadata[b"huggingface"])["info"]["features"]
     assert features["image"] == {"_type": "Image"}
     assert features["audio"] == {"sampling_rate": RATE, "_type": "Audio"}
@@ -110,11 +114,35 @@ def test_typed_pass_through_columns_keep_their_types_in_every_reader(parquet_man
     assert str(df["captured"].dt.tz) == "UTC"
     table = pads.dataset(os.path.join(out, "data"), format="parquet").to_table()
     assert table.num_rows == 5 and table.schema.field("tags").type == pa.list_(pa.string())
+    by_row = table.sort_by("manifest_row")
+    assert by_row["count"].to_pylist() == [7, None, 8, None, 9]
+    assert by_row["stats"].to_pylist() == [{"n": None}, {"n": 1}, {"n": None}, {"n": 3}, {"n": None}]
 
     ds = load_with_datasets(out, str(tmp_path / "cache"))
     assert ds.num_rows == 5 and ds.features["meta"]["weight"].dtype == "float64"
     assert sorted(r["source"] for r in ds["meta"]) == [f"s{i}" for i in range(5)]
     check_media(ds)
+
+
+def test_validate_names_the_pass_through_columns_run_will_write_as_text(tmp_path, capsys):
+    """`validate` prints the warnings `run` logs; each says why: a number too large for int64 (never rounded to
+    a float), a type the dataset keeps as text only, a Parquet map."""
+    from decimal import Decimal
+
+    from pws_batch.cli import main
+
+    path = tmp_path / "odd.parquet"
+    pq.write_table(pa.table({**prompts(3),
+                             "huge": pa.array([2**63 + 5, None, 1], pa.uint64()),
+                             "price": pa.array([Decimal("1.50"), Decimal("2.25"), None], pa.decimal128(5, 2)),
+                             "attrs": pa.array([[("a", 1)], [], None], pa.map_(pa.string(), pa.int64())),
+                             "fine": pa.array([1, None, 2], pa.int64())}), path)
+    assert main(["validate", str(path), "--models", "tiny"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: pass-through")]
+    assert len(lines) == 3, lines
+    assert "'huge' has values that do not fit a 64-bit number" in lines[0]
+    assert "'price' holds values of a type the dataset keeps as text only (Decimal)" in lines[1]
+    assert "'attrs' holds maps" in lines[2]
 
 
 def test_loose_pass_through_columns_become_text_with_a_warning_naming_them(jsonl_manifest, tmp_path):

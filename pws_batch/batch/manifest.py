@@ -92,7 +92,7 @@ def read_manifest(uri: str):
         if lower.endswith((".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")):
             return _read_json_lines(raw)
         # Not pd.read_parquet: Arrow's dataset scanner starts pool threads (see read_parquet_bytes).
-        return read_parquet_bytes(raw).to_pandas()
+        return _parquet_frame(read_parquet_bytes(raw))
     except FileNotFoundError as exc:
         raise ManifestError(f"manifest {uri} does not exist") from exc
     except ManifestError as exc:
@@ -100,6 +100,34 @@ def read_manifest(uri: str):
     except Exception as exc:  # noqa: BLE001 - any parse failure: say which file and what format was expected
         raise ManifestError(f"cannot read manifest {uri} as {'CSV' if '.csv' in lower else 'JSON Lines' if '.json' in lower else 'Parquet'}: "
                             f"{type(exc).__name__}: {exc}") from exc
+
+
+def _parquet_frame(table):
+    """The manifest's rows as pandas reads them, but for the pass-through columns holding whole numbers: pandas
+    turns whole numbers beside a null into float64 (7 -> 7.0, in nested values too; a uint64 above 2**53 loses
+    digits), so those columns keep Python ints and None, as the other readers give them. The known columns stay
+    as pandas reads them (validation checks them a column at a time)."""
+    df = table.to_pandas()
+    for i, field in enumerate(table.schema):
+        if field.name not in KNOWN and _holds_integers(field.type):
+            df.isetitem(i, table.column(i).to_pandas(integer_object_nulls=True).set_axis(df.index))
+    return df
+
+
+def _holds_integers(t) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_integer(t):
+        return True
+    if pa.types.is_dictionary(t):
+        return _holds_integers(t.value_type)
+    if pa.types.is_map(t):
+        return _holds_integers(t.key_type) or _holds_integers(t.item_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _holds_integers(t.value_type)
+    if pa.types.is_struct(t):
+        return any(_holds_integers(t.field(j).type) for j in range(t.num_fields))
+    return False
 
 
 def manifest_name(uri: str) -> str:

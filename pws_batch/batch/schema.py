@@ -105,7 +105,17 @@ def column_type(values: Iterable[Any]) -> tuple[pa.DataType, str | None]:
             t = None
         if t is not None and _representable(t):
             return t, None
+        if t is not None:
+            return pa.string(), (f"holds values of a type Hugging Face datasets has no feature for ({t}); they are "
+                                 f"written as JSON text")
+        if all(isinstance(v, list) and all(isinstance(e, tuple) and len(e) == 2 for e in v) for v in present):
+            return pa.string(), ("holds maps (key-value pairs, as Parquet's map type), which Hugging Face datasets "
+                                 "has no feature for; they are written as JSON text")
         return pa.string(), "holds nested values of different shapes; they are written as JSON text"
+    if kinds == {"other"}:
+        names = sorted({type(v).__name__ for v in present})
+        return pa.string(), (f"holds values of a type the dataset keeps as text only ({', '.join(names)}); they "
+                             f"are written as text")
     return pa.string(), (f"mixes values of types {', '.join(sorted(kinds))}; every value is written as text "
                          f"(give the column one type in the manifest to keep it)")
 
