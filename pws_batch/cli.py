@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out", help="the dataset's location (path or fsspec URI)")
     exp.add_argument("dir", help="the folder to write (path or fsspec URI)")
     exp.add_argument("--format", default="files", choices=["files"], help="(default: files)")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="delete an earlier export's NNNNN.* files in DIR first (default: refuse such a DIR; "
+                          "other files in it are always left alone)")
 
     push = sub.add_parser("push", help="upload a dataset to the Hugging Face Hub (needs the network and a token)",
                           description=DESCRIPTIONS["push"])
@@ -798,10 +801,10 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pws_batch.batch.export import export_files
+    from pws_batch.batch.export import ExportError, export_files
 
-    with _usage_errors("export", FileNotFoundError):
-        n = export_files(args.out, args.dir)
+    with _usage_errors("export", FileNotFoundError, ExportError):
+        n = export_files(args.out, args.dir, overwrite=args.overwrite)
     print(f"exported {n} rows of {args.out} to {args.dir} (NNNNN.png, NNNNN.wav/.flac, NNNNN.json)")
     return 0
 

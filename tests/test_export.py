@@ -43,6 +43,23 @@ def test_export_writes_an_img2dataset_style_folder(manifest, tmp_path, audio_for
     assert "image" not in records[0] and "audio" not in records[0]
 
 
+def test_export_refuses_a_folder_holding_an_earlier_export_unless_overwrite(manifest, tmp_path, capsys):
+    out, dest = str(tmp_path / "out"), tmp_path / "files"
+    make_dataset(manifest, out, shard_size=2)
+    dest.mkdir()
+    (dest / "notes.txt").write_text("mine")
+    (dest / "00099.json").write_text("{}")  # a row of an earlier, larger export
+    capsys.readouterr()
+    assert main(["export", out, str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds 1 exported files (00099.json" in err and "--overwrite" in err
+    assert sorted(os.listdir(dest)) == ["00099.json", "notes.txt"]  # nothing written, nothing lost
+    assert main(["export", out, str(dest), "--overwrite"]) == 0
+    names = sorted(os.listdir(dest))
+    assert names == sorted(["notes.txt", *(f"{i:05d}.{ext}" for i in range(5) for ext in ("png", "wav", "json"))])
+    assert (dest / "notes.txt").read_text() == "mine"
+
+
 def test_export_of_no_dataset_is_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "files")]) == 2
     assert "holds no run.json" in capsys.readouterr().err

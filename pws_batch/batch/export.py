@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from typing import Any
 
 from pws_batch.batch.dataset import Output
@@ -32,13 +33,28 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def export_files(uri: str, dest: str) -> int:
+EXPORTED = re.compile(r"^\d{5,}\.(png|wav|flac|json)$")  # the names export_files writes
+
+
+class ExportError(ValueError):
+    """The destination holds an earlier export (the message says how to go on)."""
+
+
+def export_files(uri: str, dest: str, overwrite: bool = False) -> int:
     """Write every kept row of the dataset at `uri` as NNNNN.png / .wav|.flac / .json into `dest`; returns the
-    number of rows."""
+    number of rows. A `dest` that already holds files named so is refused (its rows would mix with this export's)
+    unless `overwrite`, which deletes those files first; other files in `dest` are left alone."""
     out = Output(uri)
     if not out.exists("run.json"):
         raise FileNotFoundError(f"{uri} holds no run.json: not a pws-batch dataset (or the run never started)")
     target = Output(dest)
+    earlier = [name for name in target.list("") if EXPORTED.match(name)]
+    if earlier and not overwrite:
+        raise ExportError(f"{dest} already holds {len(earlier)} exported files ({earlier[0]}, ...): their rows "
+                          f"would mix with this export's. Export to an empty or new folder, or pass --overwrite "
+                          f"to delete them first")
+    for name in earlier:
+        target.fs.rm(target.path(name))
     n = 0
     for part in [p for p in out.list("data") if p.endswith(".parquet")]:
         for row in out.read_table(f"data/{part}").to_pylist():
