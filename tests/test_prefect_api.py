@@ -68,3 +68,45 @@ def test_a_server_that_exits_at_once_is_reported_not_waited_for(monkeypatch):
     monkeypatch.setattr(prefect_api.sys, "executable", "/bin/false")  # the server "exits" with status 1
     with pytest.raises(prefect_api.EphemeralApiError, match="exited with status 1 before it answered"):
         prefect_api.EphemeralApi.start(timeout=60)
+
+
+def test_a_port_answering_in_something_else_than_http_is_waited_past_then_the_server_stopped(monkeypatch):
+    """Until the server binds its port another process may hold it (Ray takes ports as it starts): what answers
+    there in binary is no health answer (http.client's BadStatusLine is no OSError), and when the time is up
+    the server is stopped, not left running."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    from pws_batch.batch import prefect_api
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def answer_binary() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.sendall(b"\x00\x00\x18\x04\x00\x00\x00\x00\x00garbage\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=answer_binary, daemon=True).start()
+    started, popen = [], subprocess.Popen
+
+    def fake_popen(*args, **kwargs):  # a server that never binds its port
+        started.append(popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        return started[-1]
+
+    monkeypatch.setattr(prefect_api, "_free_port", lambda: port)
+    monkeypatch.setattr(prefect_api.subprocess, "Popen", fake_popen)
+    try:
+        with pytest.raises(prefect_api.EphemeralApiError, match="did not answer within 1 s"):
+            prefect_api.EphemeralApi.start(timeout=1)
+        assert started and started[0].poll() is not None  # stopped
+    finally:
+        listener.close()

@@ -9,6 +9,7 @@ health check; `use_api` points this process's Prefect at it for the length of on
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import os
 import socket
@@ -52,19 +53,29 @@ class EphemeralApi:
                                     "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
                                     str(port), "--log-level", "error", "--lifespan", "on"], env=env)
         api = cls(process, port)
+        try:
+            api._wait_healthy(timeout)
+        except BaseException:  # an interrupt too: nothing is left running
+            api.stop()
+            raise
+        return api
+
+    def _wait_healthy(self, timeout: float) -> None:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
         deadline = time.monotonic() + timeout
         while True:
-            if process.poll() is not None:
-                raise EphemeralApiError(f"the server exited with status {process.returncode} before it answered")
+            if self.process.poll() is not None:
+                raise EphemeralApiError(f"the server exited with status {self.process.returncode} before it "
+                                        f"answered")
             try:
-                with opener.open(f"{api.api_url}/health", timeout=2) as response:
+                with opener.open(f"{self.api_url}/health", timeout=2) as response:
                     if response.status == 200:
-                        return api
-            except OSError:
+                        return
+            # not up yet; or, until ours binds the port, another process that took it meanwhile and answers in
+            # something else than HTTP (http.client's BadStatusLine is no OSError)
+            except (OSError, http.client.HTTPException):
                 pass
             if time.monotonic() > deadline:
-                api.stop()
                 raise EphemeralApiError(f"the server did not answer within {timeout:g} s")
             time.sleep(0.1)
 
