@@ -61,7 +61,7 @@ DESCRIPTIONS = {
         paths or URIs such as s3://).""",
     "validate": """
         Report every bad row of a manifest (row number, field, what is wrong, how to fix it); exit status 1 if
-        any row is bad.""",
+        any row is bad or there is no row.""",
     "gallery": """
         Write a static HTML page (no server, no CDN) with each kept pair's picture, an audio player, prompts,
         scores, seed and parameters, sortable by score and paginated; the media are files next to the page, so
@@ -528,6 +528,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     _make_prefect_home()  # before Prefect is imported, which warns about a missing one
     config = _run_config(args, "run")
+    from pws_batch.batch import engine
     from pws_batch.batch.lease import LeaseError, check_lease
     from pws_batch.batch.manifest import ManifestError
     from pws_batch.batch.run import check_models, check_output, no_good_rows, validate
@@ -547,11 +548,10 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"rejected {r}", file=sys.stderr)
             raise RunError(no_good_rows(args.manifest, validated) + "; nothing was written")
         check_output(args.manifest, args.out, config)
-    except (ManifestError, RunError, LeaseError) as exc:
+        engine.check_ray_address(config.engine.ray_address or os.environ.get("RAY_ADDRESS"))
+    except (ManifestError, RunError, LeaseError, engine.RayUnreachable) as exc:
         raise UsageError(f"pws-batch run: error: {exc}") from exc
     import logging
-
-    from pws_batch.batch import engine
 
     engine.ray_environment(config.engine.ray_address)  # before ray is imported: it reads them then
     import ray  # noqa: F401 - imported first so that its log handler exists and is redirected above the bar
@@ -749,7 +749,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from pws_batch.batch.manifest import ManifestError
     from pws_batch.core.models import ModelSetError
-    from pws_batch.batch.run import kept_features, validate
+    from pws_batch.batch.run import kept_features, no_good_rows, validate
 
     config = _run_config(args, "validate")
     try:
@@ -763,7 +763,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(str(r))
     print(f"{args.manifest}: {validated.num_rows} rows, {len(validated.requests)} good, "
           f"{len(validated.rejections)} bad")
-    return 1 if validated.rejections else 0
+    if not validated.num_rows:  # `run` refuses it: so does the check people put before it
+        print(no_good_rows(args.manifest, validated), file=sys.stderr)
+    return 1 if validated.rejections or not validated.num_rows else 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

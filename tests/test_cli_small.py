@@ -40,6 +40,29 @@ def test_validate_of_an_unreadable_manifest_is_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "does not exist" in err
 
 
+def test_validate_of_a_manifest_without_rows_fails_as_run_would(tmp_path, capsys, tiny_models):
+    manifest = tmp_path / "empty.csv"
+    manifest.write_text("image_prompt,audio_prompt\n")
+    assert main(["validate", str(manifest), "--models", "tiny"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.strip().endswith("0 rows, 0 good, 0 bad") and "has no rows" in captured.err
+
+
+def test_run_with_a_ray_address_nothing_listens_at_fails_at_once_in_one_line(tmp_path, capsys, tiny_models):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens at once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manifest, out = tmp_path / "m.csv", tmp_path / "out"
+    manifest.write_text("image_prompt,audio_prompt\na cat,meowing\n")
+    assert main(["run", str(manifest), "--out", str(out), "--models", "tiny", "--ray-address",
+                 f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot reach the Ray cluster at 127.0.0.1:{port}" in err
+    assert not out.exists() or not os.listdir(out)  # nothing written
+
+
 def test_inspect_of_something_that_is_not_a_dataset(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     assert "not a pws-batch dataset" in capsys.readouterr().err

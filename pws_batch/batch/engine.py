@@ -293,6 +293,30 @@ def ray_environment(address: str | None) -> str | None:
     return address
 
 
+class RayUnreachable(RuntimeError):
+    """Nothing answers at the cluster address given (the message names it and what to check)."""
+
+
+RAY_PROBE_S = 10.0  # seconds to wait for the cluster's port to answer
+
+
+def check_ray_address(address: str | None, timeout: float = RAY_PROBE_S) -> None:
+    """Fail in seconds, in one line, when nothing listens at the cluster `address` (host:port or
+    ray://host:port): ray.init would retry it for ever. "auto", "local" and addresses without a port are Ray's
+    to resolve."""
+    if not address or address in ("auto", "local"):
+        return
+    host, sep, port = (address.split("://", 1)[1] if "://" in address else address).rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        why = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise RayUnreachable(f"cannot reach the Ray cluster at {address} ({why}); check --ray-address and "
+                             f"$RAY_ADDRESS (unset both for a local Ray)") from exc
+
+
 CLIENT_ATTEMPTS = 3  # joins through Ray Client (ray://) whose server side failed to start, before giving up
 
 
@@ -311,6 +335,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None, log: Callable[
     if ray.is_initialized():
         return False
     if address:
+        check_ray_address(address)
         for attempt in range(1, CLIENT_ATTEMPTS + 1):
             try:
                 ray.init(address=address, log_to_driver=False)
