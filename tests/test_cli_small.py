@@ -28,6 +28,25 @@ def test_validate_reports_every_bad_row_and_exits_non_zero(tmp_path, capsys, tin
     assert out[2].startswith("row 3 (pair_id 'a'): pair_id: duplicate pair_id 'a' (first at row 0)")
 
 
+def test_validate_names_every_problem_of_a_row_and_typos_only_among_unknown_columns(tmp_path, capsys, tiny_models):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"image_prompt": 1, "audio_prompt": 2}\n'
+                        '{"image_prompt": "a cat", "audio_prompt": "meowing", "seed": 9223372036854775807}\n')
+    assert main(["validate", str(manifest), "--models", "tiny"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("row 0: image_prompt: must be text, got int 1; and audio_prompt: must be text")
+    assert lines[1].startswith("row 1") and "seed: must be an integer in [0, 2**63 - 4096)" in lines[1]
+    no_audio = tmp_path / "no_audio.csv"
+    no_audio.write_text("image_prompt,audio_promt\na cat,meowing\n")
+    assert main(["validate", str(no_audio), "--models", "tiny"]) == 2
+    assert "no column 'audio_prompt' (is 'audio_promt' a typo?)" in capsys.readouterr().err
+    only_image = tmp_path / "only_image.csv"
+    only_image.write_text("image_prompt\na cat\n")
+    assert main(["validate", str(only_image), "--models", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "no column 'audio_prompt';" in err and "typo" not in err
+
+
 def test_validate_of_the_example_manifests_passes(capsys, tiny_models):
     for name in ("example.parquet", "example.csv"):
         assert main(["validate", os.path.join("manifests", name), "--models", "tiny"]) == 0

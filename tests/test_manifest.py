@@ -212,11 +212,12 @@ def test_rejection_names_the_explicit_pair_id_of_the_row():
     assert v.rejections[0].pair_id == "mine" and "'mine'" in str(v.rejections[0])
 
 
-def test_several_problems_in_one_row_are_counted():
+def test_several_problems_in_one_row_are_all_named():
     v = validate(pd.DataFrame([row(guidance_image="high", steps=2.5, seed=True)]))
     (r,) = v.rejections
     assert r.field in {"guidance_image", "steps", "seed"}
-    assert "2 more" in r.reason
+    others = {"guidance_image", "steps", "seed"} - {r.field}
+    assert all(f"; and {f}: " in r.reason for f in others), r.reason
 
 
 def test_duplicate_explicit_pair_id_rejects_the_second_and_names_the_first_row():

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from pws_batch.batch.config import GenerationDefaults
 from pws_batch.batch.dataset import CANDIDATES_SCHEMA, KEPT_SCHEMA, read_parquet_bytes
 from pws_batch.batch.pair import PairRequest
-from pws_batch.core.params import GenerationParams, Problem, check_guides, check_params
+from pws_batch.core.params import MAX_CANDIDATES, GenerationParams, Problem, check_guides, check_params
 
 REQUIRED = ("image_prompt", "audio_prompt")
 PARAM_COLUMNS = ("negative_image_prompt", "negative_audio_prompt", "guidance_image", "guidance_audio", "t_image",
@@ -294,7 +294,7 @@ _FIXES = {
     "scheduler": "a diffusers scheduler class name such as DDIMScheduler, or an empty cell",
     "num_candidates": "a whole number >= 1, e.g. 50",
     "keep": "a whole number between 1 and num_candidates",
-    "seed": "a whole number >= 0",
+    "seed": f"a whole number in [0, 2**63 - {MAX_CANDIDATES})",
     "steps": "a whole number, e.g. 100",
     "pair_id": f"text of at most {MAX_PAIR_ID} characters, unique in the manifest",
     "target_clip": "a number (the CLIP score at which a pair may stop early), or an empty cell for the run's "
@@ -382,9 +382,10 @@ def _resolve_guides(values: dict[str, Any], base: str, manifest: str | None,
 
 
 def _first_of(problems: list[Problem]) -> Problem:
-    """The problem a row is rejected for: the first, saying how many more there are."""
+    """The problem a row is rejected for: the first (its field and fix), its message naming the others with theirs,
+    so that one round of fixes can clear the row."""
     p = problems[0]
-    more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+    more = "".join(f"; and {q.field}: {q.message}" + (f" (fix: {q.fix})" if q.fix else "") for q in problems[1:])
     return Problem(p.field, p.message + more, p.fix)
 
 
@@ -403,7 +404,8 @@ def _check_columns(df) -> tuple[list[str], list[str], list[str], dict[str, str]]
     columns = [str(c) for c in df.columns]
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
-        hints = [f"{m!r} (is {close[0]!r} a typo?)" if (close := difflib.get_close_matches(m, columns, 1)) else repr(m)
+        unknown = [c for c in columns if c not in KNOWN]  # a typo is no column the manifest uses as itself
+        hints = [f"{m!r} (is {close[0]!r} a typo?)" if (close := difflib.get_close_matches(m, unknown, 1)) else repr(m)
                  for m in missing]
         raise ManifestError(f"the manifest has no column {', '.join(hints)}; required: {', '.join(REQUIRED)}")
     duplicated = sorted({c for c in columns if columns.count(c) > 1})

@@ -161,7 +161,8 @@ def check_params(p: GenerationParams) -> list[Problem]:
                                                   f"speeds {MAX_CANDIDATES} candidates take about a day",
                                 "e.g. 50; for more, add rows with other seeds"))
     if not isinstance(p.seed, int) or isinstance(p.seed, bool) or not 0 <= p.seed < 2**63 - MAX_CANDIDATES:
-        problems.append(Problem("seed", f"must be a non-negative integer, got {p.seed!r}", "e.g. 0"))
+        problems.append(Problem("seed", f"must be an integer in [0, 2**63 - {MAX_CANDIDATES}), got {p.seed!r} "
+                                        f"(candidate i's seed is seed + i, a 64-bit integer)", "e.g. 0"))
     if not isinstance(p.crop_columns, int) or isinstance(p.crop_columns, bool) or not 0 <= p.crop_columns < 1024:
         problems.append(Problem("crop_columns", f"must be an integer in [0, 1024), got {p.crop_columns!r}",
                                 "the reference drops 32"))
