@@ -282,6 +282,9 @@ def ray_environment(address: str | None) -> str | None:
     """Set what Ray reads when it is IMPORTED (call this before any `import ray`); returns the address to join
     (`address`, else $RAY_ADDRESS, else None: a local Ray)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
+    # A Ray call after this run's ray.shutdown (a Prefect task still running as Ctrl-C stops the flow) must fail,
+    # not start a second local Ray from that thread
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     if address:
         # Ray 2.60 keeps token auth on; a client joining by address (host:port, or ray:// for Ray Client) must
         # say so. The token is ~/.ray/auth_token or $RAY_AUTH_TOKEN, set up by the operator.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -49,9 +50,16 @@ class EphemeralApi:
         port = _free_port()
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         env.pop("PREFECT_API_URL", None)
-        process = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", site, "--factory",
-                                    "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
-                                    str(port), "--log-level", "error", "--lifespan", "on"], env=env)
+        # Started with SIGINT blocked (the child keeps this thread's signal mask; Ray starts its processes so too):
+        # a Ctrl-C in the terminal reaches the whole process group, and the server must outlive it until the run
+        # has recorded how it ended; `stop` ends it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            process = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", site, "--factory",
+                                        "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
+                                        str(port), "--log-level", "error", "--lifespan", "on"], env=env)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         api = cls(process, port)
         try:
             api._wait_healthy(timeout)
