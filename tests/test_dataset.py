@@ -438,3 +438,24 @@ def test_inspect_tells_a_running_dataset_from_one_whose_run_died(tmp_path):
     with lease.acquire(out, "the live run", print):
         assert "pairs): running (the live run (host" in summarize(out).splitlines()[0]
     assert "pairs): interrupted (the run that wrote it is gone; run it again" in summarize(out).splitlines()[0]
+
+
+def test_inspect_of_an_interrupted_run_counts_what_its_committed_shards_hold(tmp_path):
+    """finalize never ran (Ctrl-C, a killed driver): run.json has no counts; inspect adds up the shards' markers."""
+    import pandas as pd
+
+    from dataset_maker import media_result
+    from pws_batch.batch.run import prepare
+    from pws_batch.batch.summary import summarize
+
+    manifest, out = str(tmp_path / "m.csv"), str(tmp_path / "out")
+    pd.DataFrame({"image_prompt": ["a", "b", "c", ""], "audio_prompt": ["x", "y", "z", "w"]}).to_csv(manifest,
+                                                                                                    index=False)
+    config = RunConfig().replace(engine={"models": "tiny"}, plan={"shard_size": 2},
+                                 defaults={"num_candidates": 3, "steps": 10, "keep": 2})
+    plan = prepare(manifest, out, config, log=lambda line: None)
+    process_shard(out, plan.model_ids, plan.todo[0], lambda reqs: ([media_result(r) for r in reqs], {}))
+    text = summarize(out)  # no lease: the run that wrote it is gone
+    assert "interrupted" in text.splitlines()[0] and "shards       1/2 committed" in text
+    assert "pairs        2 kept, 0 failed, 1 rejected rows, 1 not generated" in text
+    assert "candidates   6 generated, 4 kept" in text

@@ -504,6 +504,22 @@ def finalize(plan: RunPlan, actors: list | None = None, extra: dict | None = Non
             plan.lease.release()
 
 
+def committed_counts(stats: dict[str, dict], planned: dict[str, list[str]]) -> dict[str, Any]:
+    """run.json's counts that the committed shards' markers (`stats`, of the `planned` shards) make: what finalize
+    writes, and what `inspect` shows of a run that never got there (interrupted)."""
+    counts = {
+        "pairs_done": sum(s["pairs_done"] for s in stats.values()),
+        "pairs_failed": sum(s["pairs_failed"] for s in stats.values()),
+        "pairs_missing": sum(len(pair_ids) for name, pair_ids in planned.items() if name not in stats),
+        "candidates": sum(s["candidates"] for s in stats.values()), "kept": sum(s["kept"] for s in stats.values()),
+        "unet_evals": sum(s.get("unet_evals", 0) for s in stats.values()),
+        "pairs_stopped_early": sum(s.get("pairs_stopped_early", 0) for s in stats.values()),
+    }
+    counts["unet_evals_per_kept_pair"] = round(counts["unet_evals"] / counts["pairs_done"], 1) \
+        if counts["pairs_done"] else None
+    return counts
+
+
 def _finalize(plan: RunPlan, actors: list | None, extra: dict | None) -> dict[str, Any]:
     out = Output(plan.out)
     planned = {sh.name: sh.pair_ids for sh in plan.shards}
@@ -514,15 +530,9 @@ def _finalize(plan: RunPlan, actors: list | None, extra: dict | None) -> dict[st
     counts = {
         "rows": plan.validated.num_rows, "good": len(plan.validated.requests),
         "rejected": len(plan.validated.rejections), "shards": len(plan.shards), "shards_committed": len(stats),
-        "shards_resumed": len(plan.done), "pairs_done": sum(s["pairs_done"] for s in stats.values()),
-        "pairs_failed": sum(s["pairs_failed"] for s in stats.values()),
-        "pairs_missing": sum(len(s.requests) for s in plan.shards if s.name not in stats),
-        "candidates": sum(s["candidates"] for s in stats.values()), "kept": sum(s["kept"] for s in stats.values()),
-        "unet_evals": sum(s.get("unet_evals", 0) for s in stats.values()),
-        "pairs_stopped_early": sum(s.get("pairs_stopped_early", 0) for s in stats.values()),
+        "shards_resumed": len(plan.done),
+        **committed_counts(stats, planned),
     }
-    counts["unet_evals_per_kept_pair"] = round(counts["unet_evals"] / counts["pairs_done"], 1) \
-        if counts["pairs_done"] else None
     complete = counts["shards_committed"] == counts["shards"]
     write_run_json(plan, "complete" if complete else "incomplete", counts, actors, extra)
     # read once: the card, the top rows and (by their _part and _index) the flow's gallery artifact

@@ -14,6 +14,12 @@ def summarize(uri: str) -> str:
     counts = run.get("counts", {})
     shards, broken = verified_shards(out)
     planned = run.get("shards", {})
+    if not counts:  # finalize never wrote them (an interrupted run): what its committed shards say
+        from pws_batch.batch.run import committed_counts
+
+        counts = committed_counts({name: s for name, s in shards.items() if name in planned}, planned)
+        if out.exists("rejected.parquet"):
+            counts["rejected"] = out.read_table("rejected.parquet", columns=["row"]).num_rows
     status = run.get("status")
     if status == "running":  # is it? the lease says whether the run that wrote it is still alive
         from pws_batch.batch.lease import holder_state, read_lease
