@@ -54,6 +54,22 @@ def test_run_into_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys,
     assert "cannot write to --out" in line and str(blocker) in line
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_run_into_a_folder_of_other_files_is_refused_and_nothing_of_them_is_touched(tmp_path, capsys, tiny_models,
+                                                                                    overwrite):
+    manifest = tmp_path / "pairs.csv"
+    pd.DataFrame([dict(image_prompt="x", audio_prompt="y")]).to_csv(manifest, index=False)
+    out = tmp_path / "mine"
+    (out / "data").mkdir(parents=True)
+    (out / "README.md").write_text("my notes")
+    pd.DataFrame({"a": [1]}).to_parquet(out / "data" / "important.parquet")
+    assert main(["run", str(manifest), "--out", str(out), *RUN, *(["--overwrite"] if overwrite else [])]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "already holds files that no pws-batch run wrote (README.md, data)" in line and "new or empty" in line
+    assert sorted(os.listdir(out)) == ["README.md", "data"] and os.listdir(out / "data") == ["important.parquet"]
+    assert (out / "README.md").read_text() == "my notes"
+
+
 def test_run_into_an_output_held_by_a_live_run_is_refused_in_seconds(tmp_path, capsys, tiny_models):
     from pws_batch.batch import lease
 

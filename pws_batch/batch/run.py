@@ -232,6 +232,12 @@ def check_output(manifest: str, out: str, config: RunConfig) -> dict[str, Any]:
                    "guides_sha256": _answer(manifest, ("guides", tuple(config.plan.allow_guides or ())),
                                             lambda: guides_fingerprint(manifest, config)),
                    **config.fingerprint()}
+    foreign = foreign_entries(output)
+    if foreign:
+        raise RunError(f"{out} already holds files that no pws-batch run wrote ({', '.join(foreign[:5])}"
+                       f"{', ...' if len(foreign) > 5 else ''}) and no run.json: the dataset would be written among "
+                       f"them (and --overwrite would delete its data/, candidates/ and README.md). Choose a new or "
+                       f"empty folder for --out")
     if config.plan.overwrite:
         return fingerprint
     try:
@@ -252,6 +258,18 @@ def check_output(manifest: str, out: str, config: RunConfig) -> dict[str, Any]:
                            f"were not made from this manifest with these settings; pass --overwrite to replace them, "
                            f"or choose another --out")
     return fingerprint
+
+
+# What a run writes before its run.json (its lease, the rejected rows): an output holding only these is a run's
+STARTED = {lease.LEASE, "rejected.parquet"}
+
+
+def foreign_entries(output: Output) -> list[str]:
+    """The entries of an existing output folder that is no pws-batch dataset (no run.json, no shard marker), but
+    for what a run writes before its run.json; [] for a new or empty folder or a dataset."""
+    if output.exists("run.json") or output.list("_shards"):
+        return []
+    return [name for name in output.list("") if name not in STARTED]
 
 
 def may_have_work(out: str, config: RunConfig) -> bool:
