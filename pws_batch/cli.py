@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     runp = sub.add_parser("run", help="manifest -> Prefect flow -> Ray actors -> curated dataset",
                           description=DESCRIPTIONS["run"])
     runp.add_argument("manifest", help="Parquet, CSV or JSON Lines manifest (path or fsspec URI)")
-    runp.add_argument("--out", required=True, help="dataset location: a path or fsspec URI (s3://, gs://, memory://)")
+    runp.add_argument("--out", required=True, help="dataset location: a path or fsspec URI (s3://, gs://, ...)")
     _add_run_args(runp)
 
     sb = sub.add_parser("submit", help="submit a manifest to a Prefect deployment (a cluster) and return at once",
@@ -612,6 +612,9 @@ def check_writable(uri: str) -> None:
     """Fail in one line, before any work, when OUT cannot be created or written."""
     from pws_batch.batch.dataset import Output
 
+    if uri.startswith("memory://"):
+        raise UsageError(f"pws-batch run: error: --out {uri} lives in this process's memory only: the dataset would "
+                         f"be gone when the command ends; use a path or a lasting URI (s3://, gs://, ...)")
     try:
         out = Output(uri)
         existed = out.fs.exists(out.root)

@@ -54,6 +54,13 @@ def test_run_into_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys,
     assert "cannot write to --out" in line and str(blocker) in line
 
 
+def test_run_into_memory_is_refused_since_the_dataset_would_end_with_the_command(tmp_path, capsys, tiny_models):
+    manifest = tmp_path / "pairs.csv"
+    pd.DataFrame([dict(image_prompt="x", audio_prompt="y")]).to_csv(manifest, index=False)
+    assert main(["run", str(manifest), "--out", "memory://ds", *RUN]) == 2
+    assert "lives in this process's memory only" in one_line(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_run_into_a_folder_of_other_files_is_refused_and_nothing_of_them_is_touched(tmp_path, capsys, tiny_models,
                                                                                     overwrite):
