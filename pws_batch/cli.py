@@ -799,7 +799,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 
     if args.top is not None and args.top < 1:
         raise UsageError(f"pws-batch gallery: error: --top must be >= 1, got {args.top}")
-    with _usage_errors("gallery", FileNotFoundError):
+    with _usage_errors("gallery", FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError):
         where = write_gallery(args.out, top=args.top, dest=args.dest)
     print(f"open {where}")
     return 0
@@ -808,7 +808,8 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pws_batch.batch.export import ExportError, export_files
 
-    with _usage_errors("export", FileNotFoundError, ExportError):
+    with _usage_errors("export", FileNotFoundError, ExportError, NotADirectoryError, FileExistsError,
+                       PermissionError):
         n = export_files(args.out, args.dir, overwrite=args.overwrite)
     print(f"exported {n} rows of {args.out} to {args.dir} (NNNNN.png, NNNNN.wav/.flac, NNNNN.json)")
     return 0

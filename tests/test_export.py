@@ -60,6 +60,24 @@ def test_export_refuses_a_folder_holding_an_earlier_export_unless_overwrite(mani
     assert (dest / "notes.txt").read_text() == "mine"
 
 
+def test_export_into_the_dataset_itself_or_onto_a_file_is_one_line(manifest, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    make_dataset(manifest, out, shard_size=2)
+    capsys.readouterr()
+    assert main(["export", out, out + "/"]) == 2
+    assert "is the dataset's own folder" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["export", out, str(blocker)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("pws-batch export: error: ")
+    assert main(["gallery", out, "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("pws-batch gallery: error: ")
+    assert sorted(os.listdir(out)) == ["README.md", "_shards", "candidates", "card", "data", "rejected.parquet",
+                                       "run.json"]
+
+
 def test_export_of_no_dataset_is_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "files")]) == 2
     assert "holds no run.json" in capsys.readouterr().err

@@ -48,6 +48,9 @@ def export_files(uri: str, dest: str, overwrite: bool = False) -> int:
     if not out.exists("run.json"):
         raise FileNotFoundError(f"{uri} holds no run.json: not a pws-batch dataset (or the run never started)")
     target = Output(dest)
+    if target.fs.protocol == out.fs.protocol and target.root.rstrip("/") == out.root.rstrip("/"):
+        raise ExportError(f"{dest} is the dataset's own folder: its rows would lie among its parts; export to "
+                          f"another folder (e.g. {uri.rstrip('/')}/files)")
     earlier = [name for name in target.list("") if EXPORTED.match(name)]
     if earlier and not overwrite:
         raise ExportError(f"{dest} already holds {len(earlier)} exported files ({earlier[0]}, ...): their rows "
