@@ -581,6 +581,8 @@ def _run(args: argparse.Namespace) -> int:
             bar.close()
     from pws_batch.batch.dataset import DatasetError, read_run_json
 
+    if isinstance(failure, engine.PlacementError):  # e.g. --actors beyond the cluster: the flow's own words
+        raise UsageError(f"pws-batch run: error: {failure}") from failure
     try:
         run_json = read_run_json(Output(args.out))
     except DatasetError as exc:

@@ -296,6 +296,10 @@ def ray_environment(address: str | None) -> str | None:
     return address
 
 
+class PlacementError(ValueError):
+    """The cluster cannot hold the actors asked for (the message says what it has and what to pass)."""
+
+
 class RayUnreachable(RuntimeError):
     """Nothing answers at the cluster address given (the message names it and what to check)."""
 
@@ -386,12 +390,12 @@ def start_actors(config: RunConfig, log: Callable[[str], None], generator_cls: t
     use_gpu = gpus > 0 and config.engine.device != "cpu"
     n = actors or (gpus if use_gpu else 1)
     if not use_gpu and cpus < 1:  # e.g. a GPU cluster whose GPU workers are not up yet: CPU actors would wait forever
-        raise ValueError("the Ray cluster has no GPU and no CPU free for actors (are its GPU workers up? "
+        raise PlacementError("the Ray cluster has no GPU and no CPU free for actors (are its GPU workers up? "
                          "`ray status` / `kubectl get raycluster`); or pass --actors with --device cpu")
     if use_gpu and n > gpus:
-        raise ValueError(f"--actors {n}: the cluster has {gpus} GPU(s); one worker needs one GPU")
+        raise PlacementError(f"--actors {n}: the cluster has {gpus} GPU(s); one worker needs one GPU")
     if not use_gpu and n > cpus:
-        raise ValueError(f"--actors {n}: the cluster has {cpus} CPU(s) and no GPU; use --actors {cpus} or fewer")
+        raise PlacementError(f"--actors {n}: the cluster has {cpus} CPU(s) and no GPU; use --actors {cpus} or fewer")
     opts = worker_placement(use_gpu, cpus // n)
     kwargs = dict(actor_kwargs or {}, generator_cls=generator_cls, ranker_cls=ranker_cls)
     workers = [ray.remote(Worker).options(**opts, max_concurrency=LOOKAHEAD, max_restarts=MAX_RESTARTS,
