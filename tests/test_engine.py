@@ -47,6 +47,7 @@ def test_joining_through_ray_client_is_tried_again_when_its_server_fails_to_star
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(engine, "check_ray_address", lambda address: None)  # no cluster listens: ray.init is faked
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     join = lambda: engine.connect_ray("ray://127.0.0.1:10001", log=said.append, pause_s=0)  # noqa: E731
     if joined:
@@ -57,6 +58,20 @@ def test_joining_through_ray_client_is_tried_again_when_its_server_fails_to_star
     assert calls == ["ray://127.0.0.1:10001"] * min(failures + 1, engine.CLIENT_ATTEMPTS)
     assert len(said) == min(failures, engine.CLIENT_ATTEMPTS - 1)
     assert all("Initialization failure from server" in line and "ray://127.0.0.1:10001" in line for line in said)
+
+
+def test_a_cluster_address_is_probed_before_ray_init_would_retry_it_for_ever():
+    import socket
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", None, "auto", "local", "ray://head"):
+            engine.check_ray_address(address)  # something listens, or Ray's to resolve
+    with pytest.raises(engine.RayUnreachable, match=f"cannot reach the Ray cluster at ray://127.0.0.1:{port} "
+                                                    r"\(Connection refused\)"):
+        engine.check_ray_address(f"ray://127.0.0.1:{port}")
 
 
 def test_joining_a_cluster_by_gcs_address_is_not_tried_again(monkeypatch):
@@ -71,6 +86,7 @@ def test_joining_a_cluster_by_gcs_address_is_not_tried_again(monkeypatch):
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(engine, "check_ray_address", lambda address: None)  # no cluster listens: ray.init is faked
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     with pytest.raises(ConnectionAbortedError):
         engine.connect_ray("127.0.0.1:6379", log=print, pause_s=0)
