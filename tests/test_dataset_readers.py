@@ -58,10 +58,10 @@ def parquet_manifest(tmp_path) -> str:
 def jsonl_manifest(tmp_path) -> str:
     """Loosely typed pass-through columns: mixed scalars across shards (5, "x", 7), an all-null column, a
     number column empty in all of shard 0, and nested values of different shapes."""
-    rows = [{"mixed": 5, "empty": None, "late_number": None, "shape": {"a": 1}},
-            {"mixed": 6, "empty": None, "late_number": None, "shape": [1, 2]},
+    rows = [{"mixed": 5, "empty": None, "late_number": None, "shape": {"a": 1}, "count": 7},
+            {"mixed": 6, "empty": None, "late_number": None, "shape": [1, 2], "count": None},
             {"mixed": "x", "empty": None, "late_number": 2.5, "shape": {"a": 2}},
-            {"mixed": 7, "empty": None, "late_number": 3, "shape": None}]
+            {"mixed": 7, "empty": None, "late_number": 3, "shape": None, "count": 9}]
     path = tmp_path / "loose.jsonl"
     with open(path, "w") as f:
         for i, row in enumerate(rows):
@@ -157,6 +157,7 @@ def test_loose_pass_through_columns_become_text_with_a_warning_naming_them(jsonl
     assert len(schemas) == 2 and schemas[0] == schemas[1]
     assert schemas[0].field("mixed").type == pa.string() and schemas[0].field("empty").type == pa.string()
     assert schemas[0].field("late_number").type == pa.float64()
+    assert schemas[0].field("count").type == pa.int64()  # whole numbers beside missing ones stay whole
 
     df = pd.read_parquet(os.path.join(out, "data"))
     assert sorted(df["mixed"]) == ["5", "6", "7", "x"]

@@ -187,7 +187,7 @@ def _read_json_lines(raw: bytes):
         records = json.loads(text)
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise ManifestError("a JSON manifest must be one object per line, or an array of objects")
-        return pd.DataFrame.from_records(records) if records else pd.DataFrame()
+        return _keep_whole_numbers(pd.DataFrame.from_records(records), records) if records else pd.DataFrame()
     good, index, rejected = [], [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -206,9 +206,24 @@ def _read_json_lines(raw: bytes):
         good.append(record)
         index.append(row)
     columns = list(dict.fromkeys(k for r in good for k in r))
-    df = pd.DataFrame.from_records(good, columns=columns) if good else pd.DataFrame(columns=columns)
+    df = _keep_whole_numbers(pd.DataFrame.from_records(good, columns=columns), good) if good \
+        else pd.DataFrame(columns=columns)
     df.index = index
     df.attrs[READ_REJECTIONS] = rejected
+    return df
+
+
+def _keep_whole_numbers(df, records: list[dict]):
+    """pandas makes a column of whole numbers beside a missing value float64 (7 -> 7.0): a pass-through column
+    whose values are whole numbers keeps them as Python ints (and None), as the JSON says (see _parquet_frame)."""
+    import pandas as pd
+
+    for i, name in enumerate(df.columns):
+        if name in KNOWN or df[name].dtype.kind != "f":
+            continue
+        values = [r.get(name) for r in records]
+        if any(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            df.isetitem(i, pd.Series(values, index=df.index, dtype=object))
     return df
 
 
