@@ -548,12 +548,12 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"rejected {r}", file=sys.stderr)
             raise RunError(no_good_rows(args.manifest, validated) + "; nothing was written")
         check_output(args.manifest, args.out, config)
-        engine.check_ray_address(config.engine.ray_address or os.environ.get("RAY_ADDRESS"))
+        # the address to join (--ray-address, else $RAY_ADDRESS), set up before ray is imported: it reads it then
+        engine.check_ray_address(engine.ray_environment(config.engine.ray_address))
     except (ManifestError, RunError, LeaseError, engine.RayUnreachable) as exc:
         raise UsageError(f"pws-batch run: error: {exc}") from exc
     import logging
 
-    engine.ray_environment(config.engine.ray_address)  # before ray is imported: it reads them then
     import ray  # noqa: F401 - imported first so that its log handler exists and is redirected above the bar
 
     logging.getLogger("ray").setLevel(logging.ERROR)  # its start-up notes (token auth is on...) say nothing to a user

@@ -67,8 +67,13 @@ def test_validate_of_a_manifest_without_rows_fails_as_run_would(tmp_path, capsys
     assert captured.out.strip().endswith("0 rows, 0 good, 0 bad") and "has no rows" in captured.err
 
 
-def test_run_with_a_ray_address_nothing_listens_at_fails_at_once_in_one_line(tmp_path, capsys, tiny_models):
+def test_run_with_a_ray_address_nothing_listens_at_fails_at_once_in_one_line(tmp_path, capsys, tiny_models,
+                                                                            monkeypatch):
     import socket
+
+    for name in ("RAY_AUTH_MODE", "RAY_ENABLE_AUTO_CONNECT"):  # what run sets up for Ray: not for later tests
+        monkeypatch.setenv(name, "")  # records the value before (none, maybe) to restore after the test
+        monkeypatch.delenv(name)
 
     with socket.socket() as s:  # a port nothing listens at once closed
         s.bind(("127.0.0.1", 0))

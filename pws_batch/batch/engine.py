@@ -391,11 +391,12 @@ def start_actors(config: RunConfig, log: Callable[[str], None], generator_cls: t
     n = actors or (gpus if use_gpu else 1)
     if not use_gpu and cpus < 1:  # e.g. a GPU cluster whose GPU workers are not up yet: CPU actors would wait forever
         raise PlacementError("the Ray cluster has no GPU and no CPU free for actors (are its GPU workers up? "
-                         "`ray status` / `kubectl get raycluster`); or pass --actors with --device cpu")
+                             "`ray status` / `kubectl get raycluster`); or pass --actors with --device cpu")
     if use_gpu and n > gpus:
         raise PlacementError(f"--actors {n}: the cluster has {gpus} GPU(s); one worker needs one GPU")
     if not use_gpu and n > cpus:
-        raise PlacementError(f"--actors {n}: the cluster has {cpus} CPU(s) and no GPU; use --actors {cpus} or fewer")
+        raise PlacementError(f"--actors {n}: the cluster has {cpus} CPU(s) and no GPU; use --actors {cpus} or "
+                             f"fewer")
     opts = worker_placement(use_gpu, cpus // n)
     kwargs = dict(actor_kwargs or {}, generator_cls=generator_cls, ranker_cls=ranker_cls)
     workers = [ray.remote(Worker).options(**opts, max_concurrency=LOOKAHEAD, max_restarts=MAX_RESTARTS,
