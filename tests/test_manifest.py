@@ -460,6 +460,30 @@ def test_csv_integer_pair_ids_with_a_blank_cell(tmp_path):
     assert v.requests[0].pair_id == "1"
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
+def test_big_whole_numbers_beside_an_empty_cell_are_kept_exactly(tmp_path, fmt):
+    """pandas reads a column of whole numbers with an empty cell as float64, and 2**62 + 1 as a float is 2**62: a
+    seed the user chose must be the seed the run uses (and records), whatever the format; pair ids likewise."""
+    big, rows = 2**62 + 1, [{"image_prompt": "a", "audio_prompt": "b", "seed": 2**62 + 1, "pair_id": 2**60 + 3,
+                              "steps": 12},
+                             {"image_prompt": "c", "audio_prompt": "d", "seed": None, "pair_id": None, "steps": None}]
+    path = tmp_path / f"pairs.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([
+            ("image_prompt", pa.string()), ("audio_prompt", pa.string()), ("seed", pa.int64()),
+            ("pair_id", pa.int64()), ("steps", pa.int64())])), path)
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n" for r in rows))
+    else:
+        path.write_text("image_prompt,audio_prompt,seed,pair_id,steps\n"
+                        + "".join(",".join("" if v is None else str(v) for v in r.values()) + "\n" for r in rows))
+    v = validate(read_manifest(str(path)))
+    assert v.rejections == []
+    assert v.requests[0].params.seed == big and v.requests[0].pair_id == str(2**60 + 3)
+    assert v.requests[0].params.steps == 12  # an empty cell takes the default
+    assert (v.requests[1].params.seed, v.requests[1].params.steps) == (DEFAULTS.seed, DEFAULTS.steps)
+
+
 def test_parquet_list_pass_through_column_keeps_its_lists(tmp_path):
     path = tmp_path / "pairs.parquet"
     pq.write_table(pa.table({"image_prompt": ["a", "c"], "audio_prompt": ["b", "d"], "tags": [["x"], ["y", "z"]]}),

@@ -34,6 +34,9 @@ KNOWN = (*REQUIRED, *OPTIONAL)
 TEXT = {"image_prompt", "audio_prompt", "negative_image_prompt", "negative_audio_prompt", "guide_audio",
         "guide_image", "pair_id", "scheduler"}
 INTEGER = {"num_candidates", "seed", "steps", "keep"}
+# Known columns whose whole numbers the readers keep exact beside missing cells (pandas would make them float64,
+# rounding a seed above 2**53): the integer parameters, and integer pair ids
+WHOLE = INTEGER | {"pair_id"}
 # Columns the output dataset writes itself: a manifest column of the same name is carried as manifest_<name>.
 RESERVED = (set(KEPT_SCHEMA.names) | set(CANDIDATES_SCHEMA.names)) - set(KNOWN)
 MAX_PAIR_ID = 200
@@ -105,11 +108,13 @@ def read_manifest(uri: str):
 def _parquet_frame(table):
     """The manifest's rows as pandas reads them, but for the pass-through columns holding whole numbers: pandas
     turns whole numbers beside a null into float64 (7 -> 7.0, in nested values too; a uint64 above 2**53 loses
-    digits), so those columns keep Python ints and None, as the other readers give them. The known columns stay
-    as pandas reads them (validation checks them a column at a time)."""
+    digits), so those columns keep Python ints and None, as the other readers give them; so do the known integer
+    columns (WHOLE: a seed of 2**62 + 1 beside an empty cell stays that seed). The other known columns stay as
+    pandas reads them (validation checks them a column at a time)."""
     df = table.to_pandas()
     for i, field in enumerate(table.schema):
-        if field.name not in KNOWN and _holds_integers(field.type):
+        if (field.name not in KNOWN or field.name in WHOLE) and _holds_integers(field.type) \
+                and (field.name not in KNOWN or table.column(i).null_count):
             df.isetitem(i, table.column(i).to_pandas(integer_object_nulls=True).set_axis(df.index))
     return df
 
@@ -173,6 +178,12 @@ def _read_csv(raw: bytes):
     writer.writerows(good)
     buffer.seek(0)
     df = pd.read_csv(buffer, keep_default_na=False, na_values=[""], dtype={c: str for c in TEXT})
+    floats = [c for c in INTEGER if c in df.columns and df[c].dtype.kind == "f"]
+    if floats:  # a blank cell made pandas read whole numbers as floats (rounding a seed above 2**53): as written
+        buffer.seek(0)
+        written = pd.read_csv(buffer, keep_default_na=False, na_values=[""], dtype=str, usecols=floats)
+        for name in floats:
+            df[name] = written[name].astype(object).where(written[name].notna(), None)
     df.index = index
     df.attrs[READ_REJECTIONS] = rejected
     return df
@@ -215,11 +226,12 @@ def _read_json_lines(raw: bytes):
 
 def _keep_whole_numbers(df, records: list[dict]):
     """pandas makes a column of whole numbers beside a missing value float64 (7 -> 7.0): a pass-through column
-    whose values are whole numbers keeps them as Python ints (and None), as the JSON says (see _parquet_frame)."""
+    whose values are whole numbers keeps them as Python ints (and None), as the JSON says (see _parquet_frame), and
+    so does a known integer column (WHOLE: a seed above 2**53 would be rounded)."""
     import pandas as pd
 
     for i, name in enumerate(df.columns):
-        if name in KNOWN or df[name].dtype.kind != "f":
+        if (name in KNOWN and name not in WHOLE) or df[name].dtype.kind != "f":
             continue
         values = [r.get(name) for r in records]
         if any(isinstance(v, int) and not isinstance(v, bool) for v in values):
@@ -271,6 +283,11 @@ def _coerce(name: str, value: Any) -> Any:
     if isinstance(value, bool):
         raise ValueError(f"must be a number, got a boolean {value!r}")
     if isinstance(value, str):
+        if name in INTEGER:
+            try:
+                return int(value.strip())  # exact: float() would round a seed above 2**53
+            except ValueError:
+                pass  # "7.0" is whole, "2.5" is not: as a number below
         try:
             value = float(value.strip())
         except ValueError:
@@ -280,9 +297,9 @@ def _coerce(name: str, value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"must be a finite number, got {value!r}")
     if name in INTEGER:
-        if float(value) != int(value):
+        if isinstance(value, float) and not value.is_integer():
             raise ValueError(f"must be a whole number, got {value!r}")
-        return int(value)
+        return int(value)  # an int as it is (float() of a seed above 2**53 is not that seed)
     return float(value)
 
 
