@@ -41,8 +41,13 @@ def _flow_run_name() -> str:
     return f"{name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def _unless_run_stopped(task, task_run, state) -> bool:
+    """Prefect's retry condition of a shard: retry a failure, not a run that is ending (engine.RunStopped)."""
+    return not isinstance(state.data, engine.RunStopped)
+
+
 @task(name="generate-shard", task_run_name="shard-{shard.name}", retries=SHARD_RETRIES, retry_delay_seconds=2,
-      cache_policy=NO_CACHE, persist_result=False)
+      retry_condition_fn=_unless_run_stopped, cache_policy=NO_CACHE, persist_result=False)
 def generate_shard(run_key: str, out: str, model_ids: dict, shard: run.Shard, audio_format: str = "wav",
                    fingerprint: str | None = None, schema=None) -> dict:
     """Generate, rank, write and commit one shard on the run's Ray actors (retried if it fails), its data part
@@ -50,8 +55,14 @@ def generate_shard(run_key: str, out: str, model_ids: dict, shard: run.Shard, au
     logger = get_run_logger()
     pool = engine.get_pool(run_key)
     on_ranked = _ON_RANKED.get(run_key)
-    stats = run.process_shard(out, model_ids, shard, lambda reqs: engine.run_pairs(pool, reqs, on_ranked),
-                              audio_format=audio_format, fingerprint=fingerprint, schema=schema)
+    try:
+        stats = run.process_shard(out, model_ids, shard, lambda reqs: engine.run_pairs(pool, reqs, on_ranked),
+                                  audio_format=audio_format, fingerprint=fingerprint, schema=schema)
+    except Exception as exc:
+        if not engine.has_pool(run_key):  # the flow stopped its engine under this shard (Ctrl-C): no retry
+            raise engine.RunStopped(f"shard {shard.name} stopped with its run ({type(exc).__name__}: {exc}); "
+                                    f"committed shards are kept, a re-run resumes") from exc
+        raise
     logger.info(f"shard {shard.name}: {stats['pairs_done']}/{stats['pairs']} pairs, {stats['kept']} kept of "
                 f"{stats['candidates']} candidates in {stats['seconds']:.1f} s on worker {stats['worker']}")
     for failure in stats["failed"]:

@@ -117,6 +117,40 @@ def test_actor_pool_lends_each_worker_to_one_shard_at_a_time():
     assert len(seen) == 8 and peak[0] == 2 and set(seen) == {0, 1}
 
 
+@pytest.mark.parametrize("stops", [True, False])
+def test_a_shard_whose_run_stops_under_it_is_not_retried_and_a_failed_shard_is(monkeypatch, stops):
+    """Ctrl-C: the flow unregisters its engine and stops Ray while a shard task still runs; that task's failure is
+    RunStopped, which Prefect's retry condition declines (no "Retry 1/2" after the run has ended). A shard that
+    fails while its run goes on is retried as before."""
+    import logging
+    from types import SimpleNamespace
+
+    from prefect.states import Failed
+
+    import flows.generate_dataset as flow_module
+
+    key, shard = f"run-under-test-{stops}", SimpleNamespace(name="00000")
+
+    def process_shard(*args, **kwargs):
+        if stops:
+            engine.unregister_pool(key)  # what the flow's `finally` does on Ctrl-C
+        raise RuntimeError("the actor died")
+
+    monkeypatch.setattr(flow_module.run, "process_shard", process_shard)
+    monkeypatch.setattr(flow_module, "get_run_logger", lambda: logging.getLogger("test"))
+    engine.register_pool(key, engine.ActorPool(["w0"]))
+    try:
+        with pytest.raises(RuntimeError) as raised:
+            flow_module.generate_shard.fn(key, "/nowhere", {}, shard)
+    finally:
+        engine.unregister_pool(key)
+    assert isinstance(raised.value, engine.RunStopped) is stops
+    retry = flow_module.generate_shard.retry_condition_fn
+    assert retry(flow_module.generate_shard, None, Failed(data=raised.value)) is (not stops)
+    with pytest.raises(engine.RunStopped, match="the run stopped"):  # a shard started after the run ended
+        flow_module.generate_shard.fn(key, "/nowhere", {}, shard)
+
+
 def test_run_pairs_keeps_request_order_and_passes_failures_through(local_ray):
     config = RunConfig().replace(engine={"actors": 2, "device": "cpu"})
     pool = engine.start_actors(config, log=lambda line: None, generator_cls=StandInGenerator,

@@ -49,6 +49,7 @@ def test_ctrl_c_to_the_process_group_ends_the_run_in_seconds_and_a_rerun_resumes
     assert text.count("Started a local Ray instance") == 1, text[-3000:]  # no second Ray from a late Ray call
     assert "Failed to connect to GCS" not in text and "Unable to connect to 'ws://" not in text, text[-3000:]
     assert not left, f"processes left in the run's session: {left}"
+    assert "Retry 1/" not in text, text[-3000:]  # a shard the stopping run took down is not retried
 
     done = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=600, start_new_session=True)

@@ -498,11 +498,22 @@ def register_pool(key: str, pool: ActorPool) -> None:
         _POOLS[key] = pool
 
 
+class RunStopped(RuntimeError):
+    """The run's engine is gone (the flow is ending: Ctrl-C, or an error elsewhere): a shard that meets this is not
+    retried (its committed work is kept; a re-run resumes)."""
+
+
 def get_pool(key: str) -> ActorPool:
     with _LOCK:
         if key not in _POOLS:
-            raise RuntimeError(f"no actors for run {key}: the flow's engine is not running in this process")
+            raise RunStopped(f"no actors for run {key}: the flow's engine is not running in this process (the run "
+                             f"stopped, or this is not the process of its flow)")
         return _POOLS[key]
+
+
+def has_pool(key: str) -> bool:
+    with _LOCK:
+        return key in _POOLS
 
 
 def unregister_pool(key: str) -> ActorPool | None:
