@@ -29,6 +29,7 @@ SHARD_RETRIES = 2
 SHARDS_IN_FLIGHT_PER_WORKER = 2
 # The Prefect gallery artifact: the best 4, in at most 1.4 MB of markdown (Prefect refuses events over 1.5 MB).
 GALLERY_TOP, GALLERY_MAX_CHARS = 4, 1_400_000
+STOP_WAIT_S = 15  # at most this long, after Ctrl-C, for the shard tasks in flight to see their actors stopped
 # Listeners in this process (the CLI's progress bar): called with (pairs_done, pairs_total), as each pair is
 # ranked and as each shard commits.
 PROGRESS_LISTENERS: list[Callable[[int, int], None]] = []
@@ -118,6 +119,7 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
     #    already committed are skipped.
     run_key = str(flow_run.id or id(config))
     started_ray, pool, actor_infos, errors = False, None, [], []
+    running: dict[concurrent.futures.Future, Any] = {}  # the shard tasks in flight
     dispatch_s = ready_s = 0.0
     actor_count: concurrent.futures.Future = concurrent.futures.Future()
     preparer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare")
@@ -174,7 +176,6 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
                 pool = None  # wait_ready stopped them
                 errors.append(f"models not loaded: {exc}")
                 logger.error(f"the actors could not load their models: {exc}")
-            running: dict[concurrent.futures.Future, Any] = {}
             digest = run.fingerprint_digest(plan.fingerprint)  # the same for every shard of the run
             schema = quote(plan.schema)  # decided once by prepare: no shard reads run.json for it
             t_dispatch = time.perf_counter()
@@ -203,6 +204,10 @@ def generate_dataset(manifest: str, out: str, config: RunConfig | None = None) -
         engine.unregister_pool(run_key)
         _ON_RANKED.pop(run_key, None)
         engine.stop_actors(pool)
+        if running:  # Ctrl-C: the shard tasks still in flight end (RunStopped) before Ray stops under them; a
+            # thread inside a Ray call at ray.shutdown aborted the process ("The core worker has already been
+            # shutdown"), skipping every clean-up after it
+            concurrent.futures.wait(list(running), timeout=STOP_WAIT_S)
         if started_ray:
             import ray
 

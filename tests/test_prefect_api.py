@@ -110,3 +110,43 @@ def test_a_port_answering_in_something_else_than_http_is_waited_past_then_the_se
         assert started and started[0].poll() is not None  # stopped
     finally:
         listener.close()
+
+
+@pytest.mark.slow
+def test_the_server_stops_when_the_run_that_started_it_is_killed(tmp_path):
+    """The server starts with SIGINT blocked (it must outlive a Ctrl-C until the run has recorded how it ended), so
+    it relies on the run to stop it: a run killed (or crashed, or interrupted again during its clean-up) must not
+    leave it running. Its own thread sees the parent gone and stops it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_UI_URL")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    code = ("import time; from pws_batch.batch.prefect_api import EphemeralApi; "
+            "api = EphemeralApi.start(timeout=120); print(api.process.pid, flush=True); time.sleep(600)")
+    run = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    server = None
+    try:
+        server = int(run.stdout.readline())
+        assert _alive(server)
+        run.kill()  # no clean-up at all
+        run.wait()
+        deadline = time.time() + 30
+        while _alive(server) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _alive(server), "the server outlived the run that started it"
+    finally:
+        run.kill()
+        if server and _alive(server):
+            os.kill(server, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (not a zombie: the killed run's orphan is reaped by init)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -22,6 +22,25 @@ from contextlib import contextmanager
 from typing import Iterator
 
 
+# The server's process runs uvicorn as `python -m uvicorn` would, plus a thread that stops it (SIGTERM: uvicorn's
+# graceful shutdown; then for good) once the process that started it is gone: it starts with SIGINT blocked, so a
+# run killed, crashed, or interrupted again during its clean-up would otherwise leave it running.
+_SERVE_WHILE_PARENT_LIVES = """
+import os, signal, sys, threading, time
+parent = int(sys.argv[1])
+def watch():
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+    os._exit(1)
+threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+sys.argv = ["uvicorn", *sys.argv[2:]]
+from uvicorn.main import main
+main()
+"""
+
+
 class EphemeralApiError(RuntimeError):
     """The server exited or did not answer in time (the message says which)."""
 
@@ -55,7 +74,8 @@ class EphemeralApi:
         # has recorded how it ended; `stop` ends it.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            process = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", site, "--factory",
+            process = subprocess.Popen([sys.executable, "-c", _SERVE_WHILE_PARENT_LIVES, str(os.getpid()),
+                                        "--app-dir", site, "--factory",
                                         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
                                         str(port), "--log-level", "error", "--lifespan", "on"], env=env)
         finally:
@@ -89,7 +109,7 @@ class EphemeralApi:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.terminate()
+            self.process.terminate()  # first: an interrupt while waiting below leaves it stopping
             try:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -123,11 +143,13 @@ def use_api(api: EphemeralApi) -> Iterator[None]:
     try:
         yield
     finally:
-        _drain_to(api)
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        refresh_global_settings_context()
-        api.stop()
+        try:
+            _drain_to(api)
+        finally:  # a second Ctrl-C during the drain still stops the server
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            refresh_global_settings_context()
+            api.stop()
