@@ -484,6 +484,22 @@ def test_big_whole_numbers_beside_an_empty_cell_are_kept_exactly(tmp_path, fmt):
     assert (v.requests[1].params.seed, v.requests[1].params.steps) == (DEFAULTS.seed, DEFAULTS.steps)
 
 
+def test_a_parquet_manifest_pandas_wrote_with_its_index_reads_as_the_user_sees_it(tmp_path):
+    """pandas stores a DataFrame's index in the file: the labels a row filter leaves (once an IndexError: the
+    index column shifted every column after it) are dropped; a named index is the column it was."""
+    df = pd.DataFrame([row(pair_id=f"p{i}", seed=i, note=f"n{i}") for i in range(5)])
+    df.iloc[[0, 2, 3]].to_parquet(tmp_path / "filtered.parquet")
+    df.iloc[1:3].to_parquet(tmp_path / "sliced.parquet")
+    df.set_index("pair_id").to_parquet(tmp_path / "indexed.parquet")
+    cases = {"filtered": ["p0", "p2", "p3"], "sliced": ["p1", "p2"], "indexed": [f"p{i}" for i in range(5)]}
+    for name, ids in cases.items():
+        frame = read_manifest(str(tmp_path / f"{name}.parquet"))
+        v = validate(frame)
+        assert v.rejections == [] and v.warnings == [], name
+        assert [(r.row, r.pair_id, r.params.seed) for r in v.requests] == [(i, p, int(p[1:])) for i, p in enumerate(ids)]
+        assert [r.extra for r in v.requests] == [{"note": f"n{p[1:]}"} for p in ids], name  # no index column carried
+
+
 def test_parquet_list_pass_through_column_keeps_its_lists(tmp_path):
     path = tmp_path / "pairs.parquet"
     pq.write_table(pa.table({"image_prompt": ["a", "c"], "audio_prompt": ["b", "d"], "tags": [["x"], ["y", "z"]]}),

@@ -110,12 +110,25 @@ def _parquet_frame(table):
     turns whole numbers beside a null into float64 (7 -> 7.0, in nested values too; a uint64 above 2**53 loses
     digits), so those columns keep Python ints and None, as the other readers give them; so do the known integer
     columns (WHOLE: a seed of 2**62 + 1 beside an empty cell stays that seed). The other known columns stay as
-    pandas reads them (validation checks them a column at a time)."""
+    pandas reads them (validation checks them a column at a time).
+
+    A file pandas wrote keeps its DataFrame's index: a named one (`df.set_index("pair_id")`) is a column of the
+    manifest like any other, an unnamed one (the row labels left by filtering rows) is dropped; rows are numbered
+    from 0 in the file's order either way."""
     df = table.to_pandas()
-    for i, field in enumerate(table.schema):
-        if (field.name not in KNOWN or field.name in WHOLE) and _holds_integers(field.type) \
-                and (field.name not in KNOWN or table.column(i).null_count):
-            df.isetitem(i, table.column(i).to_pandas(integer_object_nulls=True).set_axis(df.index))
+    index = [c for c in (table.schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)]
+    named = [c for c in index if not c.startswith("__index_level_")]
+    if named:
+        df = df.reset_index(level=named)
+    df = df.reset_index(drop=True)
+    for i, name in enumerate(df.columns):
+        j = table.schema.get_field_index(name)  # -1: not in the file (or not once)
+        if j < 0:
+            continue
+        field, column = table.schema.field(j), table.column(j)
+        if (name not in KNOWN or name in WHOLE) and _holds_integers(field.type) \
+                and (name not in KNOWN or column.null_count):
+            df.isetitem(i, column.to_pandas(integer_object_nulls=True).set_axis(df.index))
     return df
 
 
