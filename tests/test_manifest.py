@@ -671,3 +671,27 @@ def test_the_run_fingerprints_an_unchanged_manifest_and_its_guides_once(tmp_path
         assert len(calls) == 2 and second["manifest_sha256"] != first["manifest_sha256"]
     run.check_output(str(path), out, config)
     assert len(calls) == 3  # a later command hashes the guides anew (they may have changed)
+
+
+def test_the_same_manifest_spelled_another_way_has_the_same_guides_fingerprint(tmp_path, monkeypatch):
+    """A run interrupted as `run manifests/m.csv` resumes as `run /abs/manifests/m.csv` or from the manifest's own
+    folder: guides beside the manifest are fingerprinted by their place from it (the path from the current folder
+    made the resume refused as 'other settings (different: guides_sha256)'); their content still counts."""
+    import numpy as np
+    import soundfile as sf
+
+    from pws_batch.batch import run
+    from pws_batch.batch.config import RunConfig
+
+    folder = tmp_path / "manifests"
+    (folder / "guides").mkdir(parents=True)
+    sf.write(folder / "guides" / "g.wav", np.zeros(1600, dtype=np.float32), 16000)
+    (folder / "m.csv").write_text("image_prompt,audio_prompt,guide_audio\na castle,bells,guides/g.wav\n")
+    config = RunConfig()
+    monkeypatch.chdir(tmp_path)
+    relative = run.guides_fingerprint("manifests/m.csv", config)
+    assert run.guides_fingerprint(str(folder / "m.csv"), config) == relative
+    monkeypatch.chdir(folder)
+    assert run.guides_fingerprint("m.csv", config) == relative
+    sf.write(folder / "guides" / "g.wav", np.ones(1600, dtype=np.float32) * 0.5, 16000)
+    assert run.guides_fingerprint("m.csv", config) != relative

@@ -189,8 +189,11 @@ def guides_fingerprint(manifest: str, config: RunConfig, df=None) -> str:
 
     df = read_manifest(manifest) if df is None else df
     digest = hashlib.sha256()
+    base = manifest_base(manifest).rstrip("/") + "/"
     for path in guide_columns(df, manifest_base(manifest)):
-        digest.update(path.encode() + b"\0")
+        # beside the manifest: named from its folder, so that the same manifest spelled another way (a relative
+        # path from elsewhere, an absolute one) resumes its run
+        digest.update((path[len(base):] if path.startswith(base) else path).encode() + b"\0")
         if not guide_allowed(path, manifest, config.plan.allow_guides):
             digest.update(b"not allowed\0")
             continue
