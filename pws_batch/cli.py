@@ -715,6 +715,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         validated, _ = validate(args.manifest, config)
     except (ManifestError, SubmitError) as exc:
         raise UsageError(f"pws-batch submit: error: {exc}") from exc
+    _check_out_from_here(args.manifest, args.out, config)
     for r in validated.rejections:
         print(f"rejected {r}", file=sys.stderr)
     if not validated.requests:
@@ -733,6 +734,36 @@ def cmd_submit(args: argparse.Namespace) -> int:
     info = wait(run_id, say=lambda line: print(line, file=sys.stderr))
     print(format_status(info))
     return 0 if info["state"] == "COMPLETED" else 1
+
+
+def _check_out_from_here(manifest: str, out: str, config) -> None:
+    """`submit`'s checks of --out before a flow run is made, as far as this machine sees it (the flow runs on a
+    worker, which checks again): never memory://; not a file; an existing output: not held by a live run, not made
+    from another manifest or with other settings. An --out this machine cannot reach (no such filesystem or
+    credentials here) is left to the flow."""
+    from pws_batch.batch.dataset import Output
+    from pws_batch.batch.lease import LeaseError, check_lease
+    from pws_batch.batch.run import check_output
+
+    if out.startswith("memory://"):
+        raise UsageError(f"pws-batch submit: error: --out {out} would live in the memory of the flow's process only: "
+                         f"the dataset would be gone when it ends; use a path the workers share or a lasting URI "
+                         f"(s3://, gs://, ...)")
+    try:
+        output = Output(out)
+        exists = output.fs.exists(output.root)
+        is_file = exists and not output.fs.isdir(output.root)
+    except Exception:  # noqa: BLE001 - not reachable from here: the flow checks it where it runs
+        return
+    if is_file:
+        raise UsageError(f"pws-batch submit: error: --out {out} is a file; the dataset is a folder: choose a new or "
+                         f"empty folder")
+    if exists:
+        try:
+            check_lease(out)
+            check_output(manifest, out, config)
+        except (LeaseError, RunError) as exc:
+            raise UsageError(f"pws-batch submit: error: {exc}") from exc
 
 
 def _absolute(uri: str) -> str:

@@ -181,3 +181,21 @@ def test_a_manifest_with_only_bad_rows_is_refused_before_submission(cluster, tmp
     proc = run_cli(["submit", str(bad), "--out", str(tmp_path / "o"), "--models", "tiny"], env)
     assert proc.returncode == 2 and "has no good row (2 rows, all rejected)" in proc.stderr
     assert len(api(url, "/flow_runs/filter", {})) == before  # nothing was submitted
+
+
+def test_submit_refuses_an_out_that_run_would_refuse_before_submitting(cluster, manifest, tmp_path):
+    """What this machine can see of --out is checked before a flow run is made (it was found only inside the flow,
+    after queueing and a worker's start-up, and memory:// 'completed' with the dataset gone)."""
+    url, env, *_ = cluster
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    changed = tmp_path / "made-with-other-settings"
+    changed.mkdir()
+    (changed / "run.json").write_text(json.dumps({"status": "complete", "fingerprint": {"manifest_sha256": "x"}}))
+    before = len(api(url, "/flow_runs/filter", {}))
+    for out, words in (("memory://x", "memory of the flow's process"), (str(a_file), "is a file"),
+                       (str(changed), "other settings")):
+        proc = run_cli(["submit", manifest, "--out", out, "--models", "tiny"], env)
+        assert proc.returncode == 2 and words in proc.stderr, (out, proc.stdout + proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr  # a rejected row's line, the refusal
+    assert len(api(url, "/flow_runs/filter", {})) == before  # nothing was submitted

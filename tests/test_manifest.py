@@ -695,3 +695,20 @@ def test_the_same_manifest_spelled_another_way_has_the_same_guides_fingerprint(t
     assert run.guides_fingerprint("m.csv", config) == relative
     sf.write(folder / "guides" / "g.wav", np.ones(1600, dtype=np.float32) * 0.5, 16000)
     assert run.guides_fingerprint("m.csv", config) != relative
+
+
+def test_a_flow_that_cannot_read_its_manifest_or_write_its_out_says_so_in_one_line(tmp_path):
+    """A submitted run is checked on the submitting machine; the flow on a worker may still find the manifest gone
+    (or not on its storage) or --out unwritable: one line naming it and the fix, not a bare OSError."""
+    from pws_batch.batch import run
+    from pws_batch.batch.config import RunConfig, RunError
+    from pws_batch.batch.manifest import manifest_fingerprint
+
+    with pytest.raises(ManifestError, match="cannot read manifest .*gone.csv .*storage every worker shares"):
+        manifest_fingerprint(str(tmp_path / "gone.csv"))
+    path = tmp_path / "m.csv"
+    path.write_text("image_prompt,audio_prompt\na castle,bells\n")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    with pytest.raises(RunError, match="cannot write to --out .*a-file/out"):
+        run.prepare(str(path), str(blocked / "out"), RunConfig(), log=lambda line: None)

@@ -257,9 +257,13 @@ def manifest_fingerprint(uri: str) -> str:
     import fsspec
 
     digest = hashlib.sha256()
-    with fsspec.open(uri, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    try:
+        with fsspec.open(uri, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:  # gone since it was submitted, or not on this worker's storage
+        raise ManifestError(f"cannot read manifest {uri} ({type(exc).__name__}: {exc}); the flow's process must "
+                            f"read it where it runs (on a cluster: storage every worker shares, or s3://...)") from exc
     return digest.hexdigest()
 
 

@@ -297,6 +297,10 @@ def prepare(manifest: str, out: str, config: RunConfig, log: Callable[[str], Non
         held = lease.acquire(out, holder or f"pws-batch run of {manifest}", log)
     except lease.LeaseError as exc:
         raise RunError(str(exc)) from exc
+    except OSError as exc:  # the first write into OUT (a submitted run's checks ran on another machine)
+        raise RunError(f"cannot write to --out {out} ({type(exc).__name__}: {exc}); choose a folder this flow's "
+                       f"process can create and write (on a cluster: storage every worker shares, or s3://...)") \
+            from exc
     try:
         plan = _prepare(manifest, out, config, log, actors)
     except BaseException:
