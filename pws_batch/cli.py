@@ -179,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--out", required=True, help="dataset location, as the workers see it (e.g. s3://bucket/name)")
     sb.add_argument("--deployment", default="generate-dataset/local",
                     help="FLOW/DEPLOYMENT (default: generate-dataset/local; generate-dataset/k8s on Kubernetes)")
-    sb.add_argument("--wait", action="store_true", help="follow the flow run to its end; exit 1 if it failed")
+    sb.add_argument("--wait", action="store_true",
+                    help="follow the flow run to its end: exit 0 if it completed, 1 if it did not, 3 if it stopped "
+                         "following a run that may still be running (the API gone for 2 minutes, or --wait-timeout)")
+    sb.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS",
+                    help="with --wait: stop following after this long (exit 3; the run goes on)")
     sb.add_argument("--no-model-check", action="store_true",
                     help="do not check the model set's files here (when they exist only on the workers, which check "
                          "them before starting Ray)")
@@ -703,8 +707,11 @@ def start_prefect_api():
 def cmd_submit(args: argparse.Namespace) -> int:
     from pws_batch.batch.manifest import ManifestError
     from pws_batch.batch.run import validate
-    from pws_batch.batch.submit import SubmitError, check_api, format_status, submit, wait
+    from pws_batch.batch.submit import LostTrack, SubmitError, check_api, format_status, submit, wait
 
+    if args.wait_timeout is not None and not args.wait_timeout > 0:
+        raise UsageError(f"pws-batch submit: error: --wait-timeout must be a number of seconds > 0, got "
+                         f"{args.wait_timeout:g}")
     args.manifest = _absolute(args.manifest)
     args.out = _absolute(args.out)
     config = _run_config(args, "submit")
@@ -731,7 +738,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"watch it at {url}")
     if not args.wait:
         return 0
-    info = wait(run_id, say=lambda line: print(line, file=sys.stderr))
+    try:
+        info = wait(run_id, say=lambda line: print(line, file=sys.stderr), timeout_s=args.wait_timeout)
+    except LostTrack as exc:  # not the run's failure: it may still be running
+        print(f"pws-batch submit: {exc}", file=sys.stderr)
+        return 3
     print(format_status(info))
     return 0 if info["state"] == "COMPLETED" else 1
 

@@ -18,6 +18,10 @@ class SubmitError(RuntimeError):
     """Printed as one line; nothing was submitted."""
 
 
+class ApiUnreachable(SubmitError):
+    """The Prefect API does not answer (or not as a Prefect API)."""
+
+
 def api_url() -> str:
     from prefect.settings import PREFECT_API_URL
 
@@ -43,10 +47,10 @@ def check_api(timeout: float = 5.0) -> str:
     try:
         response = httpx.get(f"{url}/health", timeout=timeout)
     except httpx.HTTPError as exc:
-        raise SubmitError(f"the Prefect API at {url} is unreachable ({type(exc).__name__}: {exc}); start it "
+        raise ApiUnreachable(f"the Prefect API at {url} is unreachable ({type(exc).__name__}: {exc}); start it "
                           f"(`prefect server start`) or fix PREFECT_API_URL") from exc
     if response.status_code != 200:
-        raise SubmitError(f"the Prefect API at {url} answered {response.status_code} to /health; is it a Prefect "
+        raise ApiUnreachable(f"the Prefect API at {url} answered {response.status_code} to /health; is it a Prefect "
                           f"server's /api URL?")
     return url
 
@@ -101,62 +105,110 @@ def describe(flow_run_id: str) -> dict[str, Any]:
         run_id = UUID(flow_run_id)
     except ValueError:
         raise SubmitError(f"{flow_run_id!r} is not a flow run id (a UUID printed by `pws-batch submit`)") from None
-    with _client() as client:
-        try:
-            flow_run = client.read_flow_run(run_id)
-        except ObjectNotFound:
-            raise SubmitError(f"no flow run {flow_run_id} at {api_url()}") from None
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-        progress = progress_of(client, run_id)
+    import httpx
+
+    try:
+        with _client() as client:
+            try:
+                flow_run = client.read_flow_run(run_id)
+            except ObjectNotFound:
+                raise SubmitError(f"no flow run {flow_run_id} at {api_url()}") from None
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            progress = progress_of(client, run_id)
+    except httpx.HTTPError as exc:  # it stopped answering after the health check
+        raise ApiUnreachable(f"the Prefect API at {api_url()} is unreachable ({type(exc).__name__}: {exc})") from exc
     by_state = Counter(t.state_type.value if t.state_type else "PENDING" for t in tasks)
     return {"id": flow_run_id, "name": flow_run.name, "state": flow_run.state_type.value if flow_run.state_type else "?",
+            "state_name": flow_run.state_name, "work_pool": flow_run.work_pool_name,
             "state_message": flow_run.state.message if flow_run.state else None, "tasks": dict(by_state),
             "progress": progress, "out": flow_run.parameters.get("out"), "manifest": flow_run.parameters.get("manifest"),
             "url": ui_url(flow_run_id)}
 
 
-def dataset_counts(out: str | None) -> dict[str, Any] | None:
-    """The dataset's run.json counts, when its location is readable from here."""
+def dataset_run_json(out: str | None) -> dict[str, Any] | None:
+    """The dataset's run.json, when its location is readable from here."""
     if not out:
         return None
     try:
         from pws_batch.batch.dataset import Output
 
         o = Output(out)
-        return o.read_json("run.json").get("counts") if o.exists("run.json") else None
+        return o.read_json("run.json") if o.exists("run.json") else None
     except Exception:  # noqa: BLE001 - an s3 URI without credentials here, etc.
         return None
 
 
 def format_status(info: dict[str, Any]) -> str:
-    counts = dataset_counts(info["out"])
-    tasks = ", ".join(f"{n} {s.lower()}" for s, n in sorted(info["tasks"].items())) or "none yet"
+    run_json = dataset_run_json(info["out"]) or {}
+    counts = run_json.get("counts")
+    by = run_json.get("flow_run_id")
+    final = info["state"] in FINAL
+    # a run that ended (crashed, say) before its tasks did: their last states are not what they are doing now
+    tasks = ", ".join(f"{n} {s.lower() if not final or s in FINAL else 'unfinished'}"
+                      for s, n in sorted(info["tasks"].items())) or ("none" if final else "none yet")
     lines = [f"flow run {info['id']} ({info['name']}): {info['state']}"
              + (f" - {info['state_message']}" if info["state_message"] and info["state"] != "COMPLETED" else ""),
              f"  shard tasks  {tasks}",
              f"  progress     {info['progress']:.0f}% of pairs" if info["progress"] is not None else "  progress     n/a",
              f"  manifest     {info['manifest']}",
              f"  dataset      {info['out']}"]
-    if counts:
+    if counts and by and by != info["id"]:  # e.g. this run was refused the output another run holds
+        lines.append(f"  pairs        (the dataset's run.json is of flow run {by}, not this one)")
+    elif counts:
         lines.append(f"  pairs        {counts.get('pairs_done', 0)} kept, {counts.get('pairs_failed', 0)} failed, "
                      f"{counts.get('rejected', 0)} rejected")
     lines.append(f"  UI           {info['url']}")
     return "\n".join(lines)
 
 
+class LostTrack(SubmitError):
+    """`--wait` stopped following a flow run that may still be running (the API stopped answering, or a time limit):
+    the run itself goes on."""
+
+
+NOT_STARTED = {"SCHEDULED", "PENDING"}
+
+
 def wait(flow_run_id: str, poll_s: float = 2.0, timeout_s: float | None = None,
-         say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Follow a flow run to its end, saying each state change and progress step."""
-    start, last = time.time(), None
+         say: Callable[[str], None] = print, api_grace_s: float = 120.0, unstarted_hint_s: float = 60.0,
+         describe: Callable[[str], dict[str, Any]] = describe) -> dict[str, Any]:
+    """Follow a flow run to its end, saying each state change and progress step.
+
+    The API not answering is waited out for `api_grace_s` (a restart, a network blip: the run goes on without it)
+    before LostTrack; a run no worker has started after `unstarted_hint_s` gets one line on what to check."""
+    start, last, hinted, lost_since = time.time(), None, False, None
     while True:
-        info = describe(flow_run_id)
-        seen = (info["state"], info["progress"])
+        try:
+            info = describe(flow_run_id)
+        except ApiUnreachable as exc:
+            if lost_since is None:
+                lost_since = time.time()
+                say(f"the Prefect API does not answer ({exc}); still trying for {api_grace_s:.0f} s (the run goes "
+                    f"on without it)")
+            elif time.time() - lost_since > api_grace_s:
+                raise LostTrack(f"the Prefect API has not answered for {api_grace_s:.0f} s; flow run {flow_run_id} "
+                                f"may still be running: `pws-batch status {flow_run_id}` once the API is back") from exc
+            time.sleep(poll_s)
+            continue
+        if lost_since is not None:
+            say("the Prefect API answers again")
+            lost_since = None
+        state = info["state"] + (f" ({info['state_name']})" if info.get("state_name") and
+                                 info["state_name"].upper() != info["state"] else "")
+        seen = (state, info["progress"])
         if seen != last:
             progress = f", {info['progress']:.0f}% of pairs" if info["progress"] is not None else ""
-            say(f"{info['name']}: {info['state'].lower()}{progress}")
+            say(f"{info['name']}: {state.lower()}{progress}")
             last = seen
         if info["state"] in FINAL:
             return info
+        if info["state"] in NOT_STARTED and not hinted and time.time() - start > unstarted_hint_s:
+            pool = info.get("work_pool") or "its work pool"
+            say(f"no worker has started {info['name']} after {unstarted_hint_s:.0f} s: is a worker polling "
+                f"{pool} (`prefect worker start --pool {pool}`), and is the pool not paused (`prefect work-pool "
+                f"inspect {pool}`)? The run starts when one does")
+            hinted = True
         if timeout_s is not None and time.time() - start > timeout_s:
-            raise SubmitError(f"flow run {flow_run_id} still {info['state']} after {timeout_s:.0f} s")
+            raise LostTrack(f"flow run {flow_run_id} still {info['state']} after {timeout_s:.0f} s; it goes on: "
+                            f"`pws-batch status {flow_run_id}`")
         time.sleep(poll_s)
