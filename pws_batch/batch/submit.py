@@ -71,8 +71,9 @@ def read_deployment(client, name: str):
     except ObjectNotFound:
         known = sorted(f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments())
         raise SubmitError(f"no deployment {name!r} at {api_url()} (known: {', '.join(known) or 'none'}); create it "
-                          f"with `prefect --no-prompt deploy --prefect-file cluster/prefect.yaml --all` "
-                          f"(see cluster/README.md)") from None
+                          f"from the repository's root: `PWS_BATCH_REPO=$PWD prefect --no-prompt deploy --prefect-file "
+                          f"cluster/prefect.yaml --name local` on one host, `--name k8s` for the cluster's "
+                          f"Kubernetes work pool (cluster/README.md)") from None
 
 
 def submit(parameters: dict[str, Any], deployment: str = DEFAULT_DEPLOYMENT) -> tuple[str, str]:
