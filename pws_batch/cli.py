@@ -817,16 +817,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pws_batch.batch.dataset import DatasetError
-    from pws_batch.batch.summary import summarize
+    from pws_batch.batch.summary import DAMAGED, summarize
 
     try:
-        print(summarize(args.out))
+        text = summarize(args.out)
     except FileNotFoundError as exc:
         raise UsageError(f"pws-batch inspect: error: {exc}") from exc
     except DatasetError as exc:
         print(f"pws-batch inspect: error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    print(text)
+    return 1 if DAMAGED in text.splitlines()[0] else 0  # scripts that check a dataset see the damage too
 
 
 @contextlib.contextmanager
@@ -839,21 +840,24 @@ def _usage_errors(command: str, *errors: type[BaseException]):
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
+    from pws_batch.batch.dataset import DatasetError
     from pws_batch.batch.gallery import write_gallery
 
     if args.top is not None and args.top < 1:
         raise UsageError(f"pws-batch gallery: error: --top must be >= 1, got {args.top}")
-    with _usage_errors("gallery", FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError):
+    with _usage_errors("gallery", FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError,
+                       DatasetError):
         where = write_gallery(args.out, top=args.top, dest=args.dest)
     print(f"open {where}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from pws_batch.batch.dataset import DatasetError
     from pws_batch.batch.export import ExportError, export_files
 
     with _usage_errors("export", FileNotFoundError, ExportError, NotADirectoryError, FileExistsError,
-                       PermissionError):
+                       PermissionError, DatasetError):
         n = export_files(args.out, args.dir, overwrite=args.overwrite)
     print(f"exported {n} rows of {args.out} to {args.dir} (NNNNN.png, NNNNN.wav/.flac, NNNNN.json)")
     return 0

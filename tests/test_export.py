@@ -101,3 +101,46 @@ def test_push_uploads_the_dataset_files_and_needs_the_network(manifest, tmp_path
     assert "needs the network" in err and len(err.strip().splitlines()) == 1
     assert main(["push", str(tmp_path), "me/my-dataset"]) == 2
     assert "holds no run.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_damaged_dataset_is_named_by_inspect_and_refused_by_gallery_and_export(manifest, tmp_path, capsys, damage):
+    """A part cut short (a copy interrupted) or deleted: inspect said 'complete' with exit 0; gallery and export
+    failed on a bare 'Parquet magic bytes not found' after writing half their files, or left its rows out."""
+    out = str(tmp_path / "out")
+    make_dataset(manifest, out, shard_size=2)
+    part = os.path.join(out, "data", "part-00001.parquet")
+    if damage == "truncate":
+        with open(part, "r+b") as f:
+            f.truncate(100)
+    else:
+        os.remove(part)
+    capsys.readouterr()
+    assert main(["inspect", out]) == 1
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "DAMAGED: 1 committed shard(s) do not match their markers" in first
+    for args in (["gallery", out], ["export", out, str(tmp_path / "files")]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is damaged" in err and "part-00001.parquet" in err, err
+    assert not os.path.exists(tmp_path / "files") or not os.listdir(tmp_path / "files")  # nothing half-written
+    assert not os.path.exists(os.path.join(out, "gallery"))
+
+
+def test_gallery_and_export_refuse_the_folders_the_datasets_readers_read_whole(manifest, tmp_path, capsys):
+    """`gallery OUT --out OUT/data` put index.html among the parts: pandas.read_parquet(OUT/data) then failed."""
+    import pandas as pd
+
+    out = str(tmp_path / "out")
+    make_dataset(manifest, out, shard_size=2)
+    for args in (["gallery", out, "--out", os.path.join(out, "data")],
+                 ["export", out, os.path.join(out, "data", "files")],
+                 ["export", out, os.path.join(out, "_shards")]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert "inside the dataset's" in err, err
+    assert len(pd.read_parquet(os.path.join(out, "data"))) == 5
+    with open(os.path.join(out, "run.json"), "r+") as f:  # cut off mid-write
+        f.truncate(40)
+    assert main(["gallery", out]) in (1, 2)
+    assert "run.json is unreadable" in capsys.readouterr().err

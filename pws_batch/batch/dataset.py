@@ -299,6 +299,35 @@ def verified_shards(out: Output, wanted: Callable[[str, dict], bool] | None = No
     return ok, broken
 
 
+def check_intact(out: Output) -> None:
+    """DatasetError naming the committed shards whose parts are missing or not the size their markers record (a
+    copy cut short, a part deleted): what reads every kept row (gallery, export) would fail on them or silently
+    leave their rows out. Reads no data."""
+    _, broken = verified_shards(out, read=False)
+    if broken:
+        names = sorted(broken)
+        raise DatasetError(f"{out.uri} is damaged: {len(names)} committed shard(s) do not match their markers "
+                           f"({'; '.join(f'{n}: {broken[n]}' for n in names[:3])}{'; ...' if len(names) > 3 else ''}); "
+                           f"run the same `pws-batch run` again to regenerate them (`pws-batch inspect` lists them)")
+
+
+# Folders of a dataset that only `pws-batch run` writes: a gallery or an export inside them would break its readers
+# (pandas, pyarrow and `datasets` read every file under data/).
+OWN_FOLDERS = ("data", "candidates", "_shards", "card")
+
+
+def inside_own_folders(out: Output, dest: str) -> str | None:
+    """The dataset folder of `out` that `dest` is in (or is), else None."""
+    target = Output(dest)
+    if target.fs.protocol != out.fs.protocol:
+        return None
+    root, path = out.root.rstrip("/"), target.root.rstrip("/")
+    for name in OWN_FOLDERS:
+        if path == f"{root}/{name}" or path.startswith(f"{root}/{name}/"):
+            return name
+    return None
+
+
 def committed_shards(out: Output) -> dict[str, dict]:
     """Shard stats of every committed shard (the marker exists), keyed by shard name."""
     stats = {}

@@ -15,7 +15,7 @@ import json
 import re
 from typing import Any
 
-from pws_batch.batch.dataset import Output
+from pws_batch.batch.dataset import Output, check_intact, inside_own_folders, read_run_json
 from pws_batch.batch.schema import MEDIA_COLUMNS, media_extension
 from pws_batch.core.model_files import hub_offline
 
@@ -51,6 +51,11 @@ def export_files(uri: str, dest: str, overwrite: bool = False) -> int:
     if target.fs.protocol == out.fs.protocol and target.root.rstrip("/") == out.root.rstrip("/"):
         raise ExportError(f"{dest} is the dataset's own folder: its rows would lie among its parts; export to "
                           f"another folder (e.g. {uri.rstrip('/')}/files)")
+    if inside_own_folders(out, dest):
+        raise ExportError(f"{dest} is inside the dataset's {inside_own_folders(out, dest)}/ folder, which its "
+                          f"readers read whole; export to another folder (e.g. {uri.rstrip('/')}/files)")
+    read_run_json(out)  # DatasetError (one line) when it is cut off
+    check_intact(out)  # before anything is written: a damaged part failed midway or dropped its rows silently
     earlier = [name for name in target.list("") if EXPORTED.match(name)]
     if earlier and not overwrite:
         raise ExportError(f"{dest} already holds {len(earlier)} exported files ({earlier[0]}, ...): their rows "

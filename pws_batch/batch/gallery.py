@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pws_batch.batch.card import best, best_order
-from pws_batch.batch.dataset import Output
+from pws_batch.batch.dataset import DatasetError, Output, check_intact, inside_own_folders, read_run_json
 from pws_batch.batch.schema import MEDIA_COLUMNS, media_extension
 
 PAGE_SIZE = 24
@@ -86,7 +86,11 @@ def write_gallery(uri: str, top: int | None = None, dest: str | None = None, pag
         raise FileNotFoundError(f"{uri} holds no run.json: not a pws-batch dataset (or the run never started)")
     if top is not None and top < 1:
         raise ValueError(f"--top must be >= 1, got {top}")
-    run = out.read_json("run.json")
+    run = read_run_json(out)  # DatasetError (one line) when it is cut off
+    check_intact(out)
+    if dest is not None and inside_own_folders(out, dest):
+        raise DatasetError(f"--out {dest} is inside the dataset's {inside_own_folders(out, dest)}/ folder, which its "
+                           f"readers read whole; write the gallery elsewhere (default: {uri.rstrip('/')}/gallery)")
     rows = read_rows(out, top)
     media = media_of(out, rows)
     site = Output(dest or out.uri + "/gallery")

@@ -6,6 +6,9 @@ from pws_batch.batch.card import describe_scores
 from pws_batch.batch.dataset import Output, read_run_json, verified_shards
 
 
+DAMAGED = "DAMAGED"  # in the first line of a summary whose committed shards do not match their markers
+
+
 def summarize(uri: str) -> str:
     out = Output(uri)
     run = read_run_json(out)  # DatasetError (one line) when it is cut off
@@ -27,6 +30,9 @@ def summarize(uri: str) -> str:
         held = read_lease(out)
         alive, who = holder_state(held) if held else (False, "")
         status = f"running ({who})" if alive else "interrupted (the run that wrote it is gone; run it again to resume)"
+    if broken:
+        status = (f"{DAMAGED}: {len(broken)} committed shard(s) do not match their markers (below; "
+                  f"the run said: {status})")
     lines = [
         f"dataset {uri} ({run.get('name')}): {status}"
         + (f" ({run['error']})" if run.get("status") == "failed" and run.get("error") else ""),
