@@ -431,10 +431,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "cluster":
-        if min(args.actors, args.pairs, args.candidates, args.micro_batch) < 1 or args.pair_seconds < 0 \
+        if min(args.actors, args.pairs, args.candidates, args.micro_batch) < 1 \
+                or not 0 <= args.pair_seconds < float("inf") \
                 or (args.shard_size is not None and args.shard_size < 1):
             raise UsageError("pws-batch bench cluster: error: --actors, --pairs, --candidates, --micro-batch and "
-                             "--shard-size must be >= 1, --pair-seconds >= 0")
+                             "--shard-size must be >= 1, --pair-seconds a number of seconds >= 0")
         from flows.generate_dataset import generate_dataset
         from pws_batch.batch.bench import bench_cluster
 

@@ -118,6 +118,14 @@ def cli_with_server(folder, *args: str, timeout: float = 900) -> tuple[int, str]
     return proc.returncode, output
 
 
+def temp_folders(prefix: str) -> set[str]:
+    """The folders named `prefix`* in the temporary directory (what a command left there)."""
+    import glob
+    import tempfile
+
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), prefix + "*")))
+
+
 def api(url: str, path: str, body: dict | None = None) -> object:
     response = httpx.post(f"{url}{path}", json=body or {}, timeout=30)
     response.raise_for_status()

@@ -8,15 +8,17 @@ import re
 
 import pytest
 
-from servers import cli_with_server
+from servers import cli_with_server, temp_folders
 
 
 @pytest.mark.slow
 def test_bench_cluster_small_configuration_runs_and_prints_its_efficiency(tmp_path):
+    before = temp_folders("pws-bench-cluster-")
     returncode, output = cli_with_server(tmp_path, "bench", "cluster", "--actors", "2", "--pairs", "8",
                                          "--pair-seconds", "0.1", "--candidates", "4", "--micro-batch", "2",
                                          timeout=600)
     assert returncode == 0, output[-4000:]
+    assert temp_folders("pws-bench-cluster-") <= before  # its manifest and dataset are removed
     lines = output.strip().splitlines()
     assert re.fullmatch(r"orchestration efficiency \d+\.\d\d", lines[-1]), lines[-5:]
     assert any(re.search(r"driver: [\d.]+ CPU-s .* peak memory \d+ MB; 8/8 pairs done", line) for line in lines)

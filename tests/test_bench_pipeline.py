@@ -11,17 +11,19 @@ import statistics
 
 import pytest
 
-from servers import cli_with_server
+from servers import cli_with_server, temp_folders
 
 
 @pytest.mark.slow
 def test_bench_pipeline_small_configuration_runs_and_prints_its_efficiency(tmp_path):
     # Micro-batches of 8: the VAE decoder's buffers are then big enough that glibc's defaults mmap them afresh for
     # every micro-batch (with 2 candidates they stay under its mmap threshold and the page-fault ratio is ~3, noise).
+    before = temp_folders("pws-bench-pipeline-")
     returncode, output = cli_with_server(tmp_path, "bench", "pipeline", "--pairs", "2", "--candidates", "8",
                                          "--steps", "3", "--micro-batch", "8", "--compare-malloc", "--ray-baseline",
                                          "--rounds", "2", timeout=900)
     assert returncode == 0, output[-4000:]
+    assert temp_folders("pws-bench-pipeline-") <= before  # its manifest and dataset are removed
     lines = output.strip().splitlines()
     assert re.fullmatch(r"pipeline efficiency \d+\.\d\d of bare, start-up \d+\.\d s, finalize \d+\.\d s", lines[-1]), \
         lines[-8:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -128,7 +129,19 @@ def bench_cluster(flow: Callable[..., dict], actors: int = 4, pairs: int = 64, p
     Ray that advertises `actors` GPUs (logical resources), with stand-in actors that take `pair_seconds` per pair
     (pws_batch.batch.standins). Prints the driver's CPU and memory and `orchestration efficiency E.EE` =
     pairs x pair_seconds / (actors x steady-state wall), the steady state being the flow's dispatch of the shards
-    (after the actors are up, before finalize)."""
+    (after the actors are up, before finalize). Its files are removed afterwards unless `workdir` is given."""
+    folder = workdir or tempfile.mkdtemp(prefix="pws-bench-cluster-")
+    try:
+        return _bench_cluster(flow, folder, actors, pairs, pair_seconds, candidates, micro_batch, shard_size,
+                              print_fn)
+    finally:
+        if workdir is None:  # its manifest and dataset are of no use after it
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _bench_cluster(flow: Callable[..., dict], folder: str, actors: int, pairs: int, pair_seconds: float,
+                   candidates: int, micro_batch: int, shard_size: int | None,
+                   print_fn: Callable[[str], None]) -> dict:
     import pandas as pd
 
     from pws_batch.batch import engine
@@ -139,7 +152,6 @@ def bench_cluster(flow: Callable[..., dict], actors: int = 4, pairs: int = 64, p
     from pws_batch.batch.dataset import Output
     from pws_batch.batch.standins import StandInGenerator, StandInRanker
 
-    folder = workdir or tempfile.mkdtemp(prefix="pws-bench-cluster-")
     manifest = os.path.join(folder, "bench-cluster.parquet")
     pd.DataFrame({"pair_id": [f"pair-{i:06d}" for i in range(pairs)],
                   "image_prompt": [f"a drawing of bell {i}" for i in range(pairs)],
@@ -323,9 +335,20 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
     local Ray (bare_beside_ray) and in a Ray worker process (bare_in_a_ray_worker), and splits the pipeline's cost
     into Ray's processes sharing the machine, the work running in one of them, and the pipeline's own
     orchestration."""
+    folder = workdir or tempfile.mkdtemp(prefix="pws-bench-pipeline-")
+    try:
+        return _bench_pipeline(flow, folder, pairs, candidates, steps, models, micro_batch, compare_malloc,
+                               ray_baseline, rounds, listeners, print_fn)
+    finally:
+        if workdir is None:  # its manifest and dataset are of no use after it
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _bench_pipeline(flow: Callable[..., dict], folder: str, pairs: int, candidates: int, steps: int, models: str,
+                    micro_batch: int, compare_malloc: bool, ray_baseline: bool, rounds: int, listeners: list | None,
+                    print_fn: Callable[[str], None]) -> dict:
     import pandas as pd
 
-    folder = workdir or tempfile.mkdtemp(prefix="pws-bench-pipeline-")
     manifest = os.path.join(folder, "bench-pipeline.parquet")
     pd.DataFrame([dict(zip(("pair_id", "image_prompt", "audio_prompt"), (f"bench-{i}", *_bench_prompts(i))))
                   for i in range(pairs)]).to_parquet(manifest, index=False)
