@@ -58,7 +58,12 @@ DESCRIPTIONS = {
         Check the manifest (as `validate`; a manifest with no good row is refused), create a flow run of the
         generate-dataset deployment through the Prefect API at PREFECT_API_URL, print its id and its URL in the
         Prefect UI, and return. The manifest and --out must be reachable from the cluster's workers (shared
-        paths or URIs such as s3://).""",
+        paths or URIs such as s3://); what this machine can see of --out is checked first (as `run` does).
+        Exit status with --wait: 0 completed, 1 did not, 3 stopped following a run that may still be running.""",
+    "status": """
+        The state of a flow run made by `pws-batch submit` (Prefect's state and its name, e.g. SCHEDULED (Late)),
+        its shard tasks by state, the progress in pairs, the manifest, and the dataset's location and counts when
+        its run.json is readable from here; exit status 1 if it failed, crashed or was cancelled.""",
     "validate": """
         Report every bad row of a manifest (row number, field, what is wrong, how to fix it); exit status 1 if
         any row is bad or there is no row.""",
@@ -189,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "them before starting Ray)")
     _add_run_args(sb)
 
-    st = sub.add_parser("status", help="state, shard progress and dataset location of a submitted flow run")
+    st = sub.add_parser("status", help="state, shard progress and dataset location of a submitted flow run",
+                        description=DESCRIPTIONS["status"])
     st.add_argument("run_id", help="the flow run id printed by `pws-batch submit`")
 
     val = sub.add_parser("validate", help="check a manifest: every bad row with its field, problem and fix",
@@ -891,6 +897,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pws-batch: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `pws-batch inspect OUT | head -1`: the reader has what it wanted; say nothing
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # else Python's flush at exit reports the closed pipe again
+        return 141  # as a process killed by SIGPIPE
     except Exception as exc:  # noqa: BLE001 - known failures print one line; set PWS_BATCH_DEBUG=1 for a trace
         from pws_batch.core.models import ModelLoadError, ModelSetError
 

@@ -185,3 +185,18 @@ def test_the_run_bar_ticks_per_pair_and_times_from_the_first_pair():
     assert bar.n == 6
     assert bar.format_dict["elapsed"] == 30 and "10.00s/pair" in str(bar)  # the steady rate
     assert "00:40" in str(bar)  # ETA: 4 pairs left at 10 s each, not the 300 s start-up averaged in
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    """`pws-batch validate BIG | head -1`: the closed pipe is no error message ('pws-batch: error: BrokenPipeError')."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "bad.csv"
+    path.write_text("image_prompt,audio_prompt\n" + "".join(f",sound {i}\n" for i in range(5000)))  # ~600 KB of output
+    proc = subprocess.Popen([sys.executable, "-m", "pws_batch.cli", "validate", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("row 0: image_prompt")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == "", err

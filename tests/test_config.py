@@ -93,8 +93,8 @@ def test_config_round_trips_as_json_and_as_pickle():
     (["--shard-size", "0"], "--shard-size must be >= 1"),
     (["--actors", "0"], "--actors must be >= 1"),
     (["--keep", "3", "--candidates", "2"], "--keep 3 is more than --candidates 2"),
-    (["--top-fraction", "1.5"], "top fraction must be in (0, 1]"),
-    (["--clip-weight", "0", "--clap-weight", "0"], "ranking weights"),
+    (["--top-fraction", "1.5"], "--top-fraction must be in (0, 1]"),
+    (["--clip-weight", "0", "--clap-weight", "0"], "--clip-weight and --clap-weight must be"),
     (["--steps", "5000"], "--steps must be an integer in [1, 1000]"),
 ])
 def test_bad_values_are_refused_naming_the_flag(argv, message):

@@ -69,6 +69,8 @@ def test_status_says_what_the_dataset_and_the_tasks_are_of_this_run(tmp_path):
     text = format_status(info)
     assert "1 completed, 2 unfinished" in text and "run.json is of flow run other" in text and "3 kept" not in text
     (out / "run.json").write_text(json.dumps({"flow_run_id": "this", "counts": {"pairs_done": 3}}))
+    assert format_status({**info, "state": "SCHEDULED", "state_name": "Late"}).startswith(
+        "flow run this (pairs-1): SCHEDULED (Late)")
     text = format_status({**info, "state": "RUNNING", "tasks": {}})
     assert "none yet" in text and "3 kept, 0 failed, 0 rejected" in text
     assert "shard tasks  none\n" in format_status({**info, "state": "COMPLETED", "tasks": {}})

@@ -221,7 +221,7 @@ def from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunCon
     try:
         config = base.replace(**changes)
     except ValueError as exc:  # RankingRule checks its own values
-        raise RunError(f"ranking: {exc}") from exc
+        raise RunError(str(exc)) from exc
     config.check()
     return config
 

@@ -32,12 +32,12 @@ class RankingRule:
 
     def __post_init__(self):
         if self.name not in RULES:
-            raise ValueError(f"unknown ranking rule {self.name!r}: use one of {', '.join(RULES)}")
+            raise ValueError(f"--ranking: unknown rule {self.name!r}: use one of {', '.join(RULES)}")
         if not 0 < self.top_fraction <= 1:
-            raise ValueError(f"top fraction must be in (0, 1], got {self.top_fraction}")
+            raise ValueError(f"--top-fraction must be in (0, 1], got {self.top_fraction}")
         weights = (self.clip_weight, self.clap_weight)
         if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) == 0:
-            raise ValueError(f"ranking weights must be finite, >= 0 and not both 0, got {weights}")
+            raise ValueError(f"--clip-weight and --clap-weight must be finite, >= 0 and not both 0, got {weights}")
 
 
 def normalise(x: np.ndarray) -> np.ndarray:

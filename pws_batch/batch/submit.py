@@ -147,7 +147,9 @@ def format_status(info: dict[str, Any]) -> str:
     # a run that ended (crashed, say) before its tasks did: their last states are not what they are doing now
     tasks = ", ".join(f"{n} {s.lower() if not final or s in FINAL else 'unfinished'}"
                       for s, n in sorted(info["tasks"].items())) or ("none" if final else "none yet")
+    named = info.get("state_name")
     lines = [f"flow run {info['id']} ({info['name']}): {info['state']}"
+             + (f" ({named})" if named and named.upper() != info["state"] else "")
              + (f" - {info['state_message']}" if info["state_message"] and info["state"] != "COMPLETED" else ""),
              f"  shard tasks  {tasks}",
              f"  progress     {info['progress']:.0f}% of pairs" if info["progress"] is not None else "  progress     n/a",
