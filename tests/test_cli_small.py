@@ -34,8 +34,14 @@ def test_validate_names_every_problem_of_a_row_and_typos_only_among_unknown_colu
                         '{"image_prompt": "a cat", "audio_prompt": "meowing", "seed": 9223372036854775807}\n')
     assert main(["validate", str(manifest), "--models", "tiny"]) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("row 0: image_prompt: must be text, got int 1; and audio_prompt: must be text")
+    assert lines[0].startswith("row 0: image_prompt: must be text, got int 1 (fix: ")
+    assert "; and audio_prompt: must be text" in lines[0] and not lines[0].endswith(")); fix: ")
     assert lines[1].startswith("row 1") and "seed: must be an integer in [0, 2**63 - 4096)" in lines[1]
+    several = tmp_path / "several.csv"  # range problems too are named together, each with its fix
+    several.write_text("image_prompt,audio_prompt,seed,steps,t_image\na cat,meowing,-1,0,1.5\n")
+    assert main(["validate", str(several), "--models", "tiny"]) == 1
+    line = capsys.readouterr().out.splitlines()[0]
+    assert all(f"{name}: must be" in line for name in ("t_image", "steps", "seed")) and line.count("(fix: ") == 3
     no_audio = tmp_path / "no_audio.csv"
     no_audio.write_text("image_prompt,audio_promt\na cat,meowing\n")
     assert main(["validate", str(no_audio), "--models", "tiny"]) == 2

@@ -54,7 +54,10 @@ class Rejection:
 
     def __str__(self) -> str:
         who = f" (pair_id {self.pair_id!r})" if self.pair_id else ""
-        return f"row {self.row}{who}: {self.field}: {self.reason}" + (f"; fix: {self.fix}" if self.fix else "")
+        # a row with several problems names each with its fix in `reason` (_first_of); `fix` is the first's
+        inline = self.fix and f"(fix: {self.fix})" in self.reason
+        return f"row {self.row}{who}: {self.field}: {self.reason}" + (f"; fix: {self.fix}" if self.fix and not inline
+                                                                        else "")
 
 
 @dataclass
@@ -433,9 +436,11 @@ def _resolve_guides(values: dict[str, Any], base: str, manifest: str | None,
 def _first_of(problems: list[Problem]) -> Problem:
     """The problem a row is rejected for: the first (its field and fix), its message naming the others with theirs,
     so that one round of fixes can clear the row."""
+    if len(problems) == 1:
+        return problems[0]
     p = problems[0]
     more = "".join(f"; and {q.field}: {q.message}" + (f" (fix: {q.fix})" if q.fix else "") for q in problems[1:])
-    return Problem(p.field, p.message + more, p.fix)
+    return Problem(p.field, p.message + (f" (fix: {p.fix})" if p.fix else "") + more, p.fix)
 
 
 def _guide_problem(guide: str, value: str, manifest: str | None, allow_guides) -> Problem | None:
@@ -524,7 +529,7 @@ def validate_manifest_by_row(df, defaults: GenerationDefaults | None = None, sch
         if not problems and check_files:
             problems = check_guides(params)
         if problems:
-            p = problems[0]
+            p = _first_of(problems)
             reject(p.field, p.message, p.fix, explicit_id)
             continue
         if not 1 <= keep <= params.num_candidates:
@@ -684,7 +689,7 @@ def _validate_manifest(df, defaults: GenerationDefaults | None, scheduler_config
                 guides[key] = check_guides(params)
             problems = guides[key]
         if problems:
-            p = problems[0]
+            p = _first_of(problems)
             reject(row, p.field, p.message, p.fix, explicit_id)
             continue
         if not 1 <= keep <= params.num_candidates:
