@@ -358,6 +358,8 @@ def _require_models(command: str, spec: str, vocoder: str = "hifigan", scorers: 
 def cmd_generate(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     _check_runtime(args)
+    # Before any model is loaded: a --out that cannot be written (or would vanish) costs a second, not the run.
+    check_writable(args.out, "generate", "the candidates")
     model_set = _prepare(args, params)
 
     from pws_batch.core.candidate_files import write_generation
@@ -621,12 +623,12 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:500]}" if text else type(exc).__name__
 
 
-def check_writable(uri: str) -> None:
-    """Fail in one line, before any work, when OUT cannot be created or written."""
+def check_writable(uri: str, command: str = "run", what: str = "the dataset") -> None:
+    """Fail in one line, before any work, when OUT cannot be created or written (`run`, `generate`)."""
     from pws_batch.batch.dataset import Output
 
     if uri.startswith("memory://"):
-        raise UsageError(f"pws-batch run: error: --out {uri} lives in this process's memory only: the dataset would "
+        raise UsageError(f"pws-batch {command}: error: --out {uri} lives in this process's memory only: {what} would "
                          f"be gone when the command ends; use a path or a lasting URI (s3://, gs://, ...)")
     try:
         out = Output(uri)
@@ -636,8 +638,8 @@ def check_writable(uri: str) -> None:
         if not existed:  # a refused run leaves nothing behind, not even the folder the probe made
             out.fs.rm(out.root, recursive=True)
     except Exception as exc:  # noqa: BLE001 - permission, read-only filesystem, bad credentials, no such bucket
-        raise UsageError(f"pws-batch run: error: cannot write to --out {uri} ({_one_line(exc)}); choose a location "
-                         f"you can write to") from exc
+        raise UsageError(f"pws-batch {command}: error: cannot write to --out {uri} ({_one_line(exc)}); choose a "
+                         f"location you can write to") from exc
 
 
 def _make_prefect_home(home: str | None = None) -> None:

@@ -211,3 +211,33 @@ def test_bench_sampler_prints_ratios(capsys, tiny_models):
     assert lines[-1].startswith("speedup ") and lines[-1].endswith("unet-evals 1.00 of minimum")
     naive = next(line for line in lines if line.startswith("naive"))
     assert float(naive.split()[-1]) == 8.0  # 4 steps x 2 models: the naive way evaluates both every step
+
+
+# ------------------------------------------------------------------------------------------------ --out
+FAST = ["--steps", "2", "--candidates", "2"]
+
+
+def _refused_before_loading(capsys, *args: str) -> str:
+    """`generate` with these arguments must exit 2 with one line, and load no model."""
+    from pws_batch.core.pipeline import ImagesThatSoundPipeline
+
+    loads = ImagesThatSoundPipeline.loads
+    rc = main(["generate", *PAIR, *FAST, *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert ImagesThatSoundPipeline.loads == loads, "a model was loaded before --out was refused"
+    return err
+
+
+def test_unwritable_out_is_refused_before_any_model_is_loaded(capsys, tmp_path, tiny_models):
+    a_file = tmp_path / "file.png"
+    a_file.write_bytes(b"not a folder")
+    err = _refused_before_loading(capsys, "--out", str(a_file / "sub"))
+    assert "pws-batch generate: error: cannot write to --out" in err and "choose a location you can write to" in err
+    assert a_file.read_bytes() == b"not a folder"
+
+
+def test_out_in_memory_is_refused_since_the_files_would_end_with_the_command(capsys, tiny_models):
+    err = _refused_before_loading(capsys, "--out", "memory://x")
+    assert "pws-batch generate: error: --out memory://x lives in this process's memory only" in err
