@@ -156,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(gen)
     gen.add_argument("--vocoder", default="hifigan", choices=VOCODERS,
                      help="Auffusion's HiFi-GAN, or weight-free Griffin-Lim (default: hifigan)")
-    gen.add_argument("--out", required=True, help="output folder (local path or fsspec URI)")
+    gen.add_argument("--out", required=True,
+                     help="output folder (local path or fsspec URI): new or empty, or holding an earlier generate's "
+                          "output with --overwrite")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier generate's output in --out (its candidates.json and candidate-NNN.png/"
+                          ".wav files); a folder holding any other file is refused either way")
 
     models = sub.add_parser("models", help="model sets: fetch one, check one, show one, build the tiny one")
     msub = models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
@@ -360,9 +365,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_runtime(args)
     # Before any model is loaded: a --out that cannot be written (or would vanish) costs a second, not the run.
     check_writable(args.out, "generate", "the candidates")
+    check_generate_out(args.out, args.overwrite)
     model_set = _prepare(args, params)
 
-    from pws_batch.core.candidate_files import write_generation
+    from pws_batch.core.candidate_files import remove_earlier, write_generation
     from pws_batch.core.pipeline import ImagesThatSoundPipeline
 
     t0 = time.perf_counter()
@@ -376,10 +382,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with _progress(params, args.micro_batch, "generate") as on_step:
         result = pipe(params, micro_batch=args.micro_batch, on_step=on_step)
     result.timings["load_s"] = round(load_s, 4)
+    if args.overwrite:  # only now: a run that fails leaves the earlier candidates as they were
+        remove_earlier(args.out)
     path = write_generation(args.out, result, pipe, vocoder=args.vocoder, micro_batch=args.micro_batch)
     print(f"wrote {len(result.candidates)} candidates to {path} "
           f"({result.timings['total_s']:.1f} s, {sum(result.unet_evals.values())} U-Net evaluations)")
     return 0
+
+
+def _shown(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def check_generate_out(out: str, overwrite: bool) -> None:
+    """Refuse, before any model is loaded, a --out whose files would mix with the new candidates: an earlier
+    generate's output (unless --overwrite) or anything else (always: those files are not ours to delete)."""
+    from pws_batch.core.candidate_files import existing_entries
+
+    ours, others = existing_entries(out)
+    if others:
+        raise UsageError(f"pws-batch generate: error: --out {out} already holds files that pws-batch generate did "
+                         f"not write ({_shown(others)}): the candidates would be written among them, and --overwrite "
+                         f"replaces only candidates.json and candidate-NNN.png/.wav. Choose a new or empty folder "
+                         f"for --out")
+    if ours and not overwrite:
+        raise UsageError(f"pws-batch generate: error: --out {out} already holds an earlier generate's output "
+                         f"({len(ours)} files: {_shown(ours, 3)}): the new candidates would mix with them; pass "
+                         f"--overwrite to replace them, or choose a new or empty folder for --out")
 
 
 class _progress:

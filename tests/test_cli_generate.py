@@ -201,7 +201,7 @@ def test_help_documents_every_generation_flag():
     for flag in ("--image-prompt", "--audio-prompt", "--negative-image-prompt", "--negative-audio-prompt",
                  "--candidates", "--seed", "--steps", "--guidance-image", "--guidance-audio", "--t-image",
                  "--t-audio", "--guide-audio", "--guide-image", "--strength", "--models", "--device", "--dtype",
-                 "--out"):
+                 "--out", "--overwrite"):
         assert flag in out.getvalue()
 
 
@@ -241,3 +241,62 @@ def test_unwritable_out_is_refused_before_any_model_is_loaded(capsys, tmp_path, 
 def test_out_in_memory_is_refused_since_the_files_would_end_with_the_command(capsys, tiny_models):
     err = _refused_before_loading(capsys, "--out", "memory://x")
     assert "pws-batch generate: error: --out memory://x lives in this process's memory only" in err
+
+
+def _names(folder) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+def _contents(folder) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in os.listdir(folder) if (folder / name).is_file()}
+
+
+def test_out_holding_an_earlier_generate_is_refused_unless_overwrite(capsys, tmp_path, tiny_models):
+    out = tmp_path / "out"
+    assert main(["generate", *PAIR, "--steps", "2", "--candidates", "3", "--out", str(out)]) == 0
+    first = _contents(out)
+    assert len(first) == 7
+
+    err = _refused_before_loading(capsys, "--candidates", "1", "--out", str(out))
+    assert f"--out {out} already holds an earlier generate's output (7 files: candidate-000.png" in err
+    assert "pass --overwrite" in err and "new or empty folder" in err
+    assert _contents(out) == first  # nothing touched
+
+    assert main(["generate", *PAIR, "--steps", "2", "--candidates", "1", "--seed", "9", "--overwrite",
+                 "--out", str(out)]) == 0
+    assert _names(out) == ["candidate-000.png", "candidate-000.wav", "candidates.json"]  # no candidate-001/002 left
+    record = json.loads((out / "candidates.json").read_text())
+    assert [c["seed"] for c in record["candidates"]] == [9]
+
+
+def test_generate_into_an_existing_empty_folder_needs_no_overwrite(tmp_path, tiny_models):
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert main(["generate", *PAIR, *FAST, "--out", str(out)]) == 0
+    assert "candidates.json" in _names(out)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("theirs", ["readme", "run-dataset", "readme-beside-candidates"])
+def test_out_holding_other_files_is_refused_and_nothing_is_deleted(capsys, tmp_path, tiny_models, theirs, overwrite):
+    out = tmp_path / "mine"
+    if theirs == "readme-beside-candidates":
+        assert main(["generate", *PAIR, *FAST, "--out", str(out)]) == 0
+    out.mkdir(exist_ok=True)
+    (out / "README.md").write_text("my notes")
+    if theirs == "run-dataset":  # what `pws-batch run` leaves: run.json, data/, candidates/
+        (out / "run.json").write_text("{}")
+        (out / "data").mkdir()
+        (out / "data" / "part-00000.parquet").write_bytes(b"PAR1")
+        (out / "candidates").mkdir()
+    before = {name: (out / name).read_bytes() for name in _names(out) if (out / name).is_file()}
+    listing = _names(out)
+    err = _refused_before_loading(capsys, *(["--overwrite"] if overwrite else []), "--out", str(out))
+    assert f"--out {out} already holds files that pws-batch generate did not write (" in err
+    assert "README.md" in err and "new or empty folder" in err
+    if theirs == "readme-beside-candidates":
+        assert "candidate-000.png" not in err.split("did not write")[1].split(")")[0]
+    assert _names(out) == listing
+    assert {name: (out / name).read_bytes() for name in _names(out) if (out / name).is_file()} == before
+    if theirs == "run-dataset":
+        assert os.listdir(out / "data") == ["part-00000.parquet"]

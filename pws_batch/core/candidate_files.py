@@ -5,11 +5,41 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
+import re
 from typing import Any
 
 from pws_batch import __version__
 from pws_batch.core.device import dtype_name
 from pws_batch.core.media import png_bytes, wav_bytes
+
+# The names write_generation writes: only these are ever replaced (`generate --overwrite`).
+GENERATED = re.compile(r"^(candidates\.json|candidate-\d{3,}\.(png|wav))$")
+
+
+def existing_entries(out: str) -> tuple[list[str], list[str]]:
+    """What the folder `out` already holds: (the files an earlier generate wrote, every other entry), each
+    sorted; ([], []) for a new or empty folder. A folder named like one of our files counts as another entry."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(out.rstrip("/"))
+    if not fs.exists(root) or not fs.isdir(root):
+        return [], []
+    ours, others = [], []
+    for entry in fs.ls(root, detail=True):
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        (ours if entry.get("type") == "file" and GENERATED.match(name) else others).append(name)
+    return sorted(ours), sorted(others)
+
+
+def remove_earlier(out: str) -> list[str]:
+    """Delete the files an earlier generate wrote to `out` (nothing else); returns their names."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(out.rstrip("/"))
+    ours, _ = existing_entries(out)
+    for name in ours:
+        fs.rm(f"{root}/{name}")
+    return ours
 
 
 def generation_record(result, pipe, **extra: Any) -> dict[str, Any]:
