@@ -35,7 +35,10 @@ class _Parser(argparse.ArgumentParser):
 DESCRIPTIONS = {
     "generate": """
         Make N candidates for one prompt pair: candidate-NNN.png (8-bit grayscale picture), candidate-NNN.wav
-        (16 kHz mono), candidates.json (all parameters, seeds, model ids, U-Net evaluation counts, timings).""",
+        (16 kHz mono), candidates.json (all parameters, seeds, model ids, U-Net evaluation counts, timings). Each
+        micro-batch's files are written as soon as it is made (Ctrl-C keeps them), candidates.json once all are.
+        --out is checked before any model is loaded: it must be writable and new or empty, or hold only an earlier
+        generate's output, which --overwrite replaces (other files are never deleted: such a folder is refused).""",
     "models fetch": """
         Download only the files each component reads (safetensors where a repository publishes them, else its
         .bin files; no .ckpt, no non-EMA or fp16 variants, no safety checker) with
@@ -368,7 +371,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_generate_out(args.out, args.overwrite)
     model_set = _prepare(args, params)
 
-    from pws_batch.core.candidate_files import remove_earlier, write_generation
+    from pws_batch.core.candidate_files import CandidateFolder
     from pws_batch.core.pipeline import ImagesThatSoundPipeline
 
     t0 = time.perf_counter()
@@ -379,12 +382,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from pws_batch.core.allocator import keep_freed_memory
 
         keep_freed_memory()
-    with _progress(params, args.micro_batch, "generate") as on_step:
-        result = pipe(params, micro_batch=args.micro_batch, on_step=on_step)
+    # Each micro-batch's files are written as soon as it is made (Ctrl-C keeps them), candidates.json at the end;
+    # with --overwrite the earlier generate's files go just before the first new one is written.
+    folder = CandidateFolder(args.out, replace_earlier=args.overwrite)
+    try:
+        with _progress(params, args.micro_batch, "generate") as on_step:
+            result = pipe(params, micro_batch=args.micro_batch, on_step=on_step, on_candidates=folder.add)
+    except KeyboardInterrupt:
+        if folder.written:
+            first, last = min(folder.written), max(folder.written)
+            raise KeyboardInterrupt(f"{len(folder.written)} candidates written to {args.out} (candidate-{first:03d} "
+                                    f"to candidate-{last:03d}: seeds {params.seed + first} to {params.seed + last}), "
+                                    f"no candidates.json") from None
+        raise
     result.timings["load_s"] = round(load_s, 4)
-    if args.overwrite:  # only now: a run that fails leaves the earlier candidates as they were
-        remove_earlier(args.out)
-    path = write_generation(args.out, result, pipe, vocoder=args.vocoder, micro_batch=args.micro_batch)
+    path = folder.finish(result, pipe, vocoder=args.vocoder, micro_batch=args.micro_batch)
     print(f"wrote {len(result.candidates)} candidates to {path} "
           f"({result.timings['total_s']:.1f} s, {sum(result.unet_evals.values())} U-Net evaluations)")
     return 0
@@ -925,8 +937,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("pws-batch: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print("pws-batch: interrupted" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
     except BrokenPipeError:  # `pws-batch inspect OUT | head -1`: the reader has what it wanted; say nothing
         devnull = os.open(os.devnull, os.O_WRONLY)

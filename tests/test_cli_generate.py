@@ -300,3 +300,54 @@ def test_out_holding_other_files_is_refused_and_nothing_is_deleted(capsys, tmp_p
     assert {name: (out / name).read_bytes() for name in _names(out) if (out / name).is_file()} == before
     if theirs == "run-dataset":
         assert os.listdir(out / "data") == ["part-00000.parquet"]
+
+
+def test_ctrl_c_keeps_the_files_of_the_finished_micro_batches(capsys, tmp_path, tiny_models, monkeypatch):
+    """Each micro-batch's files are written as soon as it is made: Ctrl-C during the second loses only that one."""
+    from pws_batch.core.pipeline import ImagesThatSoundPipeline
+
+    decode, calls = ImagesThatSoundPipeline.decode, []
+
+    def decode_then_ctrl_c(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImagesThatSoundPipeline, "decode", decode_then_ctrl_c)
+    out = tmp_path / "cut"
+    assert main(["generate", *PAIR, "--steps", "2", "--candidates", "4", "--micro-batch", "2", "--seed", "5",
+                 "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("pws-batch: interrupted"), err
+    assert f"2 candidates written to {out}" in err and "no candidates.json" in err
+    assert _names(out) == ["candidate-000.png", "candidate-000.wav", "candidate-001.png", "candidate-001.wav"]
+    monkeypatch.undo()
+    # The same candidates as an uninterrupted run's (candidate 1 regenerated alone: seed 5 + 1).
+    whole = generate(tmp_path / "whole", "--steps", "2", "--candidates", "1", "--seed", "6")
+    assert whole["candidates"][0]["seed"] == 6
+    image_cut, audio_cut, _ = load_candidate(out, 1)
+    image_one, audio_one, _ = load_candidate(tmp_path / "whole", 0)
+    assert np.abs(image_cut.astype(int) - image_one.astype(int)).max() <= 1
+    assert np.abs(audio_cut - audio_one).max() <= 1e-4
+    # A re-run into that folder is refused (its files would mix) unless --overwrite.
+    err = _refused_before_loading(capsys, "--out", str(out))
+    assert "already holds an earlier generate's output (4 files" in err
+
+
+def test_overwrite_cut_off_before_its_first_candidate_leaves_the_earlier_output(capsys, tmp_path, tiny_models,
+                                                                                 monkeypatch):
+    from pws_batch.core.pipeline import ImagesThatSoundPipeline
+
+    out = tmp_path / "out"
+    record = generate(out, "--steps", "2", "--candidates", "2")
+    assert "write_s" in record["timings"]  # the files' writing, not counted as denoising
+    before = _contents(out)
+
+    def ctrl_c(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ImagesThatSoundPipeline, "decode", ctrl_c)
+    assert main(["generate", *PAIR, *FAST, "--overwrite", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip() == "pws-batch: interrupted"
+    assert _contents(out) == before

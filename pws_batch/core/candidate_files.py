@@ -63,22 +63,57 @@ def generation_record(result, pipe, **extra: Any) -> dict[str, Any]:
     }
 
 
-def write_generation(out: str, result, pipe, **extra: Any) -> str:
-    import fsspec
+class CandidateFolder:
+    """One pair's candidates written into the folder `out` as they are made: each micro-batch's
+    candidate-NNN.png / .wav at once (`add`, so that an interrupted run keeps them), candidates.json once all are
+    made (`finish`). With `replace_earlier`, an earlier generate's files (only those) are deleted just before the
+    first new file is written: a run that fails before that leaves them as they were."""
 
-    fs, root = fsspec.core.url_to_fs(out)
-    fs.makedirs(root, exist_ok=True)
-    entries = []
-    for c in result.candidates:
-        stem = f"candidate-{c.index:03d}"
-        with fs.open(f"{root}/{stem}.png", "wb") as f:
-            f.write(png_bytes(c.image))
-        with fs.open(f"{root}/{stem}.wav", "wb") as f:
-            f.write(wav_bytes(c.audio))
-        entries.append({"index": c.index, "seed": c.seed, "image": f"{stem}.png", "audio": f"{stem}.wav",
-                        "image_size": list(c.image.shape[::-1]), "audio_samples": int(c.audio.shape[0])})
-    record = generation_record(result, pipe, **extra)
-    record["candidates"] = entries
-    with fs.open(f"{root}/candidates.json", "w") as f:
-        json.dump(record, f, indent=2)
-    return out
+    def __init__(self, out: str, replace_earlier: bool = False):
+        import fsspec
+
+        self.out = out
+        self.fs, self.root = fsspec.core.url_to_fs(out)
+        self.replace_earlier = replace_earlier
+        self.written: list[int] = []  # indices of the candidates whose files are written
+
+    def add(self, candidates) -> None:
+        if self.replace_earlier:
+            remove_earlier(self.out)
+            self.replace_earlier = False
+        self.fs.makedirs(self.root, exist_ok=True)
+        for c in candidates:
+            stem = f"candidate-{c.index:03d}"
+            files = {f"{self.root}/{stem}.png": png_bytes(c.image), f"{self.root}/{stem}.wav": wav_bytes(c.audio)}
+            try:
+                for path, data in files.items():
+                    with self.fs.open(path, "wb") as f:
+                        f.write(data)
+            except BaseException:  # Ctrl-C mid-write: leave no cut-off file, only whole candidates
+                for path in files:
+                    try:
+                        self.fs.rm(path)
+                    except Exception:  # noqa: BLE001 - not written yet
+                        pass
+                raise
+            self.written.append(c.index)
+
+    def finish(self, result, pipe, **extra: Any) -> str:
+        """Write candidates.json (and the files of any candidate not `add`ed yet); returns `out`."""
+        done = set(self.written)
+        missing = [c for c in result.candidates if c.index not in done]
+        if missing or not self.written:
+            self.add(missing)
+        entries = [{"index": c.index, "seed": c.seed, "image": f"candidate-{c.index:03d}.png",
+                    "audio": f"candidate-{c.index:03d}.wav", "image_size": list(c.image.shape[::-1]),
+                    "audio_samples": int(c.audio.shape[0])} for c in result.candidates]
+        record = generation_record(result, pipe, **extra)
+        record["candidates"] = entries
+        with self.fs.open(f"{self.root}/candidates.json", "w") as f:
+            json.dump(record, f, indent=2)
+        return self.out
+
+
+def write_generation(out: str, result, pipe, **extra: Any) -> str:
+    """All of a finished result's files at once: candidate-NNN.png / .wav and candidates.json."""
+    return CandidateFolder(out).finish(result, pipe, **extra)

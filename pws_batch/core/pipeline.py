@@ -164,9 +164,12 @@ class ImagesThatSoundPipeline:
         return out
 
     def __call__(self, params: GenerationParams, *, micro_batch: int = 8, skip_inactive: bool = True,
-                 on_step: Callable[[int], None] | None = None, seeds: list[int] | None = None) -> GenerationResult:
+                 on_step: Callable[[int], None] | None = None, seeds: list[int] | None = None,
+                 on_candidates: Callable[[list[Candidate]], None] | None = None) -> GenerationResult:
         """The pair's candidates; `seeds` (default: all of `params.candidate_seeds`): only these candidates, each
-        still numbered seed - params.seed (a stream of micro-batches makes a pair piece by piece)."""
+        still numbered seed - params.seed (a stream of micro-batches makes a pair piece by piece).
+        `on_candidates` is handed each micro-batch's candidates as soon as they are made (`generate` writes their
+        files there, so that Ctrl-C keeps them); its time is timings' write_s, not counted in denoise_s."""
         timings: Counter = Counter()
         clock = time.perf_counter()
 
@@ -196,13 +199,18 @@ class ImagesThatSoundPipeline:
             timings["decode_s"] += t1 - t0
             timings["vocode_s"] += time.perf_counter() - t1
             images = codec.to_uint8(picture)
-            for j, seed in enumerate(batch_seeds):
-                candidates.append(Candidate(seed - params.seed, seed, images[j], audio[j]))
+            made = [Candidate(seed - params.seed, seed, images[j], audio[j]) for j, seed in enumerate(batch_seeds)]
+            candidates.extend(made)
+            if on_candidates is not None:
+                t2 = time.perf_counter()
+                on_candidates(made)
+                timings["write_s"] += time.perf_counter() - t2
 
         t_denoise = time.perf_counter()
         self.denoise_latents(params, seeds, micro_batch=micro_batch, skip_inactive=skip_inactive, evals=evals,
                              branches=branches, guide=guide, on_batch=finish, on_step=on_step)
-        timings["denoise_s"] = time.perf_counter() - t_denoise - timings["decode_s"] - timings["vocode_s"]
+        timings["denoise_s"] = (time.perf_counter() - t_denoise - timings["decode_s"] - timings["vocode_s"]
+                                - timings["write_s"])
         timings["total_s"] = time.perf_counter() - clock
         minimum = sampler.minimum_unet_evals(timesteps, branches, T) * len(seeds)
         return GenerationResult(params, candidates, dict(evals), minimum, {k: round(v, 4) for k, v in timings.items()})
