@@ -125,6 +125,73 @@ def test_models_check_names_each_broken_file_of_a_damaged_copy(tiny_models, tmp_
         assert message in line and "; fix: " in line
 
 
+
+def _truncate(path, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def _safetensors_sizes(path) -> tuple[int, int]:
+    """A safetensors file's 8 + header length (what a file cut inside its header must at least have), and that
+    plus the largest data_offsets end (its whole size)."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    return 8 + length, 8 + length + max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+
+
+# (component, file in the set folder, damage, the file as the check names it, what the line says)
+DAMAGED = [
+    ("image", "image/unet/diffusion_pytorch_model.safetensors", lambda p: _truncate(p, 100),
+     "unet/diffusion_pytorch_model.safetensors", "truncated: 100 bytes, the header says at least "),
+    ("image", "image/vae/diffusion_pytorch_model.safetensors", lambda p: _truncate(p, os.path.getsize(p) - 1),
+     "vae/diffusion_pytorch_model.safetensors", "truncated: "),
+    ("clip", "clip/model.safetensors", lambda p: _truncate(p, 0), "model.safetensors", "empty (0 bytes)"),
+    ("clip", "clip/model.safetensors", lambda p: p.write_bytes(b"not safetensors"), "model.safetensors",
+     "not a safetensors file"),
+    ("vocoder", "audio/vocoder/vocoder.pt", lambda p: p.write_text("garbage"), "vocoder/vocoder.pt",
+     "not a valid torch checkpoint"),
+    ("audio", "audio/unet/diffusion_pytorch_model.bin", lambda p: _truncate(p, os.path.getsize(p) // 2),
+     "unet/diffusion_pytorch_model.bin", "truncated or damaged: "),
+    ("clap", "clap/pytorch_model.bin", lambda p: _truncate(p, 100), "pytorch_model.bin", "truncated or damaged: 100 bytes"),
+]
+
+
+@pytest.mark.parametrize("component, damaged, damage, file, message", DAMAGED,
+                         ids=[f"{d[1]}:{d[4].split(':')[0]}" for d in DAMAGED])
+def test_models_check_names_a_damaged_weights_file(tiny_models, tmp_path, capsys, component, damaged, damage, file,
+                                                   message):
+    """A truncated, empty or garbage weights file fails the check (headers and zip directories only, no tensor
+    read), one line naming the file, instead of passing and failing at model load."""
+    copy = tmp_path / "set"
+    shutil.copytree(tiny_models, copy)
+    path = copy / damaged
+    sizes = _safetensors_sizes(path) if damaged.endswith(".safetensors") else None
+    damage(path)
+    assert main(["models", "check", str(copy)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"model set {copy}: 1 problem", lines
+    folder = copy / ("audio" if component == "vocoder" else component)
+    assert lines[0].startswith(f"{component} '{folder}': {file}: {message}"), lines[0]
+    if sizes and message.startswith("truncated"):  # the size the header asks for: of the header alone if it is cut off
+        needed = sizes[0] if os.path.getsize(path) < sizes[0] else sizes[1]
+        assert f"truncated: {os.path.getsize(path)} bytes, the header says at least {needed};" in lines[0]
+    assert "; fix: " in lines[0]
+
+
+def test_models_check_takes_torch_legacy_pickle_format(tiny_models, tmp_path, capsys):
+    """A .bin written by torch.save's legacy (non-zip) format, which older repositories publish, still passes."""
+    import torch
+
+    copy = tmp_path / "set"
+    shutil.copytree(tiny_models, copy)
+    path = copy / "clap" / "pytorch_model.bin"
+    state = torch.load(path, weights_only=True)
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    assert not path.read_bytes().startswith(b"PK")
+    assert main(["models", "check", str(copy)]) == 0, capsys.readouterr().out
+
+
 def test_models_check_of_hub_ids_looks_only_in_the_cache(capsys):
     assert main(["models", "check", "sd15-auffusion"]) == 1  # the test cache holds none of them
     lines = capsys.readouterr().out.strip().splitlines()

@@ -2,8 +2,9 @@
 hub (`pws-batch models fetch`).
 
 Checking loads no weights and never touches the network: it looks for the files in a local folder or in the
-Hugging Face cache (`huggingface_hub.try_to_load_from_cache`), reads the small JSON configs, and reports one
-`Problem` per missing or inconsistent file. It checks what generation relies on: both diffusion models work in
+Hugging Face cache (`huggingface_hub.try_to_load_from_cache`), reads the small JSON configs and the weights
+files' headers (a safetensors header against the file's size, the zip directory of torch.save's format; no tensor
+data), and reports one `Problem` per missing, damaged or inconsistent file. It checks what generation relies on: both diffusion models work in
 SD 1.5's latent space (4 channels, VAE factor 8), each U-Net's cross-attention takes its text encoder's width,
 and the vocoder reads Auffusion's mel format (256 mels, hop 160 at 16 kHz). The facts come from the real
 configs kept in `reference_configs/` (each names its source).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -120,6 +122,118 @@ def _read_json(path: str) -> tuple[dict | None, str | None]:
     return (value, None) if isinstance(value, dict) else (None, "is not a JSON object")
 
 
+# ---------------------------------------------------------------------------------------------- weights files
+# What a weights file must look like, read without its tensor data (a few bytes, the header, a zip's directory).
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers
+_SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                            "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# torch.save's legacy (pre-1.6, non-zip) format begins with this number, pickled.
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+def weights_problem(path: str) -> str | None:
+    """What is wrong with a weights file (`.safetensors`, or torch.save's `.bin` / `.pt`), read without loading
+    any tensor: None if it looks whole, else the problem in a few words."""
+    if path.endswith(".safetensors"):
+        return safetensors_problem(path)
+    if path.endswith((".bin", ".pt", ".pth")):
+        return torch_file_problem(path)
+    return None
+
+
+def safetensors_problem(path: str) -> str | None:
+    """The documented safetensors layout: an 8-byte little-endian header length N, N bytes of JSON naming each
+    tensor's dtype, shape and data_offsets (relative to the end of the header), then the data. The file must
+    hold the header and reach the largest offset. (The safetensors library has no header-only read without
+    a framework; this one needs none.)"""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else None
+            raw = f.read(length) if length is not None and 0 < length <= min(size - 8, SAFETENSORS_MAX_HEADER) else b""
+    except OSError as exc:
+        return f"cannot be read ({type(exc).__name__}: {exc.strerror or exc})"
+    if size == 0:
+        return "empty (0 bytes)"
+    if length is None:
+        return f"truncated: {size} bytes, shorter than the 8-byte header length a safetensors file begins with"
+    if length == 0 or length > SAFETENSORS_MAX_HEADER:
+        return f"not a safetensors file: its first 8 bytes give a header length of {length}"
+    if size < 8 + length:
+        return f"truncated: {size} bytes, the header says at least {8 + length}"
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return f"not a safetensors file: its header is not JSON ({type(exc).__name__})"
+    if not isinstance(header, dict):
+        return "not a safetensors file: its header is not a JSON object"
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] and isinstance(shape, list)
+                and all(isinstance(d, int) and d >= 0 for d in shape)):
+            return f"damaged header: tensor {name!r} has no valid shape and data_offsets"
+        itemsize = _SAFETENSORS_DTYPE_BYTES.get(entry.get("dtype"))
+        if itemsize is not None and math.prod(shape) * itemsize != offsets[1] - offsets[0]:
+            return (f"damaged header: tensor {name!r} ({entry['dtype']} {shape}) takes "
+                    f"{math.prod(shape) * itemsize} bytes, its data_offsets {offsets[1] - offsets[0]}")
+        end = max(end, offsets[1])
+    if size < 8 + length + end:
+        return f"truncated: {size} bytes, the header says at least {8 + length + end}"
+    return None
+
+
+def torch_file_problem(path: str) -> str | None:
+    """torch.save's zip format (torch >= 1.6): a zip archive whose central directory (at its end) reads and that
+    holds a data.pkl; the legacy pickle format is recognised by its magic number (its data is not checked)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        return f"cannot be read ({type(exc).__name__}: {exc.strerror or exc})"
+    if size == 0:
+        return "empty (0 bytes)"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                infos = archive.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            return (f"truncated or damaged: {size} bytes with no readable zip directory at its end (torch.save "
+                    f"writes a zip archive; zipfile: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+        if not any(info.filename.endswith("data.pkl") for info in infos):
+            return "not a torch checkpoint: a zip archive without the data.pkl torch.save writes"
+        end = max((info.header_offset + info.compress_size for info in infos), default=0)
+        if size < end:
+            return f"truncated: {size} bytes, its zip directory says at least {end}"
+        return None
+    if head.startswith(b"\x80") and _legacy_torch_magic(head):
+        return None
+    return (f"not a valid torch checkpoint: neither torch.save's zip format nor its legacy pickle format "
+            f"(it begins with {head[:8]!r})")
+
+
+def _legacy_torch_magic(head: bytes) -> bool:
+    """Whether the first pickled object in `head` (the file's first bytes) is torch's legacy magic number
+    (unpickled from those bytes alone, with no classes allowed)."""
+    import io
+    import pickle
+
+    class _NoClasses(pickle.Unpickler):
+        def find_class(self, module, name):  # noqa: ARG002 - nothing but plain values
+            raise pickle.UnpicklingError("no classes")
+
+    try:
+        return _NoClasses(io.BytesIO(head)).load() == _TORCH_LEGACY_MAGIC
+    except Exception:  # noqa: BLE001 - anything unreadable is not that number
+        return False
+
+
 def check_component(component: str, model_id: str, spec: str, vocoder_subfolder: str = "vocoder") -> list[Problem]:
     """Every missing or inconsistent file of one component (offline, no weights loaded)."""
     if is_local(model_id) and not os.path.isdir(os.path.expanduser(model_id)):
@@ -141,6 +255,9 @@ def check_component(component: str, model_id: str, spec: str, vocoder_subfolder:
                                         f"replace {name} with the published one ({_fix_missing(component, model_id, spec)})"))
             else:
                 configs[name] = value
+        elif error := weights_problem(path):
+            problems.append(Problem(component, model_id, name, error,
+                                    f"replace {name} with the published one ({_fix_missing(component, model_id, spec)})"))
     needed = component_files(component, vocoder_subfolder)
     if len(problems) == len(needed) and not configs:  # nothing of it at all: one line, not one per file
         where = "in the folder" if is_local(model_id) else "in the Hugging Face cache"
