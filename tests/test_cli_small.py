@@ -135,20 +135,41 @@ def test_a_model_that_cannot_be_loaded_is_named_in_one_line(tmp_path, capsys, ti
     assert not (tmp_path / "o").exists()
 
 
-def test_a_model_that_passes_the_check_but_cannot_be_loaded_is_named_in_one_line(tmp_path, capsys, tiny_models):
+def _broken_audio_set(tmp_path, tiny_models, write) -> tuple[str, object]:
     import shutil
 
     broken = tmp_path / "audio"
     shutil.copytree(os.path.join(tiny_models, "audio"), broken)
-    (broken / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not a checkpoint")
+    write(broken / "unet" / "diffusion_pytorch_model.bin")
     model_set = tmp_path / "model_set.json"
     model_set.write_text(json.dumps({"name": "broken", "image": os.path.join(tiny_models, "image"),
                                      "audio": str(broken), "vocoder": str(broken)}))
-    rc = main(["generate", "--image-prompt", "x", "--audio-prompt", "y", "--models", str(model_set),
+    return str(model_set), broken
+
+
+def test_a_model_that_passes_the_check_but_cannot_be_loaded_is_named_in_one_line(tmp_path, capsys, tiny_models):
+    """A whole torch.save zip (so the file check passes) holding an object torch.load(weights_only=True) refuses."""
+    import argparse
+
+    import torch
+
+    model_set, broken = _broken_audio_set(tmp_path, tiny_models,
+                                          lambda path: torch.save({"x": argparse.Namespace()}, path))
+    rc = main(["generate", "--image-prompt", "x", "--audio-prompt", "y", "--models", model_set,
                "--steps", "2", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1
     assert f"cannot load the audio model '{broken}'" in err and "HF_HUB_OFFLINE" in err
+
+
+def test_a_damaged_weights_file_fails_the_check_before_loading(tmp_path, capsys, tiny_models):
+    model_set, broken = _broken_audio_set(tmp_path, tiny_models, lambda path: path.write_bytes(b"not a checkpoint"))
+    rc = main(["generate", "--image-prompt", "x", "--audio-prompt", "y", "--models", model_set,
+               "--steps", "2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert (f"audio '{broken}': unet/diffusion_pytorch_model.bin: not a valid torch checkpoint" in err
+            and not (tmp_path / "o").exists())
 
 
 @pytest.mark.parametrize("component", ["audio", "vocoder"])
