@@ -283,6 +283,122 @@ def test_a_set_laid_out_as_the_hub_publishes_it_checks_and_generates(tiny_models
     assert (out / "candidate-000.wav").stat().st_size > 100_000
 
 
+
+def _fake_hub(monkeypatch, tiny_models) -> None:
+    """huggingface_hub as `models fetch` uses it, answered from the tiny folders under the real repositories'
+    names and file lists (no network)."""
+    import huggingface_hub
+
+    listings = {SD15_AUFFUSION.image: SD15_REPO, SD15_AUFFUSION.audio: AUFFUSION_REPO,
+                SD15_AUFFUSION.clip: CLIP_REPO, SD15_AUFFUSION.clap: CLAP_REPO}
+    folders = {SD15_AUFFUSION.image: "image", SD15_AUFFUSION.audio: "audio", SD15_AUFFUSION.clip: "clip",
+               SD15_AUFFUSION.clap: "clap"}
+
+    class Api:
+        def list_repo_files(self, repo):
+            return listings[repo]
+
+    def snapshot_download(repo, allow_patterns, local_dir):
+        for name in allow_patterns:
+            source = os.path.join(tiny_models, folders[repo], name)
+            if os.path.isfile(source):
+                os.makedirs(os.path.dirname(os.path.join(local_dir, name)), exist_ok=True)
+                shutil.copy(source, os.path.join(local_dir, name))
+        return local_dir
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+def test_fetch_dir_creates_the_folder_and_check_names_the_repository_to_download_from(tiny_models, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """`models fetch SET --dir D` into a new D records where each folder came from; a file later damaged or lost
+    there is then fixed from that repository, not by `fetch` (which downloads hub ids, not into folders)."""
+    _fake_hub(monkeypatch, tiny_models)
+    target = tmp_path / "new" / "models"
+    assert main(["models", "fetch", "sd15-auffusion", "--dir", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {target / 'model_set.json'}" in out and "model set " in out and ": complete (" in out
+    written = _json(target, "model_set.json")
+    assert written["sources"] == {"image": SD15_AUFFUSION.image, "audio": SD15_AUFFUSION.audio,
+                                  "vocoder": SD15_AUFFUSION.vocoder, "clip": SD15_AUFFUSION.clip,
+                                  "clap": SD15_AUFFUSION.clap}
+    audio, clip = target / "auffusion-full-no-adapter", target / "clip-vit-base-patch16"
+    (audio / "vocoder" / "vocoder.pt").write_text("garbage")
+    os.remove(clip / "preprocessor_config.json")
+    _truncate(clip / "model.safetensors", 100)
+    assert main(["models", "check", str(target)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [
+        f"vocoder '{audio}': vocoder/vocoder.pt: not a valid torch checkpoint: neither torch.save's zip format nor "
+        f"its legacy pickle format (it begins with b'garbage'); fix: download it again where the hub is reachable: "
+        f"`hf download {SD15_AUFFUSION.vocoder} vocoder/vocoder.pt --local-dir {audio} --force-download`",
+        lines[1],
+        f"clip '{clip}': preprocessor_config.json: is missing; fix: download it where the hub is reachable: "
+        f"`hf download {SD15_AUFFUSION.clip} preprocessor_config.json --local-dir {clip}`",
+        f"model set {target}: 3 problems"]
+    assert lines[1].startswith(f"clip '{clip}': model.safetensors: truncated: 100 bytes, the header says at least ")
+    assert lines[1].endswith(f"`hf download {SD15_AUFFUSION.clip} model.safetensors --local-dir {clip} "
+                             f"--force-download`")
+    assert "models fetch" not in "\n".join(lines)
+
+
+def test_fetch_dir_of_local_folders_makes_the_folder_and_says_what_it_skips(tiny_models, tmp_path, monkeypatch,
+                                                                            capsys):
+    """With nothing to download, a new --dir was never made and writing its model_set.json raised FileNotFoundError."""
+    _fake_hub(monkeypatch, tiny_models)
+    target = tmp_path / "not-yet"
+    assert main(["models", "fetch", tiny_models, "--dir", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert (target / "model_set.json").is_file()
+    assert f"skipping image: {os.path.join(tiny_models, 'image')} is a local folder" in out
+
+
+def _local_copy(tiny_models, tmp_path):
+    """The tiny set copied as a plain local set (not marked as a tiny one)."""
+    copy = tmp_path / "set"
+    shutil.copytree(tiny_models, copy)
+    entries = _json(copy, "model_set.json")
+    entries.pop("tiny_version")
+    (copy / "model_set.json").write_text(json.dumps(entries))
+    return copy
+
+
+def test_check_of_a_local_folder_says_which_file_and_where_to_get_it_not_fetch(tiny_models, tmp_path, capsys):
+    """`models fetch` skips local folders, so its suggestion went in a circle: the fix names the file to copy or
+    download into that folder."""
+    copy = _local_copy(tiny_models, tmp_path)
+    os.remove(copy / "audio" / "unet" / "diffusion_pytorch_model.bin")
+    (copy / "audio" / "vocoder" / "vocoder.pt").write_text("garbage")
+    shutil.rmtree(copy / "clap")
+    assert main(["models", "check", str(copy)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and lines[-1] == f"model set {copy}: 3 problems"
+    audio = copy / "audio"
+    assert lines[0] == (
+        f"audio '{audio}': unet/diffusion_pytorch_model.safetensors or unet/diffusion_pytorch_model.bin: is missing; "
+        f"fix: copy unet/diffusion_pytorch_model.safetensors or unet/diffusion_pytorch_model.bin of this model into "
+        f"{audio} (from where the folder came from, or its hub repository: `hf download REPO "
+        f"unet/diffusion_pytorch_model.safetensors unet/diffusion_pytorch_model.bin --local-dir {audio}`), or point "
+        f"the model set's 'audio' entry at a folder that has it")
+    assert lines[1].startswith(f"vocoder '{audio}': vocoder/vocoder.pt: not a valid torch checkpoint")
+    assert lines[1].endswith(f"fix: copy vocoder/vocoder.pt into {audio} again from where the folder came from, or "
+                             f"download it from the model's hub repository: `hf download REPO vocoder/vocoder.pt "
+                             f"--local-dir {audio} --force-download`")
+    assert lines[2].startswith(f"clap '{copy / 'clap'}': (folder): does not exist; fix: copy the complete model into ")
+    assert "--dir DIR" not in "\n".join(lines)
+
+
+def test_check_of_a_tiny_copy_says_to_rebuild_it_there(tiny_models, tmp_path, capsys):
+    copy = tmp_path / "set"
+    shutil.copytree(tiny_models, copy)
+    (copy / "audio" / "vocoder" / "vocoder.pt").write_text("garbage")
+    assert main(["models", "check", str(copy)]) == 1
+    line = capsys.readouterr().out.strip().splitlines()[0]
+    assert line.endswith(f"; fix: rebuild the tiny set there: `pws-batch models build-tiny --dir {copy}`")
+
+
 # ---------------------------------------------------------------------------------------------- fail fast
 def _broken_set(tmp_path, tiny_models, component="audio") -> str:
     entries = {"name": "broken", **{c: os.path.join(tiny_models, c) for c in ("image", "audio", "clip", "clap")},

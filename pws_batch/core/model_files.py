@@ -103,14 +103,81 @@ def locate(model_id: str, filename: str) -> str | None:
     return found if isinstance(found, str) and os.path.isfile(found) else None
 
 
-def _fix_missing(component: str, model_id: str, spec: str) -> str:
+@dataclass(frozen=True)
+class SetOrigin:
+    """Where a model set's files came from, as far as its model_set.json says: a tiny set's folder (rebuilt by
+    `build-tiny`), and the hub id each component was fetched from (`models fetch --dir` records them)."""
+    tiny_dir: str | None = None
+    sources: tuple[tuple[str, str], ...] = ()
+
+    def source(self, component: str) -> str | None:
+        return dict(self.sources).get(component)
+
+
+def set_origin(spec: str) -> SetOrigin:
+    """The origin a model set records (nothing for the built-in hub set, or a file that cannot be read)."""
+    from pws_batch.core.models import DEFAULT_MODEL_SET, MODEL_SET_FILE, tiny_dir
+
+    if spec == "tiny":
+        return SetOrigin(tiny_dir=tiny_dir())
+    if spec == DEFAULT_MODEL_SET:
+        return SetOrigin()
+    path = os.path.join(spec, MODEL_SET_FILE) if os.path.isdir(spec) else spec
+    entries, error = _read_json(path)
+    if error:
+        return SetOrigin()
+    sources = entries.get("sources")
+    return SetOrigin(tiny_dir=os.path.dirname(os.path.abspath(path)) if "tiny_version" in entries else None,
+                     sources=tuple(sorted((str(k), str(v)) for k, v in sources.items())) if isinstance(sources, dict) else ())
+
+
+def _rebuild_tiny(spec: str, origin: SetOrigin) -> str | None:
     if spec == "tiny":
         return "rebuild the tiny set: `pws-batch models build-tiny`"
-    if is_local(model_id):
-        return (f"copy the complete model into {model_id} (`pws-batch models fetch {spec} --dir DIR` writes a "
-                f"complete set), or point the model set's '{component}' entry at a folder that has it")
-    return (f"`pws-batch models fetch {spec}` where the hub is reachable (into the Hugging Face cache, HF_HOME), "
-            f"or point the model set's '{component}' entry at a local folder")
+    if origin.tiny_dir:
+        return f"rebuild the tiny set there: `pws-batch models build-tiny --dir {origin.tiny_dir}`"
+    return None
+
+
+def _fix_missing(component: str, model_id: str, spec: str, origin: SetOrigin = SetOrigin(),
+                 files: tuple[str, ...] | None = None) -> str:
+    """How to get a missing file (`files`: its alternatives) or, with files None, a missing folder / model.
+    `models fetch` downloads hub ids only, so for a component that is a local folder the fix is to copy or
+    download that component's files into the folder (from the hub id the set records, where it records one)."""
+    if rebuild := _rebuild_tiny(spec, origin):
+        return rebuild
+    if not is_local(model_id):
+        return (f"`pws-batch models fetch {spec}` where the hub is reachable (into the Hugging Face cache, HF_HOME), "
+                f"or point the model set's '{component}' entry at a local folder")
+    repo = origin.source(component)
+    if files is None:
+        if repo:
+            return (f"download it again where the hub is reachable: set the model set's '{component}' entry to the "
+                    f"hub id {repo} it was fetched from and run `pws-batch models fetch {spec}`")
+        return (f"copy the complete model into {model_id} (from where it came from, or its hub repository: "
+                f"`hf download REPO --local-dir {model_id}`), or point the model set's '{component}' entry at a "
+                f"folder that has it, or at the model's hub id and run `pws-batch models fetch {spec}`")
+    wanted = " ".join(files)
+    if repo:
+        return (f"download {'it' if len(files) == 1 else 'the one its repository publishes'} where the hub is "
+                f"reachable: `hf download {repo} {wanted} --local-dir {model_id}`")
+    return (f"copy {' or '.join(files)} of this model into {model_id} (from where the folder came from, or its hub "
+            f"repository: `hf download REPO {wanted} --local-dir {model_id}`), or point the model set's "
+            f"'{component}' entry at a folder that has it")
+
+
+def _fix_damaged(component: str, model_id: str, spec: str, origin: SetOrigin, name: str) -> str:
+    """How to replace a file that is there but damaged (the download is forced: a plain one keeps the file)."""
+    if rebuild := _rebuild_tiny(spec, origin):
+        return rebuild
+    if not is_local(model_id):
+        return (f"download it again where the hub is reachable: `hf download {model_id} {name} --force-download` "
+                f"(`pws-batch models fetch` keeps a file already in the Hugging Face cache as it is)")
+    if repo := origin.source(component):
+        return (f"download it again where the hub is reachable: "
+                f"`hf download {repo} {name} --local-dir {model_id} --force-download`")
+    return (f"copy {name} into {model_id} again from where the folder came from, or download it from the model's "
+            f"hub repository: `hf download REPO {name} --local-dir {model_id} --force-download`")
 
 
 def _read_json(path: str) -> tuple[dict | None, str | None]:
@@ -234,10 +301,13 @@ def _legacy_torch_magic(head: bytes) -> bool:
         return False
 
 
-def check_component(component: str, model_id: str, spec: str, vocoder_subfolder: str = "vocoder") -> list[Problem]:
-    """Every missing or inconsistent file of one component (offline, no weights loaded)."""
+def check_component(component: str, model_id: str, spec: str, vocoder_subfolder: str = "vocoder",
+                    origin: SetOrigin | None = None) -> list[Problem]:
+    """Every missing, damaged or inconsistent file of one component (offline, no weights loaded)."""
+    origin = set_origin(spec) if origin is None else origin
     if is_local(model_id) and not os.path.isdir(os.path.expanduser(model_id)):
-        return [Problem(component, model_id, "(folder)", "does not exist", _fix_missing(component, model_id, spec))]
+        return [Problem(component, model_id, "(folder)", "does not exist",
+                        _fix_missing(component, model_id, spec, origin))]
     problems: list[Problem] = []
     configs: dict[str, dict] = {}
     for alternatives in component_files(component, vocoder_subfolder):
@@ -245,24 +315,25 @@ def check_component(component: str, model_id: str, spec: str, vocoder_subfolder:
         if found is None:
             shown = " or ".join(alternatives)
             what = "is missing" if is_local(model_id) else "is not in the Hugging Face cache"
-            problems.append(Problem(component, model_id, shown, what, _fix_missing(component, model_id, spec)))
+            problems.append(Problem(component, model_id, shown, what,
+                                    _fix_missing(component, model_id, spec, origin, alternatives)))
             continue
         name, path = found
         if name.endswith(".json"):
             value, error = _read_json(path)
             if error:
                 problems.append(Problem(component, model_id, name, error,
-                                        f"replace {name} with the published one ({_fix_missing(component, model_id, spec)})"))
+                                        _fix_damaged(component, model_id, spec, origin, name)))
             else:
                 configs[name] = value
         elif error := weights_problem(path):
             problems.append(Problem(component, model_id, name, error,
-                                    f"replace {name} with the published one ({_fix_missing(component, model_id, spec)})"))
+                                    _fix_damaged(component, model_id, spec, origin, name)))
     needed = component_files(component, vocoder_subfolder)
     if len(problems) == len(needed) and not configs:  # nothing of it at all: one line, not one per file
         where = "in the folder" if is_local(model_id) else "in the Hugging Face cache"
         return [Problem(component, model_id, "(all files)", f"none of its {len(needed)} files is {where}",
-                        _fix_missing(component, model_id, spec))]
+                        _fix_missing(component, model_id, spec, origin))]
     problems += _check_configs(component, model_id, configs, vocoder_subfolder)
     return problems
 
@@ -324,8 +395,10 @@ def needed_components(vocoder: str = "hifigan", scorers: bool = True) -> tuple[s
 def check_model_set(model_set, spec: str, components: tuple[str, ...] | None = None) -> list[Problem]:
     """Every problem of a model set's components (all, or those named), offline and without loading weights."""
     problems = []
+    origin = set_origin(spec)
     for component in components or ("image", "audio", "vocoder", "clip", "clap"):
-        problems += check_component(component, getattr(model_set, component), spec, model_set.vocoder_subfolder)
+        problems += check_component(component, getattr(model_set, component), spec, model_set.vocoder_subfolder,
+                                    origin)
     return problems
 
 
@@ -406,6 +479,12 @@ def fetch_model_set(model_set, spec: str, local_dir: str | None = None, say: Cal
             raise FetchError(_hub_error(repo, exc)) from exc
 
     plan = fetch_plan(model_set, listing)
+    for component in ("image", "audio", "vocoder", "clip", "clap"):
+        if is_local(model_id := getattr(model_set, component)):
+            say(f"skipping {component}: {model_id} is a local folder (fetch downloads hub ids; `pws-batch models "
+                f"check` says what a folder lacks and where to get it)")
+    if local_dir:
+        os.makedirs(local_dir, exist_ok=True)
     folders: dict[str, str] = {}
     for repo, files in plan.items():
         target = os.path.join(local_dir, repo.split("/")[-1]) if local_dir else None
@@ -417,11 +496,16 @@ def fetch_model_set(model_set, spec: str, local_dir: str | None = None, say: Cal
             raise FetchError(_hub_error(repo, exc) + "; run the same command again to resume") from exc
     if not local_dir:
         return None
-    entries = {"name": f"{model_set.name}-local"}
+    entries: dict = {"name": f"{model_set.name}-local"}
+    sources = dict(set_origin(spec).sources)  # a fetched set fetched again keeps what its folders came from
     for component in ("image", "audio", "vocoder", "clip", "clap"):
         model_id = getattr(model_set, component)
         entries[component] = os.path.relpath(folders[model_id], local_dir) if model_id in folders else model_id
+        if model_id in folders:
+            sources[component] = model_id
     entries["vocoder_subfolder"] = model_set.vocoder_subfolder
+    if sources:  # so that `models check` can say which repository a damaged file is downloaded from again
+        entries["sources"] = {c: sources[c] for c in ("image", "audio", "vocoder", "clip", "clap") if c in sources}
     path = os.path.join(local_dir, "model_set.json")
     with open(path, "w") as f:
         json.dump(entries, f, indent=2)

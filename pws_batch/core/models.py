@@ -98,7 +98,7 @@ def load_model_set_file(path: str) -> ModelSet:
         raise ModelSetError(f"cannot read model set {path}: {exc}") from exc
     if not isinstance(entries, dict):
         raise ModelSetError(f"model set {path} must hold a JSON object with keys {', '.join(COMPONENTS)}")
-    unknown = set(entries) - set(COMPONENTS) - {"name", "vocoder_subfolder", "tiny_version"}
+    unknown = set(entries) - set(COMPONENTS) - {"name", "vocoder_subfolder", "tiny_version", "sources"}
     if unknown:
         raise ModelSetError(f"model set {path} has unknown keys {sorted(unknown)}; known: {', '.join(COMPONENTS)}")
     values = SD15_AUFFUSION.to_dict()
@@ -107,7 +107,10 @@ def load_model_set_file(path: str) -> ModelSet:
         if key in entries:
             value = str(entries[key])
             local = os.path.join(base, value)
-            values[key] = local if key != "vocoder_subfolder" and os.path.exists(local) else value
+            # A path relative to the file, also when it does not exist (so that a missing folder is reported
+            # where it was looked for, not relative to the working directory); "org/name" stays a hub id.
+            path_like = not value.startswith("~") and (value.startswith(".") or value.count("/") != 1)
+            values[key] = local if key != "vocoder_subfolder" and (os.path.exists(local) or path_like) else value
     return ModelSet(**values)
 
 
