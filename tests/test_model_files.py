@@ -501,6 +501,46 @@ def test_a_load_failure_inside_an_actor_is_one_line(tmp_path, tiny_models):
     assert ranked.request.pair_id == "p" and ranked.error == info["load_error"] and ranked.generated is None
 
 
+
+class _NotAWeight:
+    """A class torch.load(weights_only=True) refuses to unpickle."""
+
+
+@pytest.mark.parametrize("content", ["garbage", "foreign class"])
+def test_a_vocoder_that_is_no_torch_checkpoint_is_named_so_without_unsafe_advice(tiny_models, tmp_path, content):
+    """torch's own error suggests retrying with weights_only=False, which for a corrupt or foreign file would be
+    unsafe advice: the load error says the file is not a valid torch checkpoint instead."""
+    import torch
+
+    from pws_batch.core.models import ModelLoadError, load_model_set_file, load_vocoder
+
+    copy = tmp_path / "set"
+    shutil.copytree(tiny_models, copy)
+    path = copy / "audio" / "vocoder" / "vocoder.pt"
+    if content == "garbage":
+        path.write_text("garbage")
+    else:  # a whole torch.save zip that weights_only refuses: passes the file check, fails at load
+        torch.save({"generator": _NotAWeight()}, path)
+    with pytest.raises(ModelLoadError) as caught:
+        load_vocoder(load_model_set_file(str(copy / "model_set.json")), "cpu", torch.float32)
+    message = str(caught.value)
+    assert len(message.splitlines()) == 1
+    assert f"{path} is not a valid torch checkpoint: " in message
+    assert "weights_only` set to `False" not in message and "weights_only=False" not in message
+
+
+def test_a_scorer_bin_that_is_no_torch_checkpoint_is_named_so_without_unsafe_advice(tiny_models, tmp_path):
+    from pws_batch.core.models import ModelLoadError, load_scorer
+
+    copy = tmp_path / "clap"
+    shutil.copytree(os.path.join(tiny_models, "clap"), copy)
+    (copy / "pytorch_model.bin").write_text("garbage")
+    with pytest.raises(ModelLoadError) as caught:
+        load_scorer("clap", str(copy), "cpu")
+    message = str(caught.value)
+    assert "is not a valid torch checkpoint" in message and "weights_only` set to `False" not in message
+
+
 # ---------------------------------------------------------------------------------------------- bench
 def test_bench_architecture_is_built_from_the_real_config_without_weights():
     """`bench sampler --architecture sd15` builds SD 1.5's U-Net and VAE from reference_configs/sd15.json (here on

@@ -301,6 +301,15 @@ def _legacy_torch_magic(head: bytes) -> bool:
         return False
 
 
+def weights_only_reason(exc: BaseException) -> str:
+    """The reason in torch.load's error, without its advice to retry with weights_only=False."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line
+             and "Weights only load failed" not in line]
+    return lines[0].split(" Please ")[0] if lines else type(exc).__name__
+
 def check_component(component: str, model_id: str, spec: str, vocoder_subfolder: str = "vocoder",
                     origin: SetOrigin | None = None) -> list[Problem]:
     """Every missing, damaged or inconsistent file of one component (offline, no weights loaded)."""

@@ -132,8 +132,14 @@ def _missing(component: str, model_id: str, exc: BaseException) -> ModelLoadErro
            f"(HF_HOME) or a folder, and point the model set's '{component}' entry at that folder"
            if not os.path.exists(model_id) else "check that the folder holds the complete saved model")
     mode = " (HF_HUB_OFFLINE is set, so only local files are used)" if offline else ""
-    return ModelLoadError(f"cannot load the {component} model {model_id!r}{mode}: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}. To fix: {how}; "
+    detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if "Weights only load failed" in str(exc):  # torch's advice to retry with weights_only=False: unsafe here
+        from pws_batch.core.model_files import weights_only_reason
+
+        detail = (f"a weights file is not a valid torch checkpoint: torch.load(weights_only=True) cannot read it "
+                  f"({weights_only_reason(exc)})")
+        how += "; replace it with the published file (`pws-batch models check` names a truncated or damaged one)"
+    return ModelLoadError(f"cannot load the {component} model {model_id!r}{mode}: {detail}. To fix: {how}; "
                           f"or use `--models tiny` for random offline weights")
 
 

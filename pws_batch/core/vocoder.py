@@ -138,13 +138,34 @@ def _resolve_folder_files(name_or_path: str, subfolder: str) -> tuple[str, str]:
             hf_hub_download(name_or_path, WEIGHTS_NAME, subfolder=subfolder or None))
 
 
+def _load_checkpoint(path: str) -> Any:
+    """torch.load(weights_only=True), with a damaged or foreign file reported as what it is: not a valid torch
+    checkpoint. (torch's own message suggests weights_only=False, unsafe advice for a file of unknown origin.)"""
+    import pickle
+
+    from pws_batch.core.model_files import torch_file_problem, weights_only_reason
+
+    problem = torch_file_problem(path)
+    if problem:
+        raise ValueError(f"{path} is not a valid torch checkpoint: {problem.removeprefix('not a valid torch checkpoint: ')}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise ValueError(f"{path} is not a valid torch checkpoint: torch.load(weights_only=True) cannot read it "
+                         f"({weights_only_reason(exc)})") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} is not a valid vocoder checkpoint: it holds a {type(checkpoint).__name__}, not a "
+                         f"state dict")
+    return checkpoint
+
+
 def load_vocoder(name_or_path: str, subfolder: str = "vocoder", device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> HifiGanGenerator:
     """Load Auffusion's vocoder from a hub id or local folder (safe `weights_only` unpickling)."""
     config_path, weights_path = _resolve_folder_files(name_or_path, subfolder)
     with open(config_path) as f:
         config = json.load(f)
-    checkpoint = torch.load(weights_path, map_location="cpu", weights_only=True)
+    checkpoint = _load_checkpoint(weights_path)
     state = checkpoint["generator"] if "generator" in checkpoint else checkpoint
     model = HifiGanGenerator(config)
     model.load_state_dict(fold_weight_norm(state))
