@@ -44,13 +44,16 @@ DESCRIPTIONS = {
         .bin files; no .ckpt, no non-EMA or fp16 variants, no safety checker) with
         huggingface_hub.snapshot_download: resumable (run it again after an interruption), with progress bars.
         Without --dir the files go to the Hugging Face cache (HF_HOME), where `--models sd15-auffusion` finds
-        them offline; with --dir, one folder per repository and a model_set.json to pass to --models. Then run
+        them offline; with --dir (made if missing), one folder per repository and a model_set.json to pass to
+        --models, recording each folder's hub id. Components that are local folders are skipped. Then run
         `pws-batch models check`.""",
     "models check": """
-        Offline and without loading any weights: one line per missing or inconsistent file (component, id, file,
-        problem, fix); checks that both diffusion models share SD 1.5's latent space (4 channels, VAE factor 8),
-        that each U-Net takes its text encoder's width, and that the vocoder reads Auffusion's mels (256 mels,
-        hop 160). Exit status 1 if anything is wrong. Hub ids are looked up in the Hugging Face cache (HF_HOME).""",
+        Offline and without loading any weights: one line per missing, damaged or inconsistent file (component,
+        id, file, problem, fix); reads each weights file's header only (safetensors: header and size; torch
+        .bin/.pt: its zip directory), and checks that both diffusion models share SD 1.5's latent space (4
+        channels, VAE factor 8), that each U-Net takes its text encoder's width, and that the vocoder reads
+        Auffusion's mels (256 mels, hop 160). Exit status 1 if anything is wrong. Hub ids are looked up in the
+        Hugging Face cache (HF_HOME).""",
     "run": """
         Generate a curated dataset from a manifest of prompt pairs: the Prefect flow generate-dataset validates
         the manifest (bad rows go to rejected.parquet), runs one task per shard on Ray actors, ranks every
