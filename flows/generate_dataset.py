@@ -80,7 +80,7 @@ def _start_engine(config: RunConfig, logger) -> tuple[bool, engine.ActorPool]:
     else:
         started_ray = engine.connect_ray(config.engine.ray_address, log=logger.warning)
         pool = None
-    logger.info(engine.describe_cluster(started_ray))
+    logger.info(engine.describe_cluster(started_ray, config.engine.ray_address))
     if pool is None:
         pool = engine.start_actors(config, logger.info, wait=False, **engine.ACTOR_CLASSES)
     return started_ray, pool

@@ -139,7 +139,9 @@ def test_submit_wait_runs_the_deployment_on_the_ray_cluster(cluster, manifest, t
     ray_lines = [line for line in logs.splitlines() if line.startswith("Ray:")]
     # Joined the cluster, not a local Ray. A busy head can lose Ray Client's server for a connection before it serves
     # ("Initialization failure from server"): the run then says so and joins again (engine.CLIENT_ATTEMPTS).
-    joined = [line for line in ray_lines if f"joined the Ray cluster at {address}" in line]
+    # through Ray Client, as the worker's RAY_ADDRESS says, to the head started above
+    joined = [line for line in ray_lines if "joined the Ray cluster at ray://127.0.0.1:" in line
+              and f"(its GCS at {address})" in line]
     retried = [line for line in ray_lines if line.startswith("Ray: joining ray://") and "trying again in" in line]
     assert len(joined) == 1 and len(joined) + len(retried) == len(ray_lines), ray_lines
     assert "generator on " in logs and "ranker on " in logs and "GPUs none" in logs

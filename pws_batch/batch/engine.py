@@ -359,15 +359,23 @@ def connect_ray(address: str | None, num_cpus: int | None = None, log: Callable[
     return True
 
 
-def describe_cluster(started_here: bool) -> str:
+def describe_cluster(started_here: bool, address: str | None = None) -> str:
+    """One line: the Ray this run started or joined (at `address` as given, and its GCS when that differs: through
+    Ray Client the head's own address), its nodes, CPUs and GPUs."""
     import ray
 
     resources = ray.cluster_resources()
     try:
         gcs = ray.get_runtime_context().gcs_address
-    except Exception:  # noqa: BLE001 - through Ray Client (ray://) the context has no GCS address
-        gcs = os.environ.get("RAY_ADDRESS", "?")
-    where = f"started a local Ray at {gcs}" if started_here else f"joined the Ray cluster at {gcs}"
+    except Exception:  # noqa: BLE001 - through Ray Client (ray://) the context may have no GCS address
+        gcs = None
+    given = address or os.environ.get("RAY_ADDRESS")
+    if started_here:
+        where = f"started a local Ray at {gcs or '?'}"
+    elif given and gcs and given != gcs:
+        where = f"joined the Ray cluster at {given} (its GCS at {gcs})"
+    else:
+        where = f"joined the Ray cluster at {gcs or given or '?'}"
     return (f"Ray: {where}; {len(ray.nodes())} node(s), {resources.get('CPU', 0):g} CPUs, "
             f"{resources.get('GPU', 0):g} GPUs")
 
