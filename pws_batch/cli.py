@@ -760,7 +760,9 @@ def start_prefect_api():
 def cmd_submit(args: argparse.Namespace) -> int:
     from pws_batch.batch.manifest import ManifestError
     from pws_batch.batch.run import validate
-    from pws_batch.batch.submit import LostTrack, SubmitError, check_api, format_status, submit, wait
+    from pws_batch.batch.manifest import manifest_name
+    from pws_batch.batch.submit import (LostTrack, SubmitError, check_api, check_deployment, format_status,
+                                        runs_writing_to, submit, wait)
 
     if args.wait_timeout is not None and not args.wait_timeout > 0:
         raise UsageError(f"pws-batch submit: error: --wait-timeout must be a number of seconds > 0, got "
@@ -771,7 +773,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.no_model_check:
         _require_models("submit", config.engine.models, vocoder=config.engine.vocoder)
     try:
-        check_api()  # an unreachable API fails in seconds, before any validation work
+        check_api()  # an unreachable API or a missing deployment fails in seconds, before any validation work
+        check_deployment(args.deployment)
         validated, _ = validate(args.manifest, config)
     except (ManifestError, SubmitError) as exc:
         raise UsageError(f"pws-batch submit: error: {exc}") from exc
@@ -782,11 +785,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise UsageError(f"pws-batch submit: error: {args.manifest} has no good row ({validated.num_rows} rows, "
                          f"all rejected); nothing submitted. See `pws-batch validate {args.manifest}`")
     try:
+        for name, other, state in runs_writing_to(args.deployment, args.out):
+            print(f"warning: flow run {name} ({other}, {state}) also writes to {args.out}: whichever starts second "
+                  f"is refused the output; cancel one (`prefect flow-run cancel {other}`) or use another --out",
+                  file=sys.stderr)
         run_id, url = submit({"manifest": args.manifest, "out": args.out, "config": config.to_dict()},
-                             args.deployment)
+                             args.deployment, name=f"{manifest_name(args.manifest)}-"
+                                                   f"{time.strftime('%Y%m%d-%H%M%S')}")
     except SubmitError as exc:
         raise UsageError(f"pws-batch submit: error: {exc}") from exc
-    print(f"submitted {len(validated.requests)} pairs ({len(validated.rejections)} rows rejected) to "
+    rejected = len(validated.rejections)
+    print(f"submitted {len(validated.requests)} pairs ({rejected} row{'s' if rejected != 1 else ''} rejected) to "
           f"{args.deployment}: flow run {run_id}")
     print(f"watch it at {url}")
     if not args.wait:

@@ -123,7 +123,7 @@ def test_submit_wait_runs_the_deployment_on_the_ray_cluster(cluster, manifest, t
     assert proc.returncode == 0, proc.stdout + proc.stderr + _logs(home, ray_tmp)
     lines = proc.stdout.splitlines()
     run_id = lines[0].rsplit(" ", 1)[-1]
-    assert lines[0].startswith("submitted 3 pairs (1 rows rejected) to generate-dataset/local: flow run ")
+    assert lines[0].startswith("submitted 3 pairs (1 row rejected) to generate-dataset/local: flow run ")
     assert lines[1] == f"watch it at {url.removesuffix('/api')}/runs/flow-run/{run_id}"
     assert "COMPLETED" in proc.stdout and "rejected row 3" in proc.stderr
 
@@ -201,3 +201,32 @@ def test_submit_refuses_an_out_that_run_would_refuse_before_submitting(cluster, 
         assert proc.returncode == 2 and words in proc.stderr, (out, proc.stdout + proc.stderr)
         assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr  # a rejected row's line, the refusal
     assert len(api(url, "/flow_runs/filter", {})) == before  # nothing was submitted
+
+
+def test_submit_warns_of_another_run_writing_to_the_same_out(cluster, manifest, tmp_path):
+    """Two submissions into one --out: the second to start is refused the output (its lease); the user is told at
+    submission, naming the other run and how to cancel it."""
+    import datetime as dt
+
+    import httpx
+
+    url, env, *_ = cluster
+    out = str(tmp_path / "shared")
+    dep = httpx.get(f"{url}/deployments/name/generate-dataset/local", timeout=30).json()
+    later = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)).isoformat()
+    other = httpx.post(f"{url}/deployments/{dep['id']}/create_flow_run", timeout=30, json={
+        "name": "someone-elses-run", "parameters": {"manifest": manifest, "out": out},
+        "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": later}}}).json()
+    proc = run_cli(["submit", manifest, "--out", out, "--models", "tiny", "--candidates", "2", "--steps", "2"], env)
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        warning = next(line for line in proc.stderr.splitlines() if line.startswith("warning: flow run"))
+        assert "someone-elses-run" in warning and other["id"] in warning and f"also writes to {out}" in warning
+        assert f"prefect flow-run cancel {other['id']}" in warning
+        mine = proc.stdout.splitlines()[0].rsplit(" ", 1)[-1]
+        named = api(url, "/flow_runs/filter", {"flow_runs": {"id": {"any_": [mine]}}})[0]["name"]
+        assert named.startswith("pairs-"), named  # the manifest's name from the start, not Prefect's random one
+    finally:
+        for run_id in [other["id"]] + ([mine] if proc.returncode == 0 else []):
+            httpx.post(f"{url}/flow_runs/{run_id}/set_state", timeout=30,
+                       json={"state": {"type": "CANCELLED"}, "force": True})

@@ -76,12 +76,36 @@ def read_deployment(client, name: str):
                           f"Kubernetes work pool (cluster/README.md)") from None
 
 
-def submit(parameters: dict[str, Any], deployment: str = DEFAULT_DEPLOYMENT) -> tuple[str, str]:
-    """Create a flow run of `deployment` with `parameters`; returns (flow run id, its URL in the Prefect UI)."""
+def check_deployment(deployment: str) -> None:
+    """SubmitError (one line, with the known deployments and how to create one) when `deployment` does not exist:
+    asked before the manifest is read, which can take long for a big one."""
+    with _client() as client:
+        read_deployment(client, deployment)
+
+
+def runs_writing_to(deployment: str, out: str) -> list[tuple[str, str, str]]:
+    """The flow runs of `deployment` not yet ended whose --out is `out`: (name, id, state) each. Two such runs
+    share one output: the second to start is refused it (its lease)."""
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+
+    with _client() as client:
+        dep = read_deployment(client, deployment)
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED]))), limit=200)
+    return [(r.name, str(r.id), r.state_name or "?") for r in runs if (r.parameters or {}).get("out") == out]
+
+
+def submit(parameters: dict[str, Any], deployment: str = DEFAULT_DEPLOYMENT, name: str | None = None) -> tuple[str, str]:
+    """Create a flow run of `deployment` with `parameters` (named `name`: else Prefect's random name until the flow
+    starts and names itself); returns (flow run id, its URL in the Prefect UI)."""
     check_api()
     with _client() as client:
         dep = read_deployment(client, deployment)
-        flow_run = client.create_flow_run_from_deployment(dep.id, parameters=parameters,
+        flow_run = client.create_flow_run_from_deployment(dep.id, parameters=parameters, name=name,
                                                           tags=["pws-batch", "submitted"])
     return str(flow_run.id), ui_url(str(flow_run.id))
 
