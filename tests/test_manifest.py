@@ -712,3 +712,18 @@ def test_a_flow_that_cannot_read_its_manifest_or_write_its_out_says_so_in_one_li
     blocked.write_text("x")
     with pytest.raises(RunError, match="cannot write to --out .*a-file/out"):
         run.prepare(str(path), str(blocked / "out"), RunConfig(), log=lambda line: None)
+
+
+def test_a_file_that_is_not_what_its_name_says_is_named_for_what_it_looks_like(tmp_path):
+    """Any name but .csv / .jsonl / .json is read as Parquet: a CSV named .parquet (or with no extension) said
+    'Parquet magic bytes not found in footer'; a guide that is no picture named an in-memory buffer."""
+    for name, text, words in (("m.parquet", "image_prompt,audio_prompt\na,b\n", "looks like CSV: name it .csv"),
+                              ("m", '{"image_prompt": "a", "audio_prompt": "b"}\n', "looks like JSON: name it .jsonl"),
+                              ("e.parquet", "", "the file is empty")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ManifestError, match=words):
+            read_manifest(str(tmp_path / name))
+    (tmp_path / "g.png").write_text("hello")
+    (tmp_path / "gi.csv").write_text("image_prompt,audio_prompt,guide_image\na,b,g.png\n")
+    v = validate(read_manifest(str(tmp_path / "gi.csv")), base=str(tmp_path))
+    assert "not a picture PIL can read" in v.rejections[0].reason and "BytesIO" not in v.rejections[0].reason

@@ -97,15 +97,35 @@ def read_manifest(uri: str):
             return _read_csv(raw)
         if lower.endswith((".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")):
             return _read_json_lines(raw)
+        if not raw.startswith(b"PAR1"):  # every Parquet file begins (and ends) with these 4 bytes
+            raise ManifestError(_not_parquet(raw))
         # Not pd.read_parquet: Arrow's dataset scanner starts pool threads (see read_parquet_bytes).
         return _parquet_frame(read_parquet_bytes(raw))
     except FileNotFoundError as exc:
         raise ManifestError(f"manifest {uri} does not exist") from exc
+    except ImportError as exc:  # fsspec's filesystem for the URI's protocol is not installed (s3fs, gcsfs, ...)
+        raise ManifestError(f"cannot read manifest {uri}: {exc} (`.venv/bin/pip install` it: fsspec reads "
+                            f"object stores through it)") from exc
     except ManifestError as exc:
         raise ManifestError(f"cannot read manifest {uri}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any parse failure: say which file and what format was expected
         raise ManifestError(f"cannot read manifest {uri} as {'CSV' if '.csv' in lower else 'JSON Lines' if '.json' in lower else 'Parquet'}: "
                             f"{type(exc).__name__}: {exc}") from exc
+
+
+def _not_parquet(raw: bytes) -> str:
+    """Why a file read as Parquet (any name not ending in a CSV / JSON Lines extension) is not one."""
+    if not raw:
+        return "the file is empty"
+    head = raw[:200].decode("utf-8", errors="replace").lstrip("\ufeff").lstrip()
+    if head.startswith(("{", "[")):
+        looks = "JSON: name it .jsonl (one object per line) or .json"
+    elif "," in head.split("\n", 1)[0] and "\ufffd" not in head:
+        looks = "CSV: name it .csv"
+    else:
+        looks = "neither Parquet, CSV nor JSON"
+    return (f"it is not a Parquet file (which begins with PAR1); it looks like {looks}. The format is read from the "
+            f"name: .parquet (or any other), .csv, .jsonl / .ndjson / .json, each optionally .gz")
 
 
 def _parquet_frame(table):

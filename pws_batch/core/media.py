@@ -47,7 +47,13 @@ def read_image(uri: str):
     import fsspec
     from PIL import Image
 
+    from PIL import UnidentifiedImageError
+
     with fsspec.open(uri, "rb") as f:
-        image = Image.open(io.BytesIO(f.read()))
+        data = f.read()
+    try:
+        image = Image.open(io.BytesIO(data))
         image.load()
+    except UnidentifiedImageError:  # its message names the in-memory buffer, not the file
+        raise ValueError(f"not a picture PIL can read ({len(data)} bytes beginning {data[:8]!r})") from None
     return image
