@@ -96,6 +96,7 @@ def test_push_uploads_the_dataset_files_and_needs_the_network(manifest, tmp_path
     assert "candidates/part-00000.parquet" in files
     assert not [f for f in files if f.startswith(("gallery/", "_shards/"))]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    capsys.readouterr()  # what came before (building the tiny models, when this test runs alone)
     assert main(["push", out, "me/my-dataset"]) == 2
     err = capsys.readouterr().err
     assert "needs the network" in err and len(err.strip().splitlines()) == 1
@@ -144,3 +145,22 @@ def test_gallery_and_export_refuse_the_folders_the_datasets_readers_read_whole(m
         f.truncate(40)
     assert main(["gallery", out]) in (1, 2)
     assert "run.json is unreadable" in capsys.readouterr().err
+
+
+def test_push_to_an_unreachable_hub_says_so_in_one_line(manifest, tmp_path):
+    """It printed 'pws-batch: error: ConnectError: [Errno -2] Name or service not known'."""
+    import socket
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "out")
+    make_dataset(manifest, out, shard_size=5)
+    with socket.socket() as s:  # a port nothing listens at
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_TOKEN="hf_test")
+    proc = subprocess.run([sys.executable, "-m", "pws_batch.cli", "push", out, "someone/birds"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot reach the Hugging Face Hub" in proc.stderr and "HF_ENDPOINT" in proc.stderr

@@ -107,6 +107,24 @@ def push(uri: str, repo_id: str, private: bool = False) -> str:
         raise ConnectionError("HF_HUB_OFFLINE is set: pushing needs the network; unset it and log in "
                               "(`hf auth login`) first")
     api = HfApi()
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    api.upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type="dataset", allow_patterns=PUSH_PATTERNS)
+    try:
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        api.upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type="dataset",
+                                allow_patterns=PUSH_PATTERNS)
+    except Exception as exc:  # noqa: BLE001 - the two failures a user meets first, said as such
+        raise _hub_failure(exc) from exc
     return f"https://huggingface.co/datasets/{repo_id}"
+
+
+def _hub_failure(exc: Exception) -> Exception:
+    """A missing or refused token, or no route to the Hub, as a ConnectionError saying which and what to do;
+    anything else as it is."""
+    name, text = type(exc).__name__, " ".join(str(exc).split())[:300]
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if "Token" in name or status in (401, 403):
+        return ConnectionError(f"the Hugging Face Hub refused the upload ({name}: {text}): log in with a token "
+                               f"that may write there (`hf auth login`, or set HF_TOKEN)")
+    if isinstance(exc, (OSError, TimeoutError)) or any(k in name for k in ("Connect", "Timeout", "Network")):
+        return ConnectionError(f"cannot reach the Hugging Face Hub ({name}: {text}); check the network (and "
+                               f"HF_ENDPOINT, if you use a mirror)")
+    return exc
