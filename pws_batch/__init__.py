@@ -1,3 +1,16 @@
 """pws-batch: batch generation of images that sound (Stable Diffusion + Auffusion on one shared latent)."""
 
+import logging as _logging
+
 __version__ = "0.1.0"
+
+
+def _not_torchvision_fallback(record: _logging.LogRecord) -> bool:
+    """transformers 5 warns, on every command, that its image processors fall back to their PIL versions without
+    torchvision (diffusers names CLIP's and SigLIP's on import): that fallback is how the CLIP scorer runs here,
+    so the line says nothing to a user. Every other record passes."""
+    return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+# on the logger the line comes from, set before transformers is imported (it takes the same logger)
+_logging.getLogger("transformers.utils.import_utils").addFilter(_not_torchvision_fallback)

@@ -126,6 +126,9 @@ def assert_same_data(out: str, reference: str) -> None:
 def test_kept_rows_rejected_rows_sidecar_markers_and_card(first_run):
     out, log = first_run
     assert f"dataset at {out}: 5 pairs kept, 0 failed, 6 rejected" in log
+    # none of the libraries' start-up noise a user cannot act on (the run says where it runs in its own line)
+    assert "requires torchvision (not installed)" not in log and "Token authentication is enabled" not in log
+    assert "Started a local Ray instance" not in log and "Ray: started a local Ray at" in log
 
     data = read_data(out)
     # keep defaults to 1; the "dogs" row asked for 2.

@@ -13,6 +13,7 @@ torch is imported only inside the actors: the driver (the Prefect flow) needs ra
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import queue
 import socket
@@ -345,7 +346,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None, log: Callable[
         check_ray_address(address)
         for attempt in range(1, CLIENT_ATTEMPTS + 1):
             try:
-                ray.init(address=address, log_to_driver=False)
+                ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
                 return False
             except ConnectionAbortedError as exc:  # Ray Client's "Initialization failure from server"
                 if not address.startswith("ray://") or attempt == CLIENT_ATTEMPTS:
@@ -355,7 +356,9 @@ def connect_ray(address: str | None, num_cpus: int | None = None, log: Callable[
                     log(f"Ray: joining {address} failed on the server's side ({first.strip()}); "
                         f"trying again in {pause_s:g} s (attempt {attempt + 1} of {CLIENT_ATTEMPTS})")
                 time.sleep(pause_s)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    # Ray's own start-up lines (token auth is on, "Started a local Ray instance") say nothing to a user: the run
+    # logs where it runs in one line of its own (describe_cluster)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     return True
 
 
