@@ -64,8 +64,10 @@ def generate_shard(run_key: str, out: str, model_ids: dict, shard: run.Shard, au
             raise engine.RunStopped(f"shard {shard.name} stopped with its run ({type(exc).__name__}: {exc}); "
                                     f"committed shards are kept, a re-run resumes") from exc
         raise
+    waited = stats.get("actor_wait_s") or 0.0  # queued behind the shard before it on the same worker
     logger.info(f"shard {shard.name}: {stats['pairs_done']}/{stats['pairs']} pairs, {stats['kept']} kept of "
-                f"{stats['candidates']} candidates in {stats['seconds']:.1f} s on worker {stats['worker']}")
+                f"{stats['candidates']} candidates in {stats['seconds']:.1f} s on worker {stats['worker']}"
+                + (f" ({waited:.1f} s of it waiting for the worker)" if waited >= 0.5 else ""))
     for failure in stats["failed"]:
         logger.warning(f"shard {shard.name}: pair {failure['pair_id']} (row {failure['row']}) failed: {failure['error']}")
     return stats

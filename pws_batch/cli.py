@@ -910,8 +910,22 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     with _usage_errors("gallery", FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError,
                        DatasetError):
         where = write_gallery(args.out, top=args.top, dest=args.dest)
+        _note_if_unfinished(args.out, "the page shows")
     print(f"open {where}")
     return 0
+
+
+def _note_if_unfinished(out: str, what: str) -> None:
+    """A line on stderr when the dataset's run did not complete (interrupted, running, failed): `what` holds only
+    its committed shards."""
+    from pws_batch.batch.dataset import Output, read_run_json
+    from pws_batch.batch.summary import run_status
+
+    output = Output(out)
+    run = read_run_json(output) or {}
+    if run.get("status") and run["status"] != "complete":
+        print(f"note: the run that wrote {out} is {run_status(output, run)}, not complete: {what} only its "
+              f"committed shards (`pws-batch inspect {out}`)", file=sys.stderr)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -921,6 +935,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     with _usage_errors("export", FileNotFoundError, ExportError, NotADirectoryError, FileExistsError,
                        PermissionError, DatasetError):
         n = export_files(args.out, args.dir, overwrite=args.overwrite)
+        _note_if_unfinished(args.out, "the export holds")
     print(f"exported {n} rows of {args.out} to {args.dir} (NNNNN.png, NNNNN.wav/.flac, NNNNN.json)")
     return 0
 

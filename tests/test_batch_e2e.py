@@ -129,6 +129,8 @@ def test_kept_rows_rejected_rows_sidecar_markers_and_card(first_run):
     # none of the libraries' start-up noise a user cannot act on (the run says where it runs in its own line)
     assert "requires torchvision (not installed)" not in log and "Token authentication is enabled" not in log
     assert "Started a local Ray instance" not in log and "Ray: started a local Ray at" in log
+    # a shard queued behind another on the one worker says how much of its time was the wait
+    assert "s of it waiting for the worker)" in log, log[-3000:]
 
     data = read_data(out)
     # keep defaults to 1; the "dogs" row asked for 2.

@@ -164,3 +164,23 @@ def test_push_to_an_unreachable_hub_says_so_in_one_line(manifest, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "cannot reach the Hugging Face Hub" in proc.stderr and "HF_ENDPOINT" in proc.stderr
+
+
+def test_a_gallery_made_again_holds_only_its_own_media_and_an_unfinished_run_is_noted(manifest, tmp_path, capsys):
+    """`gallery --top 2` after the full gallery left the other rows' media beside the new page; the gallery or
+    export of an interrupted run said nothing of the rows it lacks; memory:// was 'open memory://g/index.html'."""
+    out = str(tmp_path / "out")
+    make_dataset(manifest, out, shard_size=2)
+    assert main(["gallery", out]) == 0
+    assert len(os.listdir(os.path.join(out, "gallery", "media"))) == 10
+    assert main(["gallery", out, "--top", "2"]) == 0
+    assert sorted(os.listdir(os.path.join(out, "gallery", "media"))) == ["00000.png", "00000.wav",
+                                                                         "00001.png", "00001.wav"]
+    assert "note:" not in capsys.readouterr().err  # a complete run: nothing to say
+    run = json.load(open(os.path.join(out, "run.json")))
+    json.dump({**run, "status": "running"}, open(os.path.join(out, "run.json"), "w"))
+    for args in (["gallery", out], ["export", out, str(tmp_path / "files")]):
+        assert main(args) == 0
+        assert "is interrupted (the run that wrote it is gone" in capsys.readouterr().err  # no live lease
+    assert main(["gallery", out, "--out", "memory://g"]) == 2
+    assert "memory only" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import math
+import re
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -79,6 +80,9 @@ def media_of(out: Output, rows: list[dict[str, Any]]) -> dict[tuple[str, int], d
     return media
 
 
+EARLIER_MEDIA = re.compile(r"^\d{5,}\.(png|wav|flac)$")  # the names write_gallery gives media/
+
+
 def write_gallery(uri: str, top: int | None = None, dest: str | None = None, page_size: int = PAGE_SIZE) -> str:
     """Write the gallery of the dataset at `uri`; returns where index.html is."""
     out = Output(uri)
@@ -91,9 +95,15 @@ def write_gallery(uri: str, top: int | None = None, dest: str | None = None, pag
     if dest is not None and inside_own_folders(out, dest):
         raise DatasetError(f"--out {dest} is inside the dataset's {inside_own_folders(out, dest)}/ folder, which its "
                            f"readers read whole; write the gallery elsewhere (default: {uri.rstrip('/')}/gallery)")
+    if dest is not None and dest.startswith("memory://"):
+        raise DatasetError(f"--out {dest} lives in this process's memory only: the page would be gone when the "
+                           f"command ends; give a folder")
     rows = read_rows(out, top)
     media = media_of(out, rows)
     site = Output(dest or out.uri + "/gallery")
+    for name in site.list("media"):  # an earlier gallery's media (a larger --top, another run): not this page's
+        if EARLIER_MEDIA.match(name):
+            site.fs.rm(site.path(f"media/{name}"))
     items = []
     for n, row in enumerate(rows):
         m = media.get((row["_part"], row["_index"]), {})

@@ -9,6 +9,18 @@ from pws_batch.batch.dataset import Output, read_run_json, verified_shards
 DAMAGED = "DAMAGED"  # in the first line of a summary whose committed shards do not match their markers
 
 
+def run_status(out: Output, run: dict) -> str:
+    """run.json's status, but for a "running" one whose run is gone (its lease says): "interrupted (...)"."""
+    status = run.get("status")
+    if status == "running":  # is it? the lease says whether the run that wrote it is still alive
+        from pws_batch.batch.lease import holder_state, read_lease
+
+        held = read_lease(out)
+        alive, who = holder_state(held) if held else (False, "")
+        status = f"running ({who})" if alive else "interrupted (the run that wrote it is gone; run it again to resume)"
+    return status
+
+
 def summarize(uri: str) -> str:
     out = Output(uri)
     run = read_run_json(out)  # DatasetError (one line) when it is cut off
@@ -23,13 +35,7 @@ def summarize(uri: str) -> str:
         counts = committed_counts({name: s for name, s in shards.items() if name in planned}, planned)
         if out.exists("rejected.parquet"):
             counts["rejected"] = out.read_table("rejected.parquet", columns=["row"]).num_rows
-    status = run.get("status")
-    if status == "running":  # is it? the lease says whether the run that wrote it is still alive
-        from pws_batch.batch.lease import holder_state, read_lease
-
-        held = read_lease(out)
-        alive, who = holder_state(held) if held else (False, "")
-        status = f"running ({who})" if alive else "interrupted (the run that wrote it is gone; run it again to resume)"
+    status = run_status(out, run)
     if broken:
         status = (f"{DAMAGED}: {len(broken)} committed shard(s) do not match their markers (below; "
                   f"the run said: {status})")
