@@ -96,6 +96,7 @@ def test_config_round_trips_as_json_and_as_pickle():
     (["--top-fraction", "1.5"], "--top-fraction must be in (0, 1]"),
     (["--clip-weight", "0", "--clap-weight", "0"], "--clip-weight and --clap-weight must be"),
     (["--steps", "5000"], "--steps must be an integer in [1, 1000]"),
+    (["--allow-guides", "s3://guides/", "--allow-guides", "bogus://x"], "--allow-guides bogus://x: no filesystem knows"),
 ])
 def test_bad_values_are_refused_naming_the_flag(argv, message):
     with pytest.raises(RunError, match=None) as info:

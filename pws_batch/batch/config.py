@@ -143,6 +143,18 @@ class RunConfig:
                 raise RunError(f"{_flag_of(name)} must be a finite number, got {value!r}")
         if self.defaults.keep > self.defaults.num_candidates:
             raise RunError(f"--keep {self.defaults.keep} is more than --candidates {self.defaults.num_candidates}")
+        for prefix in self.plan.allow_guides or ():
+            protocol = prefix.split("://", 1)[0] if "://" in prefix else None
+            if protocol is not None and protocol not in _fsspec_protocols():
+                raise RunError(f"--allow-guides {prefix}: no filesystem knows {protocol}:// (fsspec knows s3, gs, "
+                               f"az, http(s), file, ...); give a path or URI prefix, `local` or `any`")
+
+
+def _fsspec_protocols() -> set[str]:
+    """Every protocol fsspec can resolve (installed or not: a missing s3fs is said when a guide is read)."""
+    import fsspec
+
+    return set(fsspec.available_protocols())
 
 
 _AT_LEAST_ONE = (("defaults", "num_candidates"), ("defaults", "keep"), ("defaults", "steps"), ("plan", "shard_size"),
