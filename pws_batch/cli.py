@@ -465,6 +465,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     from pws_batch.core.model_files import FetchError, check_model_set, fetch_model_set
 
     spec = args.name
+    if args.models_command == "fetch" and spec == "tiny":  # nothing to download: random weights made here
+        raise UsageError("pws-batch models fetch: error: the tiny set is random weights built on this machine, not "
+                         "downloaded: `pws-batch models build-tiny` (commands given --models tiny build it when "
+                         "it is missing)")
     if args.models_command == "fetch":
         try:
             written = fetch_model_set(model_set, spec, local_dir=args.dir)
