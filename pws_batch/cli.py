@@ -455,6 +455,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"built the tiny model set in {folder} (use --models {os.path.join(folder, 'model_set.json')} "
               f"or --models tiny for the default location)")
         return 0
+    if args.models_command == "fetch" and args.name == "tiny":  # nothing to download: random weights made here
+        raise UsageError("pws-batch models fetch: error: the tiny set is random weights built on this machine, not "
+                         "downloaded: `pws-batch models build-tiny` (commands given --models tiny build it when "
+                         "it is missing)")
     try:
         model_set = resolve_model_set(args.name)
     except ModelSetError as exc:
@@ -465,10 +469,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     from pws_batch.core.model_files import FetchError, check_model_set, fetch_model_set
 
     spec = args.name
-    if args.models_command == "fetch" and spec == "tiny":  # nothing to download: random weights made here
-        raise UsageError("pws-batch models fetch: error: the tiny set is random weights built on this machine, not "
-                         "downloaded: `pws-batch models build-tiny` (commands given --models tiny build it when "
-                         "it is missing)")
     if args.models_command == "fetch":
         try:
             written = fetch_model_set(model_set, spec, local_dir=args.dir)

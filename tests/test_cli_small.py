@@ -232,6 +232,7 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
 def test_fetching_the_tiny_set_points_at_building_it(capsys):
     """`models fetch tiny` (offline) said to run fetch on a machine that reaches huggingface.co: nothing of the tiny
     set is downloaded."""
+    capsys.readouterr()
     assert main(["models", "fetch", "tiny"]) == 2
     err = capsys.readouterr().err
     assert "pws-batch models build-tiny" in err and len(err.strip().splitlines()) == 1

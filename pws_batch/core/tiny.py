@@ -246,6 +246,10 @@ def build_tiny(folder: str) -> str:
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".tiny-build-", dir=parent)
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a "Writing model shards" bar per tiny model says nothing
     try:
         build_sd_folder(os.path.join(work, "image"), seed=1000, safety_checker=True)
         build_sd_folder(os.path.join(work, "audio"), seed=2000, bin_weights=True)
@@ -264,4 +268,6 @@ def build_tiny(folder: str) -> str:
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if bars:
+            transformers_logging.enable_progress_bar()
     return folder
