@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+import re
 import time
 from typing import Any, Callable
 
@@ -38,7 +39,12 @@ _ON_RANKED: dict[str, Callable[[PairRequest], None]] = {}
 
 
 def _flow_run_name() -> str:
+    """The manifest's name and the time: kept as `pws-batch submit` gave it at creation (Prefect asks again as the
+    run starts, which renamed it to the start's time)."""
     name = manifest_name(str(flow_run.parameters.get("manifest", "manifest")))
+    given = flow_run.name or ""
+    if re.fullmatch(re.escape(name) + r"-\d{8}-\d{6}", given):
+        return given
     return f"{name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 

@@ -12,5 +12,11 @@ def _not_torchvision_fallback(record: _logging.LogRecord) -> bool:
     return "requires torchvision (not installed); falling back to" not in record.getMessage()
 
 
-# on the logger the line comes from, set before transformers is imported (it takes the same logger)
+def _not_token_auth_notice(record: _logging.LogRecord) -> bool:
+    """Ray 2.60 warns on every ray.init that token authentication is on (its default, which pws-batch keeps)."""
+    return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+# on the loggers the lines come from, set before the libraries are imported (they take the same loggers)
 _logging.getLogger("transformers.utils.import_utils").addFilter(_not_torchvision_fallback)
+_logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_not_token_auth_notice)

@@ -762,11 +762,10 @@ def start_prefect_api():
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pws_batch.batch.manifest import ManifestError
-    from pws_batch.batch.run import validate
-    from pws_batch.batch.manifest import manifest_name
+    from pws_batch.batch.manifest import ManifestError, manifest_name
+    from pws_batch.batch.run import answers_reused, validate
     from pws_batch.batch.submit import (LostTrack, SubmitError, check_api, check_deployment, format_status,
-                                        runs_writing_to, submit, wait)
+                                        submit, wait)
 
     if args.wait_timeout is not None and not args.wait_timeout > 0:
         raise UsageError(f"pws-batch submit: error: --wait-timeout must be a number of seconds > 0, got "
@@ -776,20 +775,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
     config = _run_config(args, "submit")
     if not args.no_model_check:
         _require_models("submit", config.engine.models, vocoder=config.engine.vocoder)
-    try:
-        check_api()  # an unreachable API or a missing deployment fails in seconds, before any validation work
-        check_deployment(args.deployment)
-        validated, _ = validate(args.manifest, config)
-    except (ManifestError, SubmitError) as exc:
-        raise UsageError(f"pws-batch submit: error: {exc}") from exc
-    _check_out_from_here(args.manifest, args.out, config)
+    with answers_reused():  # the --out check asks the manifest's questions again: answered once
+        try:
+            check_api()  # an unreachable API or a missing deployment fails in seconds, before any validation work
+            check_deployment(args.deployment)
+            validated, _ = validate(args.manifest, config)
+        except (ManifestError, SubmitError) as exc:
+            raise UsageError(f"pws-batch submit: error: {exc}") from exc
+        _check_out_from_here(args.manifest, args.out, config)
     for r in validated.rejections:
         print(f"rejected {r}", file=sys.stderr)
     if not validated.requests:
         raise UsageError(f"pws-batch submit: error: {args.manifest} has no good row ({validated.num_rows} rows, "
                          f"all rejected); nothing submitted. See `pws-batch validate {args.manifest}`")
     try:
-        for name, other, state in runs_writing_to(args.deployment, args.out):
+        for name, other, state in _others_writing_to(args.deployment, args.out):
             print(f"warning: flow run {name} ({other}, {state}) also writes to {args.out}: whichever starts second "
                   f"is refused the output; cancel one (`prefect flow-run cancel {other}`) or use another --out",
                   file=sys.stderr)
@@ -813,12 +813,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if info["state"] == "COMPLETED" else 1
 
 
+def _others_writing_to(deployment: str, out: str) -> list[tuple[str, str, str]]:
+    """submit.runs_writing_to, for a warning only: [] when the API cannot say."""
+    from pws_batch.batch.submit import runs_writing_to
+
+    try:
+        return runs_writing_to(deployment, out)
+    except Exception:  # noqa: BLE001 - a warning is not worth failing the submission for
+        return []
+
+
 def _check_out_from_here(manifest: str, out: str, config) -> None:
     """`submit`'s checks of --out before a flow run is made, as far as this machine sees it (the flow runs on a
     worker, which checks again): never memory://; not a file; an existing output: not held by a live run, not made
     from another manifest or with other settings. An --out this machine cannot reach (no such filesystem or
     credentials here) is left to the flow."""
-    from pws_batch.batch.dataset import Output
+    from pws_batch.batch.dataset import DatasetError, Output
     from pws_batch.batch.lease import LeaseError, check_lease
     from pws_batch.batch.run import check_output
 
@@ -841,6 +851,8 @@ def _check_out_from_here(manifest: str, out: str, config) -> None:
             check_output(manifest, out, config)
         except (LeaseError, RunError) as exc:
             raise UsageError(f"pws-batch submit: error: {exc}") from exc
+        except (OSError, DatasetError):  # listed but not readable from here (an object store's permissions)
+            return
 
 
 def _absolute(uri: str) -> str:
@@ -893,7 +905,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"pws-batch inspect: error: {exc}", file=sys.stderr)
         return 1
     print(text)
-    return 1 if DAMAGED in text.splitlines()[0] else 0  # scripts that check a dataset see the damage too
+    damaged = f"): {DAMAGED}: " in text.splitlines()[0]  # the status, after "dataset URI (NAME)"
+    return 1 if damaged else 0  # scripts that check a dataset see the damage too
 
 
 @contextlib.contextmanager
@@ -958,6 +971,18 @@ COMMANDS = {"generate": cmd_generate, "run": cmd_run, "submit": cmd_submit, "sta
             "gallery": cmd_gallery, "export": cmd_export, "push": cmd_push}
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on it)."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fileno, no poll
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
@@ -971,7 +996,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print("pws-batch: interrupted" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `pws-batch inspect OUT | head -1`: the reader has what it wanted; say nothing
+    except BrokenPipeError as exc:
+        if not _stdout_closed():  # another pipe (a socket, a child's): an error like any other
+            print(f"pws-batch: error: {_one_line(exc)}", file=sys.stderr)
+            return 1
+        # `pws-batch inspect OUT | head -1`: the reader has what it wanted; say nothing
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # else Python's flush at exit reports the closed pipe again
         return 141  # as a process killed by SIGPIPE

@@ -129,6 +129,9 @@ def test_submit_wait_runs_the_deployment_on_the_ray_cluster(cluster, manifest, t
 
     flow_run = api(url, "/flow_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})[0]
     assert flow_run["state_type"] == "COMPLETED" and flow_run["name"].startswith("pairs-")
+    # one name from submission to the end (the flow named itself again as it started: the start's time)
+    followed = {line.split(": ", 1)[0] for line in proc.stderr.splitlines() if line.startswith("pairs-")}
+    assert followed == {flow_run["name"]}, (followed, flow_run["name"])
     assert flow_run["parameters"]["config"]["engine"]["models"] == "tiny" and flow_run["parameters"]["out"] == out
     tasks = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
     assert sorted(t["name"] for t in tasks) == ["shard-00000", "shard-00001"]
@@ -218,6 +221,7 @@ def test_submit_warns_of_another_run_writing_to_the_same_out(cluster, manifest, 
         "name": "someone-elses-run", "parameters": {"manifest": manifest, "out": out},
         "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": later}}}).json()
     proc = run_cli(["submit", manifest, "--out", out, "--models", "tiny", "--candidates", "2", "--steps", "2"], env)
+    mine = None
     try:
         assert proc.returncode == 0, proc.stdout + proc.stderr
         warning = next(line for line in proc.stderr.splitlines() if line.startswith("warning: flow run"))
@@ -227,6 +231,6 @@ def test_submit_warns_of_another_run_writing_to_the_same_out(cluster, manifest, 
         named = api(url, "/flow_runs/filter", {"flow_runs": {"id": {"any_": [mine]}}})[0]["name"]
         assert named.startswith("pairs-"), named  # the manifest's name from the start, not Prefect's random one
     finally:
-        for run_id in [other["id"]] + ([mine] if proc.returncode == 0 else []):
+        for run_id in [other["id"]] + ([mine] if mine else []):
             httpx.post(f"{url}/flow_runs/{run_id}/set_state", timeout=30,
                        json={"state": {"type": "CANCELLED"}, "force": True})

@@ -135,6 +135,8 @@ def test_gallery_and_export_refuse_the_folders_the_datasets_readers_read_whole(m
     out = str(tmp_path / "out")
     make_dataset(manifest, out, shard_size=2)
     for args in (["gallery", out, "--out", os.path.join(out, "data")],
+                 ["gallery", out, "--out", os.path.join(out, ".", "data")],
+                 ["gallery", out, "--out", os.path.join(out, "card", "..", "data") + "/"],
                  ["export", out, os.path.join(out, "data", "files")],
                  ["export", out, os.path.join(out, "_shards")]):
         assert main(args) == 2, args
@@ -184,3 +186,21 @@ def test_a_gallery_made_again_holds_only_its_own_media_and_an_unfinished_run_is_
         assert "is interrupted (the run that wrote it is gone" in capsys.readouterr().err  # no live lease
     assert main(["gallery", out, "--out", "memory://g"]) == 2
     assert "memory only" in capsys.readouterr().err
+
+
+def test_a_gallery_into_a_folder_of_the_users_own_deletes_nothing_of_theirs(manifest, tmp_path):
+    """Only an earlier page of ours has its media replaced: a folder the user gave keeps files it already held."""
+    out, site = str(tmp_path / "out"), tmp_path / "site"
+    make_dataset(manifest, out, shard_size=2)
+    (site / "media").mkdir(parents=True)
+    (site / "media" / "00042.png").write_bytes(b"the user's own")
+    assert main(["gallery", out, "--top", "2", "--out", str(site)]) == 0
+    assert (site / "media" / "00042.png").read_bytes() == b"the user's own"
+    assert main(["gallery", out, "--top", "1", "--out", str(site / ".")]) == 0  # our page's media replaced
+    assert sorted(os.listdir(site / "media")) == ["00000.png", "00000.wav", "00042.png"]
+
+
+def test_inspect_of_an_intact_dataset_whose_name_says_damaged_passes(manifest, tmp_path, capsys):
+    out = str(tmp_path / "DAMAGED-backup")
+    make_dataset(manifest, out, shard_size=2)
+    assert main(["inspect", out]) == 0

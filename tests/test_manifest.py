@@ -693,6 +693,8 @@ def test_the_same_manifest_spelled_another_way_has_the_same_guides_fingerprint(t
     assert run.guides_fingerprint(str(folder / "m.csv"), config) == relative
     monkeypatch.chdir(folder)
     assert run.guides_fingerprint("m.csv", config) == relative
+    (folder / "m.csv").write_text(f"image_prompt,audio_prompt,guide_audio\na castle,bells,{folder}/guides/g.wav\n")
+    assert run.guides_fingerprint("m.csv", config) == relative  # an absolute guide beside a relative manifest
     sf.write(folder / "guides" / "g.wav", np.ones(1600, dtype=np.float32) * 0.5, 16000)
     assert run.guides_fingerprint("m.csv", config) != relative
 

@@ -74,3 +74,32 @@ def test_status_says_what_the_dataset_and_the_tasks_are_of_this_run(tmp_path):
     text = format_status({**info, "state": "RUNNING", "tasks": {}})
     assert "none yet" in text and "3 kept, 0 failed, 0 rejected" in text
     assert "shard tasks  none\n" in format_status({**info, "state": "COMPLETED", "tasks": {}})
+
+
+def test_a_wait_timeout_holds_while_the_api_is_silent_too():
+    """--wait-timeout 30 during an outage waited the API's whole 2-minute grace."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(LostTrack, match="--wait-timeout"):
+        wait("r", poll_s=0.01, say=lambda line: None, timeout_s=0.1, api_grace_s=30,
+             describe=scripted(("RUNNING", "Running", None), UNREACHABLE))
+    assert time.monotonic() - t0 < 10
+
+
+def test_push_failures_say_what_failed():
+    """An HTTP error of the Hub is an OSError too: it was reported as 'cannot reach the Hub'."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from pws_batch.batch.export import _hub_failure
+
+    def http_error(status: int) -> Exception:
+        request = httpx.Request("POST", "https://huggingface.co/api/repos/create")
+        return HfHubHTTPError(f"{status} error", response=httpx.Response(status, request=request))
+
+    assert "answered 500" in str(_hub_failure(http_error(500)))
+    assert "hf auth login" in str(_hub_failure(http_error(401)))
+    assert "cannot reach" in str(_hub_failure(httpx.ConnectError("refused")))
+    local = PermissionError(13, "Permission denied", "data/part-00000.parquet")
+    assert _hub_failure(local) is local

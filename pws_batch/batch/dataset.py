@@ -316,12 +316,22 @@ def check_intact(out: Output) -> None:
 OWN_FOLDERS = ("data", "candidates", "_shards", "card")
 
 
+def same_place(a: str, b: str) -> tuple[str | None, str]:
+    """Two locations as comparable paths: (a's, b's), normalised (a local path made real: `d/./data`, `d//data`
+    and links name the same folder); (None, "") when they are on different filesystems."""
+    from pws_batch.batch.manifest import _normal
+
+    (where_a, path_a), (where_b, path_b) = _normal(a), _normal(b)
+    if where_a != where_b:
+        return None, ""
+    return path_a.rstrip("/"), path_b.rstrip("/")
+
+
 def inside_own_folders(out: Output, dest: str) -> str | None:
     """The dataset folder of `out` that `dest` is in (or is), else None."""
-    target = Output(dest)
-    if target.fs.protocol != out.fs.protocol:
+    root, path = same_place(out.uri, dest)
+    if root is None:
         return None
-    root, path = out.root.rstrip("/"), target.root.rstrip("/")
     for name in OWN_FOLDERS:
         if path == f"{root}/{name}" or path.startswith(f"{root}/{name}/"):
             return name

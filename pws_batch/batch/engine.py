@@ -346,7 +346,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None, log: Callable[
         check_ray_address(address)
         for attempt in range(1, CLIENT_ATTEMPTS + 1):
             try:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
                 return False
             except ConnectionAbortedError as exc:  # Ray Client's "Initialization failure from server"
                 if not address.startswith("ray://") or attempt == CLIENT_ATTEMPTS:
@@ -357,8 +357,8 @@ def connect_ray(address: str | None, num_cpus: int | None = None, log: Callable[
                         f"trying again in {pause_s:g} s (attempt {attempt + 1} of {CLIENT_ATTEMPTS})")
                 time.sleep(pause_s)
     # Ray's own start-up lines (token auth is on, "Started a local Ray instance") say nothing to a user: the run
-    # logs where it runs in one line of its own (describe_cluster)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    # logs where it runs in one line of its own (describe_cluster); Ray's other warnings still show
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     return True
 
 

@@ -15,7 +15,7 @@ import json
 import re
 from typing import Any
 
-from pws_batch.batch.dataset import Output, check_intact, inside_own_folders, read_run_json
+from pws_batch.batch.dataset import Output, check_intact, inside_own_folders, read_run_json, same_place
 from pws_batch.batch.schema import MEDIA_COLUMNS, media_extension
 from pws_batch.core.model_files import hub_offline
 
@@ -48,7 +48,8 @@ def export_files(uri: str, dest: str, overwrite: bool = False) -> int:
     if not out.exists("run.json"):
         raise FileNotFoundError(f"{uri} holds no run.json: not a pws-batch dataset (or the run never started)")
     target = Output(dest)
-    if target.fs.protocol == out.fs.protocol and target.root.rstrip("/") == out.root.rstrip("/"):
+    root, path = same_place(out.uri, dest)
+    if root is not None and root == path:
         raise ExportError(f"{dest} is the dataset's own folder: its rows would lie among its parts; export to "
                           f"another folder (e.g. {uri.rstrip('/')}/files)")
     if inside_own_folders(out, dest):
@@ -119,12 +120,17 @@ def push(uri: str, repo_id: str, private: bool = False) -> str:
 def _hub_failure(exc: Exception) -> Exception:
     """A missing or refused token, or no route to the Hub, as a ConnectionError saying which and what to do;
     anything else as it is."""
+    import socket
+
     name, text = type(exc).__name__, " ".join(str(exc).split())[:300]
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if "Token" in name or status in (401, 403):
         return ConnectionError(f"the Hugging Face Hub refused the upload ({name}: {text}): log in with a token "
                                f"that may write there (`hf auth login`, or set HF_TOKEN)")
-    if isinstance(exc, (OSError, TimeoutError)) or any(k in name for k in ("Connect", "Timeout", "Network")):
+    if status is not None:  # it answered: say what
+        return ConnectionError(f"the Hugging Face Hub answered {status} ({name}: {text})")
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)) \
+            or any(k in name for k in ("ConnectError", "Timeout", "NetworkError")):
         return ConnectionError(f"cannot reach the Hugging Face Hub ({name}: {text}); check the network (and "
                                f"HF_ENDPOINT, if you use a mirror)")
-    return exc
+    return exc  # a local file that cannot be read, say: as it is

@@ -12,7 +12,6 @@ import base64
 import html
 import json
 import math
-import re
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -80,7 +79,16 @@ def media_of(out: Output, rows: list[dict[str, Any]]) -> dict[tuple[str, int], d
     return media
 
 
-EARLIER_MEDIA = re.compile(r"^\d{5,}\.(png|wav|flac)$")  # the names write_gallery gives media/
+MEDIA_LIST = "gallery.json"  # beside index.html: the media files the page uses (only those are ever removed)
+
+
+def _earlier_media(site: Output) -> list[str]:
+    """The media files an earlier page written to `site` listed ([] without one, or an unreadable list)."""
+    try:
+        listed = json.loads(site.read_bytes(MEDIA_LIST)).get("media", []) if site.exists(MEDIA_LIST) else []
+    except (ValueError, AttributeError, OSError):
+        return []
+    return [rel for rel in listed if isinstance(rel, str) and rel.startswith("media/") and ".." not in rel]
 
 
 def write_gallery(uri: str, top: int | None = None, dest: str | None = None, page_size: int = PAGE_SIZE) -> str:
@@ -101,9 +109,7 @@ def write_gallery(uri: str, top: int | None = None, dest: str | None = None, pag
     rows = read_rows(out, top)
     media = media_of(out, rows)
     site = Output(dest or out.uri + "/gallery")
-    for name in site.list("media"):  # an earlier gallery's media (a larger --top, another run): not this page's
-        if EARLIER_MEDIA.match(name):
-            site.fs.rm(site.path(f"media/{name}"))
+    earlier = _earlier_media(site)  # what an earlier page of ours wrote here (a larger --top): not this page's
     items = []
     for n, row in enumerate(rows):
         m = media.get((row["_part"], row["_index"]), {})
@@ -118,6 +124,11 @@ def write_gallery(uri: str, top: int | None = None, dest: str | None = None, pag
             site.write_bytes(item["audio"], m["audio"]["bytes"])
         items.append(item)
     site.write_bytes("index.html", page(run.get("name") or uri, uri, items, page_size).encode())
+    written = sorted({item[k] for item in items for k in ("image", "audio")})
+    for rel in sorted(set(earlier) - set(written)):
+        if site.exists(rel):
+            site.fs.rm(site.path(rel))
+    site.write_bytes(MEDIA_LIST, json.dumps({"media": written}, indent=1).encode())
     return site.path("index.html") if "://" not in site.uri else site.uri + "/index.html"
 
 

@@ -189,11 +189,14 @@ def guides_fingerprint(manifest: str, config: RunConfig, df=None) -> str:
 
     df = read_manifest(manifest) if df is None else df
     digest = hashlib.sha256()
-    base = manifest_base(manifest).rstrip("/") + "/"
+    from pws_batch.batch.dataset import same_place
+
     for path in guide_columns(df, manifest_base(manifest)):
         # beside the manifest: named from its folder, so that the same manifest spelled another way (a relative
         # path from elsewhere, an absolute one) resumes its run
-        digest.update((path[len(base):] if path.startswith(base) else path).encode() + b"\0")
+        base, where = same_place(manifest_base(manifest), path)
+        inside = base is not None and where.startswith(base + "/")
+        digest.update((where[len(base) + 1:] if inside else path).encode() + b"\0")
         if not guide_allowed(path, manifest, config.plan.allow_guides):
             digest.update(b"not allowed\0")
             continue

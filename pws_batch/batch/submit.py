@@ -95,8 +95,11 @@ def runs_writing_to(deployment: str, out: str) -> list[tuple[str, str, str]]:
         runs = client.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
-                any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED]))), limit=200)
-    return [(r.name, str(r.id), r.state_name or "?") for r in runs if (r.parameters or {}).get("out") == out]
+                any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED,
+                      StateType.CANCELLING]))), limit=200)  # the API serves at most 200 a call
+    same = out.rstrip("/")
+    return [(r.name, str(r.id), r.state_name or "?") for r in runs
+            if str((r.parameters or {}).get("out") or "").rstrip("/") == same]
 
 
 def submit(parameters: dict[str, Any], deployment: str = DEFAULT_DEPLOYMENT, name: str | None = None) -> tuple[str, str]:
@@ -215,6 +218,10 @@ def wait(flow_run_id: str, poll_s: float = 2.0, timeout_s: float | None = None,
             elif time.time() - lost_since > api_grace_s:
                 raise LostTrack(f"the Prefect API has not answered for {api_grace_s:.0f} s; flow run {flow_run_id} "
                                 f"may still be running: `pws-batch status {flow_run_id}` once the API is back") from exc
+            if timeout_s is not None and time.time() - start > timeout_s:
+                raise LostTrack(f"flow run {flow_run_id}: --wait-timeout ({timeout_s:.0f} s) passed while the Prefect "
+                                f"API did not answer; it may still be running: `pws-batch status {flow_run_id}`") \
+                    from exc
             time.sleep(poll_s)
             continue
         if lost_since is not None:
