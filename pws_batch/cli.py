@@ -216,7 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(val, sections=("engine",), only=("models",))
     add_flags(val, sections=("plan",), only=("allow_guides",))
 
-    insp = sub.add_parser("inspect", help="summarise a dataset written by `pws-batch run`")
+    insp = sub.add_parser("inspect", help="summarise a dataset written by `pws-batch run`",
+                          description="Summarise a dataset written by `pws-batch run`: its status (complete, "
+                                      "running, interrupted, failed, or DAMAGED when committed shards do not match "
+                                      "their markers), counts, score ranges, rejected rows and failed pairs. Reads "
+                                      "no media. Exit status 1 for a damaged or unreadable dataset.")
     insp.add_argument("out", help="the dataset's location (path or fsspec URI)")
 
     gal = sub.add_parser("gallery", help="a static HTML page to look at and listen to a dataset's kept pairs",
