@@ -64,6 +64,9 @@ def test_finalize_and_inspect_never_read_media_columns(dataset, monkeypatch):
         return real(self, rel, columns=columns)
 
     monkeypatch.setattr(Output, "read_table", watched)
+    whole = []
+    real_bytes = Output.read_bytes
+    monkeypatch.setattr(Output, "read_bytes", lambda self, rel: whole.append(rel) or real_bytes(self, rel))
     summary = finalize(dataset)
     assert summary["complete"] and summary["counts"]["kept"] == 60
     text = summarize(dataset.out)
@@ -72,6 +75,7 @@ def test_finalize_and_inspect_never_read_media_columns(dataset, monkeypatch):
     # finalize (card and top-K table from one read) and inspect, each part once, all through read_table
     assert len(data_reads) == 2 * len(dataset.shards)
     assert all(cols and not {"image", "audio"} & set(cols) for cols in data_reads)
+    assert not [rel for rel in whole if rel.startswith("data/")], whole  # no part read whole (e.g. to checksum it)
 
 
 def test_finalize_reads_no_part_whole_and_still_drops_a_damaged_shard(dataset, monkeypatch):

@@ -27,7 +27,9 @@ def summarize(uri: str) -> str:
     if run is None:
         raise FileNotFoundError(f"{uri} holds no run.json: not a pws-batch dataset (or the run never started)")
     counts = run.get("counts", {})
-    shards, broken = verified_shards(out)
+    # sizes against the markers, not checksums: a checksum reads every part whole, media and all (a resume checks
+    # those); a part cut short or missing is seen either way
+    shards, broken = verified_shards(out, read=False)
     planned = run.get("shards", {})
     if not counts:  # finalize never wrote them (an interrupted run): what its committed shards say
         from pws_batch.batch.run import committed_counts
