@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from typing import Iterator, Sequence
@@ -623,6 +624,9 @@ def _run(args: argparse.Namespace) -> int:
 
     logging.getLogger("ray").setLevel(logging.ERROR)  # its start-up notes (token auth is on...) say nothing to a user
     with prefect_api_and_engine(config, args.out):
+        # SIGTERM (a scheduler's stop, `kill`) ends the run as Ctrl-C does, with its own line and status; set after
+        # Ray's start, whose driver handler exits with status 15 and no word
+        signal.signal(signal.SIGTERM, _terminated)
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -975,6 +979,15 @@ COMMANDS = {"generate": cmd_generate, "run": cmd_run, "submit": cmd_submit, "sta
             "gallery": cmd_gallery, "export": cmd_export, "push": cmd_push}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: handled as Ctrl-C is (the flow records how it ended, what was committed is kept)."""
+
+
+def _terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one is not held up by the clean-up
+    raise Terminated()
+
+
 def _stdout_closed() -> bool:
     """Whether stdout is a pipe whose reader has gone (poll reports an error on it)."""
     try:
@@ -997,6 +1010,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    except Terminated:
+        print("pws-batch: terminated (SIGTERM); what was committed is kept: the same command resumes", file=sys.stderr)
+        return 143
     except KeyboardInterrupt as exc:
         print("pws-batch: interrupted" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
         return 130

@@ -17,7 +17,10 @@ from servers import base_env, kill_session, session_pids
 
 
 @pytest.mark.slow
-def test_ctrl_c_to_the_process_group_ends_the_run_in_seconds_and_a_rerun_resumes(tmp_path, tiny_models):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_to_the_process_group_ends_the_run_in_seconds_and_a_rerun_resumes(tmp_path, tiny_models, how):
+    """Ctrl-C: SIGINT to the whole group; SIGTERM: to the run's process only (a scheduler's stop, `kill`), which
+    ended with Ray's driver handler's status 15 and no word of its own."""
     manifest, out = tmp_path / "six.parquet", str(tmp_path / "out")
     pd.DataFrame({"image_prompt": [f"a cat {i}" for i in range(6)],
                   "audio_prompt": [f"meowing {i}" for i in range(6)]}).to_parquet(manifest, index=False)
@@ -33,7 +36,10 @@ def test_ctrl_c_to_the_process_group_ends_the_run_in_seconds_and_a_rerun_resumes
         while "shard 00000:" not in log_path.read_text() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         assert proc.poll() is None, log_path.read_text()[-3000:]
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: every process of the foreground group
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: every process of the foreground group
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
         t0 = time.time()
         returncode = proc.wait(timeout=60)
         ended_s = time.time() - t0
@@ -44,7 +50,8 @@ def test_ctrl_c_to_the_process_group_ends_the_run_in_seconds_and_a_rerun_resumes
     finally:
         kill_session(proc)
     text = log_path.read_text()
-    assert returncode == 130 and "pws-batch: interrupted" in text, text[-3000:]
+    expected = (130, "pws-batch: interrupted") if how == "ctrl-c" else (143, "pws-batch: terminated (SIGTERM)")
+    assert returncode == expected[0] and expected[1] in text, text[-3000:]
     assert ended_s < 30, f"{ended_s:.0f} s to end after Ctrl-C"
     # no second Ray from a late Ray call (which would start one with Ray's default logging: its start-up line)
     assert text.count("Ray: started a local Ray at") == 1 and "Started a local Ray instance" not in text, text[-3000:]
