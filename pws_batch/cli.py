@@ -620,9 +620,9 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"pws-batch run: error: {exc}") from exc
     import logging
 
-    import ray  # noqa: F401 - imported first so that its log handler exists and is redirected above the bar
-
-    logging.getLogger("ray").setLevel(logging.ERROR)  # its start-up notes (token auth is on...) say nothing to a user
+    # imported first so that its log handler exists and is redirected above the bar (its level: connect_ray's
+    # ray.init sets it; its start-up notes are filtered in pws_batch/__init__.py)
+    import ray  # noqa: F401
     with prefect_api_and_engine(config, args.out):
         # SIGTERM (a scheduler's stop, `kill`) ends the run as Ctrl-C does, with its own line and status; set after
         # Ray's start, whose driver handler exits with status 15 and no word
@@ -903,17 +903,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pws_batch.batch.dataset import DatasetError
-    from pws_batch.batch.summary import DAMAGED, summarize
+    from pws_batch.batch.summary import summary
 
     try:
-        text = summarize(args.out)
+        text, damaged = summary(args.out)
     except FileNotFoundError as exc:
         raise UsageError(f"pws-batch inspect: error: {exc}") from exc
     except DatasetError as exc:
         print(f"pws-batch inspect: error: {exc}", file=sys.stderr)
         return 1
     print(text)
-    damaged = f"): {DAMAGED}: " in text.splitlines()[0]  # the status, after "dataset URI (NAME)"
     return 1 if damaged else 0  # scripts that check a dataset see the damage too
 
 

@@ -52,8 +52,8 @@ def export_files(uri: str, dest: str, overwrite: bool = False) -> int:
     if root is not None and root == path:
         raise ExportError(f"{dest} is the dataset's own folder: its rows would lie among its parts; export to "
                           f"another folder (e.g. {uri.rstrip('/')}/files)")
-    if inside_own_folders(out, dest):
-        raise ExportError(f"{dest} is inside the dataset's {inside_own_folders(out, dest)}/ folder, which its "
+    if folder := inside_own_folders(out, dest):
+        raise ExportError(f"{dest} is inside the dataset's {folder}/ folder, which its "
                           f"readers read whole; export to another folder (e.g. {uri.rstrip('/')}/files)")
     read_run_json(out)  # DatasetError (one line) when it is cut off
     check_intact(out)  # before anything is written: a damaged part failed midway or dropped its rows silently

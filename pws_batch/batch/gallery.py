@@ -100,8 +100,8 @@ def write_gallery(uri: str, top: int | None = None, dest: str | None = None, pag
         raise ValueError(f"--top must be >= 1, got {top}")
     run = read_run_json(out)  # DatasetError (one line) when it is cut off
     check_intact(out)
-    if dest is not None and inside_own_folders(out, dest):
-        raise DatasetError(f"--out {dest} is inside the dataset's {inside_own_folders(out, dest)}/ folder, which its "
+    if dest is not None and (folder := inside_own_folders(out, dest)):
+        raise DatasetError(f"--out {dest} is inside the dataset's {folder}/ folder, which its "
                            f"readers read whole; write the gallery elsewhere (default: {uri.rstrip('/')}/gallery)")
     if dest is not None and dest.startswith("memory://"):
         raise DatasetError(f"--out {dest} lives in this process's memory only: the page would be gone when the "

@@ -166,6 +166,12 @@ def dataset_run_json(out: str | None) -> dict[str, Any] | None:
         return None
 
 
+def state_label(info: dict[str, Any]) -> str:
+    """The flow run's state type, with Prefect's name for it when that says more: "SCHEDULED (Late)"."""
+    named = info.get("state_name")
+    return info["state"] + (f" ({named})" if named and named.upper() != info["state"] else "")
+
+
 def format_status(info: dict[str, Any]) -> str:
     run_json = dataset_run_json(info["out"]) or {}
     counts = run_json.get("counts")
@@ -174,9 +180,7 @@ def format_status(info: dict[str, Any]) -> str:
     # a run that ended (crashed, say) before its tasks did: their last states are not what they are doing now
     tasks = ", ".join(f"{n} {s.lower() if not final or s in FINAL else 'unfinished'}"
                       for s, n in sorted(info["tasks"].items())) or ("none" if final else "none yet")
-    named = info.get("state_name")
-    lines = [f"flow run {info['id']} ({info['name']}): {info['state']}"
-             + (f" ({named})" if named and named.upper() != info["state"] else "")
+    lines = [f"flow run {info['id']} ({info['name']}): {state_label(info)}"
              + (f" - {info['state_message']}" if info["state_message"] and info["state"] != "COMPLETED" else ""),
              f"  shard tasks  {tasks}",
              f"  progress     {info['progress']:.0f}% of pairs" if info["progress"] is not None else "  progress     n/a",
@@ -211,6 +215,7 @@ def wait(flow_run_id: str, poll_s: float = 2.0, timeout_s: float | None = None,
         try:
             info = describe(flow_run_id)
         except ApiUnreachable as exc:
+            info = None
             if lost_since is None:
                 lost_since = time.time()
                 say(f"the Prefect API does not answer ({exc}); still trying for {api_grace_s:.0f} s (the run goes "
@@ -218,31 +223,28 @@ def wait(flow_run_id: str, poll_s: float = 2.0, timeout_s: float | None = None,
             elif time.time() - lost_since > api_grace_s:
                 raise LostTrack(f"the Prefect API has not answered for {api_grace_s:.0f} s; flow run {flow_run_id} "
                                 f"may still be running: `pws-batch status {flow_run_id}` once the API is back") from exc
-            if timeout_s is not None and time.time() - start > timeout_s:
-                raise LostTrack(f"flow run {flow_run_id}: --wait-timeout ({timeout_s:.0f} s) passed while the Prefect "
-                                f"API did not answer; it may still be running: `pws-batch status {flow_run_id}`") \
-                    from exc
-            time.sleep(poll_s)
-            continue
-        if lost_since is not None:
-            say("the Prefect API answers again")
-            lost_since = None
-        state = info["state"] + (f" ({info['state_name']})" if info.get("state_name") and
-                                 info["state_name"].upper() != info["state"] else "")
-        seen = (state, info["progress"])
-        if seen != last:
-            progress = f", {info['progress']:.0f}% of pairs" if info["progress"] is not None else ""
-            say(f"{info['name']}: {state.lower()}{progress}")
-            last = seen
-        if info["state"] in FINAL:
-            return info
-        if info["state"] in NOT_STARTED and not hinted and time.time() - start > unstarted_hint_s:
-            pool = info.get("work_pool") or "its work pool"
-            say(f"no worker has started {info['name']} after {unstarted_hint_s:.0f} s: is a worker polling "
-                f"{pool} (`prefect worker start --pool {pool}`), and is the pool not paused (`prefect work-pool "
-                f"inspect {pool}`)? The run starts when one does")
-            hinted = True
+        if info is not None:
+            if lost_since is not None:
+                say("the Prefect API answers again")
+                lost_since = None
+            seen = (state_label(info), info["progress"])
+            if seen != last:
+                progress = f", {info['progress']:.0f}% of pairs" if info["progress"] is not None else ""
+                say(f"{info['name']}: {seen[0].lower()}{progress}")
+                last = seen
+            if info["state"] in FINAL:
+                return info
+            if info["state"] in NOT_STARTED and not hinted and time.time() - start > unstarted_hint_s:
+                pool = info.get("work_pool") or "its work pool"
+                say(f"no worker has started {info['name']} after {unstarted_hint_s:.0f} s: is a worker polling "
+                    f"{pool} (`prefect worker start --pool {pool}`), and is the pool not paused (`prefect work-pool "
+                    f"inspect {pool}`)? The run starts when one does")
+                hinted = True
         if timeout_s is not None and time.time() - start > timeout_s:
+            if info is None:
+                raise LostTrack(f"flow run {flow_run_id}: --wait-timeout ({timeout_s:.0f} s) passed while the "
+                                f"Prefect API did not answer; it may still be running: `pws-batch status "
+                                f"{flow_run_id}`")
             raise LostTrack(f"flow run {flow_run_id} still {info['state']} after {timeout_s:.0f} s; it goes on: "
                             f"`pws-batch status {flow_run_id}`")
         time.sleep(poll_s)

@@ -6,9 +6,6 @@ from pws_batch.batch.card import describe_scores
 from pws_batch.batch.dataset import Output, read_run_json, verified_shards
 
 
-DAMAGED = "DAMAGED"  # in the first line of a summary whose committed shards do not match their markers
-
-
 def run_status(out: Output, run: dict) -> str:
     """run.json's status, but for a "running" one whose run is gone (its lease says): "interrupted (...)"."""
     status = run.get("status")
@@ -22,6 +19,11 @@ def run_status(out: Output, run: dict) -> str:
 
 
 def summarize(uri: str) -> str:
+    return summary(uri)[0]
+
+
+def summary(uri: str) -> tuple[str, bool]:
+    """`inspect`'s text, and whether the dataset is damaged (committed shards that do not match their markers)."""
     out = Output(uri)
     run = read_run_json(out)  # DatasetError (one line) when it is cut off
     if run is None:
@@ -39,7 +41,7 @@ def summarize(uri: str) -> str:
             counts["rejected"] = out.read_table("rejected.parquet", columns=["row"]).num_rows
     status = run_status(out, run)
     if broken:
-        status = (f"{DAMAGED}: {len(broken)} committed shard(s) do not match their markers (below; "
+        status = (f"DAMAGED: {len(broken)} committed shard(s) do not match their markers (below; "
                   f"the run said: {status})")
     lines = [
         f"dataset {uri} ({run.get('name')}): {status}"
@@ -71,4 +73,4 @@ def summarize(uri: str) -> str:
     for stats in shards.values():
         for f in stats.get("failed", []):
             lines.append(f"  failed pair {f['pair_id']} (row {f['row']}): {f['error']}")
-    return "\n".join(lines)
+    return "\n".join(lines), bool(broken)

@@ -45,9 +45,7 @@ def read_audio(uri: str) -> tuple[np.ndarray, int]:
 def read_image(uri: str):
     """An image file from a path or fsspec URI, as a PIL image (fully decoded, so a broken file fails here)."""
     import fsspec
-    from PIL import Image
-
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     with fsspec.open(uri, "rb") as f:
         data = f.read()
