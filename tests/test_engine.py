@@ -175,6 +175,8 @@ def test_run_pairs_keeps_request_order_and_passes_failures_through(local_ray):
         assert len({(i["pid"], i["role"]) for i in infos}) == 4 and len({i["pid"] for i in infos}) == 2
         # CPU actors start with the malloc settings that keep freed memory (pws_batch.core.allocator)
         assert [i["malloc_env"] for i in infos if i["role"] == "generator"] == [CPU_MALLOC_ENV] * 2
+        # ... and at the default priority, not Ray's nice 15 for workers (engine.WORKER_PRIORITY_ENV)
+        assert [i["niceness"] for i in infos if i["role"] == "generator"] == [os.nice(0)] * 2
     finally:
         engine.stop_actors(pool)
 

@@ -38,16 +38,23 @@ def test_dominators_below_matches_brute_force():
 
 
 def stream_in_batches(req: PairRequest, clip: np.ndarray, clap: np.ndarray, micro_batch: int,
-                      rule: RankingRule) -> tuple[PairStream, list[int]]:
-    """Drive a PairStream as the engine does, scoring with `score_batch` from fixed scores."""
+                      rule: RankingRule, encoded: list[int] | None = None) -> tuple[PairStream, list[int]]:
+    """Drive a PairStream as the engine does, scoring with `score_batch` from fixed scores (the candidate indices
+    whose media are encoded go to `encoded`)."""
     stream, media_held = PairStream(req, micro_batch), []
+
+    def encode(c):
+        if encoded is not None:
+            encoded.append(c.seed - req.params.seed)
+        return b"png%d" % c.seed, b"wav%d" % c.seed
+
     while stream.can_submit():
         start, count = stream.submit()
         generated = SimpleNamespace(candidates=[SimpleNamespace(seed=req.params.seed + start + j)
                                                 for j in range(count)])
         batch = CandidateBatch(req, start, count, generated=generated, unet_evals=2 * count)
-        batch.scored = score_batch(batch, clip[start:start + count], clap[start:start + count], stream.held(),
-                                   lambda c: (b"png%d" % c.seed, b"wav%d" % c.seed))
+        batch.scored = score_batch(batch, clip[start:start + count], clap[start:start + count], stream.seen(),
+                                   encode, rule)
         stream.add(batch)
         media_held.append(len(stream.held()))
     return stream, media_held
@@ -61,7 +68,8 @@ def test_stream_without_targets_keeps_what_a_whole_pair_ranking_keeps(rule, keep
     n = 37
     clip, clap = rng.random(n).round(2), rng.random(n).round(2)  # rounded: ties happen
     req = request(1, n=n, keep=keep)
-    stream, held = stream_in_batches(req, clip, clap, micro_batch=5, rule=rule)
+    encoded: list[int] = []
+    stream, held = stream_in_batches(req, clip, clap, micro_batch=5, rule=rule, encoded=encoded)
     result = stream.result(rule)
     assert result.ok and len(result.candidates) == n and not result.stopped_early
     expected = rank_candidates(clip, clap, rule)
@@ -72,15 +80,48 @@ def test_stream_without_targets_keeps_what_a_whole_pair_ranking_keeps(rule, keep
     assert all(c.image_png is None for c in result.candidates if not c.kept)
     assert result.unet_evals == 2 * n
     assert max(held) < n  # media was dropped along the way, not held for every candidate
+    # the last micro-batch (35, 36) ends the pair with every earlier one scored: only its kept ones are encoded
+    kept = {c.candidate_index for c in result.kept}
+    assert {i for i in encoded if i >= 35} == {i for i in kept if i >= 35}
+
+
+@pytest.mark.parametrize("rule", [RankingRule(), RankingRule("weighted"), RankingRule("pareto")])
+@pytest.mark.parametrize("keep", [1, 2])
+def test_a_pair_in_one_micro_batch_encodes_only_its_kept_candidates(rule, keep):
+    rng = np.random.default_rng(10 + keep)
+    n = 8
+    clip = rng.random(n)
+    clap = 1 - clip + rng.normal(0, 0.05, n)  # scores that disagree: most candidates on the Pareto front
+    assert dominators_below(clip, clap, keep).sum() > keep  # beaten-on-both alone would encode more than keep
+    encoded: list[int] = []
+    stream, _ = stream_in_batches(request(3, n=n, keep=keep), clip, clap, micro_batch=n, rule=rule, encoded=encoded)
+    result = stream.result(rule)
+    assert result.ok and sorted(encoded) == sorted(c.candidate_index for c in result.kept) and len(encoded) == keep
+    assert all(c.image_png == b"png%d" % c.seed for c in result.kept)
+
+
+def test_final_ranking_waits_for_every_earlier_score():
+    """A micro-batch asked for while an earlier one is still in flight (the engine's lookahead) cannot know the
+    pair's final ranking: it keeps to the beaten-on-both rule."""
+    from pws_batch.batch.stream import final_ranks
+
+    req = request(4, n=10, keep=1)
+    batch = CandidateBatch(req, 5, 5)
+    scores = [0.5] * 5
+    assert final_ranks(batch, scores, scores, [(0.1, 0.1, True)] * 4, RankingRule()) is None  # 4 of 5 seen
+    assert list(final_ranks(batch, scores, scores, [(0.9, 0.9, True)] * 5, RankingRule())) == [6, 7, 8, 9, 10]
+    assert final_ranks(CandidateBatch(req, 0, 5), scores, scores, [], RankingRule()) is None  # more to come
 
 
 def test_targets_stop_the_pair_once_keep_candidates_meet_them():
     clip = np.array([0.1, 0.9, 0.95, 0.2, 0.99, 0.99, 0.99, 0.99])
     clap = np.array([0.9, 0.9, 0.1, 0.2, 0.99, 0.99, 0.99, 0.99])
     req = request(2, n=8, keep=1, target_clip=0.5, target_clap=0.5)  # candidate 1 meets both
-    stream, _ = stream_in_batches(req, clip, clap, micro_batch=2, rule=RankingRule())
+    encoded: list[int] = []
+    stream, _ = stream_in_batches(req, clip, clap, micro_batch=2, rule=RankingRule(), encoded=encoded)
     result = stream.result(RankingRule())
     assert stream.stopped and len(result.candidates) == 2 and result.stopped_early
+    assert encoded == [1]  # the micro-batch that met the targets ended the pair: only its kept one encoded
     assert result.kept[0].candidate_index == 1 and result.unet_evals == 4
     # keep 2: candidate 4 (third micro-batch) is the second to meet both
     stream, _ = stream_in_batches(request(2, n=8, keep=2, target_clip=0.5, target_clap=0.5), clip, clap, 2,

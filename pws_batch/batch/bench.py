@@ -292,10 +292,11 @@ class _IdleActor:
 
 
 def _bare_library_in_a_worker(*args: Any) -> dict:
-    """bare_library(*args), with the process it ran in: its pid and the glibc malloc variables it started with."""
+    """bare_library(*args), with the process it ran in: its pid, niceness and the glibc malloc variables it started
+    with."""
     from pws_batch.core.allocator import malloc_env_started_with
 
-    return {**bare_library(*args), "pid": os.getpid(), "malloc_env": malloc_env_started_with()}
+    return {**bare_library(*args), "pid": os.getpid(), "niceness": os.nice(0), "malloc_env": malloc_env_started_with()}
 
 
 def _in_a_child(function: str, *args: Any) -> dict:
@@ -464,8 +465,8 @@ def _pipeline_round(flow: Callable[..., dict], manifest: str, out: str, pairs: i
     split: dict[str, float | None] = {}
     if in_ray and beside:  # where the pipeline's cost goes: Ray's processes, the work in one, the orchestration
         started = " ".join(f"{k}={v}" for k, v in in_ray["malloc_env"].items()) or "glibc's default malloc settings"
-        print_fn(f"(the bare library in a Ray worker: pid {in_ray['pid']} of a local Ray started for it, with "
-                 f"{started}; beside an idle Ray: in a process of its own, as `bare`, while a local Ray with one "
+        print_fn(f"(the bare library in a Ray worker: pid {in_ray['pid']} of a local Ray started for it, at nice "
+                 f"{in_ray['niceness']}, with {started}; beside an idle Ray: in a process of its own, as `bare`, while a local Ray with one "
                  f"idle actor placed as the worker runs beside it)")
         # Each ratio is a work time over the next one's, steady states over steady states where there are some.
         chain = [("beside_ray", bare, beside["work_s"], _steady(beside["pair_ends_s"])),

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 from pws_batch.batch.config import RunConfig
 from pws_batch.batch.pair import CandidateBatch, PairRequest, PairResult
-from pws_batch.batch.stream import PairStream, score_batch
+from pws_batch.batch.stream import PairStream, Seen, score_batch
 from pws_batch.core.allocator import CPU_MALLOC_ENV, malloc_env_started_with
 
 MAX_RESTARTS = 2
@@ -142,7 +142,7 @@ class Ranker:
                 "device": _device_info(self.device) if not self.load_error else "none",
                 **({"load_error": self.load_error} if self.load_error else {}), **_where()}
 
-    def rank_batch(self, batch: CandidateBatch, held: list[tuple[float, float]]) -> CandidateBatch:
+    def rank_batch(self, batch: CandidateBatch, seen: Seen) -> CandidateBatch:
         """Score one micro-batch; encode the media only of the candidates that may still be kept (see
         pws_batch.batch.stream); drop the arrays."""
         from pws_batch.core.media import png_bytes, wav_bytes
@@ -165,7 +165,8 @@ class Ranker:
         problem = nonfinite_scores(clip, clap)
         if problem:  # a NaN score would rank anywhere: the pair fails rather than keep a meaningless row
             return failed(problem)
-        scored = score_batch(batch, clip, clap, held, lambda c: (png_bytes(c.image), wav_bytes(c.audio)))
+        scored = score_batch(batch, clip, clap, seen, lambda c: (png_bytes(c.image), wav_bytes(c.audio)),
+                             self.config.ranking)
         return dataclasses.replace(batch, generated=None, scored=scored, rank_s=round(time.perf_counter() - t0, 4),
                                    ranker=_where())
 
@@ -211,23 +212,22 @@ class Worker:
 
     def infos(self) -> list[dict[str, Any]]:
         """The generator's info (with the glibc malloc settings its process started with: CPU actors get
-        CPU_MALLOC_ENV) and the ranker's."""
-        return [{**self.generator.info(), "malloc_env": malloc_env_started_with()}, self.ranker.info()]
+        CPU_MALLOC_ENV; and its process's niceness: 0, WORKER_PRIORITY_ENV) and the ranker's."""
+        return [{**self.generator.info(), "malloc_env": malloc_env_started_with(), "niceness": os.nice(0)},
+                self.ranker.info()]
 
-    def make_batch(self, request: PairRequest, start: int, count: int,
-                   held: list[tuple[float, float]]) -> CandidateBatch:
+    def make_batch(self, request: PairRequest, start: int, count: int, seen: Seen) -> CandidateBatch:
         """Candidates `start` .. `start + count - 1` of a pair, generated and scored (see Ranker.rank_batch)."""
         if self._ranking is self._generating:
             # One thread for both (a CPU device): each micro-batch is scored as one job with its generation, not
             # queued behind the generation of the calls in flight after it. Scores come back one micro-batch
             # later, not LOOKAHEAD, and no generated arrays wait for their turn to be scored.
-            return self._generating.submit(self._generate_and_rank, request, start, count, held).result()
+            return self._generating.submit(self._generate_and_rank, request, start, count, seen).result()
         batch = self._generating.submit(self.generator.generate_batch, request, start, count).result()
-        return self._ranking.submit(self.ranker.rank_batch, batch, held).result()
+        return self._ranking.submit(self.ranker.rank_batch, batch, seen).result()
 
-    def _generate_and_rank(self, request: PairRequest, start: int, count: int,
-                           held: list[tuple[float, float]]) -> CandidateBatch:
-        return self.ranker.rank_batch(self.generator.generate_batch(request, start, count), held)
+    def _generate_and_rank(self, request: PairRequest, start: int, count: int, seen: Seen) -> CandidateBatch:
+        return self.ranker.rank_batch(self.generator.generate_batch(request, start, count), seen)
 
 
 def _on_cpu(generator: Any) -> bool:
@@ -419,13 +419,24 @@ def start_actors(config: RunConfig, log: Callable[[str], None], generator_cls: t
     return pool
 
 
+# Ray starts its workers at nice 15 (its worker_niceness): every process at the default priority beside them (Ray's
+# own GCS, raylet, agents, log monitor; the driver; the Prefect API) then takes the cores from the model threads
+# whenever it wakes. A worker is the job here, not a background chore: it keeps the default priority (a lower
+# niceness than its parent's is never asked for, so no privilege is needed). Measured on 2 cores with the tiny
+# models: the same work ~7 % slower in a Ray worker at nice 15 than in a plain process (`bench pipeline
+# --ray-baseline`).
+WORKER_PRIORITY_ENV = {"RAY_worker_niceness": "0"}
+
+
 def worker_placement(use_gpu: bool, cpus: int) -> dict[str, Any]:
     """Ray options that place one worker: a whole GPU; or, without GPUs, `cpus` CPUs (Ray gives it as many torch
     threads) and glibc malloc settings that keep freed memory for the next step (pws_batch.core.allocator: ~1.4x
-    faster on a CPU; merged into the job's own runtime_env, if any)."""
+    faster on a CPU). Either way the worker runs at the default priority (WORKER_PRIORITY_ENV). Its env_vars are
+    merged into the job's own runtime_env, if any."""
     if use_gpu:
-        return dict(num_gpus=1, num_cpus=1)
-    return dict(num_gpus=0, num_cpus=max(1, cpus), runtime_env={"env_vars": dict(CPU_MALLOC_ENV)})
+        return dict(num_gpus=1, num_cpus=1, runtime_env={"env_vars": dict(WORKER_PRIORITY_ENV)})
+    return dict(num_gpus=0, num_cpus=max(1, cpus),
+                runtime_env={"env_vars": {**CPU_MALLOC_ENV, **WORKER_PRIORITY_ENV}})
 
 
 # The actor classes the flow's runs use in this process; `use_actors` swaps in stand-ins (pws_batch.batch.standins)
@@ -484,7 +495,7 @@ def run_pairs(pool: ActorPool, requests: list[PairRequest],
                 if stream is None:
                     break
                 start, count = stream.submit()
-                in_flight[worker.make_batch.remote(stream.request, start, count, stream.held())] = stream
+                in_flight[worker.make_batch.remote(stream.request, start, count, stream.seen())] = stream
                 batches += 1
             if not in_flight:
                 break

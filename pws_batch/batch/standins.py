@@ -18,7 +18,7 @@ import numpy as np
 
 from pws_batch.batch.config import RunConfig
 from pws_batch.batch.pair import CandidateBatch, PairRequest
-from pws_batch.batch.stream import score_batch
+from pws_batch.batch.stream import Seen, score_batch
 
 FAIL_MARK = "standin-fail"  # a pair whose id contains this fails in the generator (to test failure paths)
 
@@ -97,7 +97,7 @@ class StandInRanker:
         return (np.array([c.image.mean() / 255.0 for c in candidates]),
                 np.array([5 * float(np.abs(c.audio).mean()) for c in candidates]))
 
-    def rank_batch(self, batch: CandidateBatch, held: list[tuple[float, float]]) -> CandidateBatch:
+    def rank_batch(self, batch: CandidateBatch, seen: Seen) -> CandidateBatch:
         from pws_batch.core.media import png_bytes, wav_bytes
 
         if not batch.ok:
@@ -105,6 +105,7 @@ class StandInRanker:
         t0 = time.perf_counter()
         self.pairs += batch.start == 0
         clip, clap = self.scores(batch.generated.candidates)
-        scored = score_batch(batch, clip, clap, held, lambda c: (png_bytes(c.image), wav_bytes(c.audio)))
+        scored = score_batch(batch, clip, clap, seen, lambda c: (png_bytes(c.image), wav_bytes(c.audio)),
+                             self.config.ranking)
         return replace(batch, generated=None, scored=scored, rank_s=round(time.perf_counter() - t0, 4),
                        ranker=_where())

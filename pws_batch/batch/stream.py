@@ -9,7 +9,8 @@ targets first when there are targets.
 
 Memory does not grow with N: arrays exist one micro-batch at a time; what the driver holds per pair is every
 candidate's two scores and the encoded media of the candidates fewer than `keep` others beat on both scores
-(`dominators_below`; typically a handful).
+(`dominators_below`; typically a handful). The micro-batch that ends a pair is ranked with the whole pair where it
+is scored (`final_ranks`), and only its kept candidates are encoded at all.
 """
 
 from __future__ import annotations
@@ -22,20 +23,49 @@ from pws_batch.batch.pair import CandidateBatch, PairRequest, PairResult, Scored
 from pws_batch.batch.ranking import RankingRule, dominators_below, rank_with_targets
 
 
-def score_batch(batch: CandidateBatch, clip: Sequence[float], clap: Sequence[float],
-                held: Sequence[tuple[float, float]], encode: Callable[[Any], tuple[bytes, bytes]]) -> list[ScoredCandidate]:
+Seen = Sequence[tuple[float, float, bool]]  # a pair's scored candidates: (CLIP, CLAP, driver holds its media)
+
+
+def score_batch(batch: CandidateBatch, clip: Sequence[float], clap: Sequence[float], seen: Seen,
+                encode: Callable[[Any], tuple[bytes, bytes]], rule: RankingRule) -> list[ScoredCandidate]:
     """A micro-batch's scores, with the media (`encode(candidate) -> (png, wav)`) of the candidates that may still
-    be kept given the scores of the candidates the driver holds media for (`held`; a stale `held` only means
-    encoding a few more)."""
+    be kept. `seen` is what the driver knew of the pair's earlier candidates when it asked for this micro-batch
+    (PairStream.seen: every scored one, in candidate order, and whether it holds its media).
+
+    A candidate that `keep` held ones beat on both scores is never kept (`dominators_below`). When this micro-batch
+    ends the pair (its last, or with targets the one after which `keep` candidates meet them) and every earlier
+    candidate is scored, the pair's ranking is final here: only the candidates it keeps are encoded (with keep 1
+    and one micro-batch, one instead of the handful no other candidate beats on both scores)."""
     candidates = batch.generated.candidates
+    held = [(a, b) for a, b, holds in seen if holds]
     all_clip = np.array([h[0] for h in held] + [float(x) for x in clip])
     all_clap = np.array([h[1] for h in held] + [float(x) for x in clap])
     may_keep = dominators_below(all_clip, all_clap, batch.request.keep)[len(held):]
+    final = final_ranks(batch, clip, clap, seen, rule)
+    if final is not None:
+        may_keep &= final <= batch.request.keep
     scored = []
     for i, c in enumerate(candidates):
         png, wav = encode(c) if may_keep[i] else (None, None)
         scored.append(ScoredCandidate(batch.start + i, c.seed, float(clip[i]), float(clap[i]), 0, False, png, wav))
     return scored
+
+
+def final_ranks(batch: CandidateBatch, clip: Sequence[float], clap: Sequence[float], seen: Seen,
+                rule: RankingRule) -> np.ndarray | None:
+    """The ranks of a micro-batch's candidates in the pair's final ranking (PairStream.result), when this
+    micro-batch ends the pair and `seen` holds every earlier candidate; else None (an earlier micro-batch still in
+    flight, or more to come)."""
+    request = batch.request
+    if len(seen) != batch.start:  # seen holds candidates 0 .. len(seen) - 1: all before this batch, or not
+        return None
+    every_clip = np.array([s[0] for s in seen] + [float(x) for x in clip])
+    every_clap = np.array([s[1] for s in seen] + [float(x) for x in clap])
+    meets = (np.array([request.meets_targets(a, b) for a, b in zip(every_clip, every_clap)], dtype=bool)
+             if request.adaptive else None)
+    ends = batch.start + batch.count >= request.params.num_candidates or (
+        meets is not None and int(meets.sum()) >= request.keep)  # as PairStream.add stops the pair
+    return rank_with_targets(every_clip, every_clap, rule, meets)[batch.start:] if ends else None
 
 
 class PairStream:
@@ -76,8 +106,14 @@ class PairStream:
         return [c for c in self.scored if c.image_png is not None]
 
     def held(self) -> list[tuple[float, float]]:
-        """Scores of the candidates whose media the driver holds (the ranker's pruning needs them)."""
+        """Scores of the candidates whose media the driver holds."""
         return [(c.clip_score, c.clap_score) for c in self._holding()]
+
+    def seen(self) -> list[tuple[float, float, bool]]:
+        """What the ranker needs to know of the pair's scored candidates (score_batch): in candidate order, their
+        scores and whether the driver holds their media."""
+        return [(c.clip_score, c.clap_score, c.image_png is not None)
+                for c in sorted(self.scored, key=lambda c: c.candidate_index)]
 
     def add(self, batch: CandidateBatch) -> None:
         self.outstanding -= 1
