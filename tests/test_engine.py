@@ -181,6 +181,22 @@ def test_run_pairs_keeps_request_order_and_passes_failures_through(local_ray):
         engine.stop_actors(pool)
 
 
+def test_a_local_ray_keeps_its_workers_at_the_default_priority(local_ray):
+    """Ray starts workers at nice 15; the local Ray a run starts (connect_ray) does not, so even a worker placed
+    with no runtime_env of its own (a GPU worker) keeps the driver's priority."""
+    import ray
+
+    placement = engine.worker_placement(True, 2)
+    assert "runtime_env" not in placement  # a GPU worker: Ray may hand it a worker it has ready
+    options = {k: v for k, v in placement.items() if k != "num_gpus"}  # this Ray has no GPU
+
+    @ray.remote
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.options(**options).remote()) == os.nice(0)
+
+
 def test_two_shards_at_once_run_on_different_workers(local_ray):
     config = RunConfig().replace(engine={"actors": 2, "device": "cpu"})
     pool = engine.start_actors(config, log=lambda line: None, generator_cls=StandInGenerator,

@@ -162,7 +162,8 @@ def _bench_cluster(flow: Callable[..., dict], folder: str, actors: int, pairs: i
                                  plan={"shard_size": shard_size, "overwrite": True})
     started = not ray.is_initialized()
     if started:  # the GPUs are logical: Ray schedules the actors as on a GPU cluster; the stand-ins use none
-        ray.init(num_cpus=actors + 1, num_gpus=actors, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=actors + 1, num_gpus=actors, include_dashboard=False, log_to_driver=False,
+                 _system_config=engine.LOCAL_RAY_SYSTEM_CONFIG)  # as connect_ray starts a local Ray
     try:
         t0, cpu0 = time.perf_counter(), _cpu_s()
         with engine.use_actors(StandInGenerator, StandInRanker, pair_seconds=pair_seconds):
@@ -251,7 +252,8 @@ def _local_ray() -> Iterator[tuple[bool, dict[str, Any]]]:
     engine.ray_environment(None)  # a local Ray on loopback: set before ray is imported, which reads it
     import ray
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             _system_config=engine.LOCAL_RAY_SYSTEM_CONFIG)  # as connect_ray starts a local Ray
     try:
         resources = ray.cluster_resources()
         gpu = resources.get("GPU", 0) >= 1

@@ -212,7 +212,8 @@ class Worker:
 
     def infos(self) -> list[dict[str, Any]]:
         """The generator's info (with the glibc malloc settings its process started with: CPU actors get
-        CPU_MALLOC_ENV; and its process's niceness: 0, WORKER_PRIORITY_ENV) and the ranker's."""
+        CPU_MALLOC_ENV; and its process's niceness: 0 on a local Ray or a CPU, see LOCAL_RAY_SYSTEM_CONFIG) and the
+        ranker's."""
         return [{**self.generator.info(), "malloc_env": malloc_env_started_with(), "niceness": os.nice(0)},
                 self.ranker.info()]
 
@@ -358,7 +359,8 @@ def connect_ray(address: str | None, num_cpus: int | None = None, log: Callable[
                 time.sleep(pause_s)
     # Ray's own start-up lines (token auth is on, "Started a local Ray instance") say nothing to a user: the run
     # logs where it runs in one line of its own (describe_cluster); Ray's other warnings still show
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+             _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     return True
 
 
@@ -421,20 +423,23 @@ def start_actors(config: RunConfig, log: Callable[[str], None], generator_cls: t
 
 # Ray starts its workers at nice 15 (its worker_niceness): every process at the default priority beside them (Ray's
 # own GCS, raylet, agents, log monitor; the driver; the Prefect API) then takes the cores from the model threads
-# whenever it wakes. A worker is the job here, not a background chore: it keeps the default priority (a lower
-# niceness than its parent's is never asked for, so no privilege is needed). Measured on 2 cores with the tiny
-# models: the same work ~7 % slower in a Ray worker at nice 15 than in a plain process (`bench pipeline
-# --ray-baseline`).
+# whenever it wakes. A worker is the job here, not a background chore: on a local Ray this run starts, every worker
+# keeps the default priority (LOCAL_RAY_SYSTEM_CONFIG); on a joined cluster, CPU workers do (WORKER_PRIORITY_ENV in
+# the runtime_env they get anyway), and GPU workers get what the cluster's `ray start` set (cluster/README.md): a
+# runtime_env only for this would make Ray start each of them afresh instead of taking a worker it has ready.
+# Measured on 2 cores with the tiny models: the same work 3-7 % slower in a Ray worker at nice 15 than in a plain
+# process beside the same Ray, and as fast at nice 0 (`bench pipeline --ray-baseline`).
+LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
 WORKER_PRIORITY_ENV = {"RAY_worker_niceness": "0"}
 
 
 def worker_placement(use_gpu: bool, cpus: int) -> dict[str, Any]:
     """Ray options that place one worker: a whole GPU; or, without GPUs, `cpus` CPUs (Ray gives it as many torch
-    threads) and glibc malloc settings that keep freed memory for the next step (pws_batch.core.allocator: ~1.4x
-    faster on a CPU). Either way the worker runs at the default priority (WORKER_PRIORITY_ENV). Its env_vars are
-    merged into the job's own runtime_env, if any."""
+    threads), glibc malloc settings that keep freed memory for the next step (pws_batch.core.allocator: ~1.4x
+    faster on a CPU) and the default priority (WORKER_PRIORITY_ENV), merged into the job's own runtime_env, if
+    any."""
     if use_gpu:
-        return dict(num_gpus=1, num_cpus=1, runtime_env={"env_vars": dict(WORKER_PRIORITY_ENV)})
+        return dict(num_gpus=1, num_cpus=1)
     return dict(num_gpus=0, num_cpus=max(1, cpus),
                 runtime_env={"env_vars": {**CPU_MALLOC_ENV, **WORKER_PRIORITY_ENV}})
 
