@@ -49,7 +49,8 @@ def cluster(tmp_path_factory, tiny_models):
             port, client_port = free_port(), free_port()
             # Each Ray Client connection starts a server process on the head; on a busy 2-core machine its
             # channel can take longer than Ray's 30 s default to come up, which fails the flow's ray.init.
-            ray_env = dict(env, RAY_AUTH_MODE="token", RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S="180")
+            ray_env = dict(env, RAY_AUTH_MODE="token", RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S="180",
+                           RAY_worker_niceness="0")  # as cluster/README.md starts it
             ray_log = open(os.path.join(home, "ray.log"), "wb")
             head = subprocess.Popen(
                 [os.path.join(VENV_BIN, "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
