@@ -173,3 +173,54 @@ def test_adaptive_budget_stops_after_first_micro_batch_or_runs_all(pool):
     assert [r.stopped_early for r in results] == [True, False, False]
     assert results[0].unet_evals == 2 * 4 and results[1].unet_evals == 2 * 16
     assert len(results[0].kept) == 1 and results[0].kept[0].image_png.startswith(b"\x89PNG")
+
+
+def test_streams_with_calls_in_flight_keep_what_a_whole_pair_ranking_keeps():
+    """As the engine drives a pair: up to LOOKAHEAD micro-batches asked for before the earlier ones' scores are
+    back (their `seen` is short, so only the last one in order may know the final ranking), targets or not, every
+    rule. The kept candidates always have their media, and are the ones ranking what was made would keep."""
+    rng = np.random.default_rng(7)
+    rules = [RankingRule(), RankingRule("weighted", clip_weight=0.3, clap_weight=0.7), RankingRule("pareto")]
+    for trial in range(300):
+        n, micro_batch = int(rng.integers(1, 30)), int(rng.integers(1, 9))
+        keep = int(rng.integers(1, min(n, 4) + 1))
+        targets = {} if trial % 3 else {"target_clip": 0.7, "target_clap": 0.6}
+        req = request(trial, n=n, keep=keep, **targets)
+        rule = rules[trial % len(rules)]
+        clip, clap = rng.random(n).round(2), (1 - rng.random(n) * 0.5).round(2)
+        stream, in_flight = PairStream(req, micro_batch), []
+        while not stream.finished:
+            while stream.can_submit() and len(in_flight) < engine.LOOKAHEAD:
+                start, count = stream.submit()
+                in_flight.append((start, count, stream.seen()))  # what the driver knew when it asked
+            start, count, seen = in_flight.pop(0)
+            generated = SimpleNamespace(candidates=[SimpleNamespace(seed=req.params.seed + start + j)
+                                                    for j in range(count)])
+            batch = CandidateBatch(req, start, count, generated=generated)
+            batch.scored = score_batch(batch, clip[start:start + count], clap[start:start + count], seen,
+                                       lambda c: (b"png%d" % c.seed, b"wav%d" % c.seed), rule)
+            stream.add(batch)
+        result = stream.result(rule)
+        made = len(result.candidates)
+        meets = (np.array([req.meets_targets(a, b) for a, b in zip(clip[:made], clap[:made])])
+                 if req.adaptive else None)
+        expected = rank_with_targets(clip[:made], clap[:made], rule, meets)
+        assert result.ok, (trial, result.error)
+        assert sorted(c.candidate_index for c in result.kept) == sorted(np.flatnonzero(expected <= keep).tolist())
+        assert all(c.image_png == b"png%d" % c.seed for c in result.kept), trial
+
+
+def test_a_pair_whose_targets_are_not_yet_met_keeps_the_media_a_later_micro_batch_may_promote():
+    """Min-max normalisation makes the order of two candidates depend on the others: B ties A after the first
+    micro-batch (and loses on candidate order), then beats it once C widens the scores' spans. So a micro-batch
+    after which the pair goes on is not ranked as final: B's media is kept for the end."""
+    clip, clap = np.array([0.10, 0.30, 0.90]), np.array([0.90, 0.75, 0.0])
+    rule = RankingRule("weighted")
+    assert list(rank_candidates(clip[:2], clap[:2], rule)) == [1, 2] and list(rank_candidates(clip, clap, rule))[1] == 1
+    encoded: list[int] = []
+    req = request(9, n=3, keep=1, target_clip=0.99, target_clap=0.99)  # never met: all 3 are made
+    stream, _ = stream_in_batches(req, clip, clap, micro_batch=2, rule=rule, encoded=encoded)
+    result = stream.result(rule)
+    assert result.ok, result.error
+    assert [c.candidate_index for c in result.kept] == [1] and result.kept[0].image_png is not None
+    assert encoded == [0, 1]  # the last micro-batch, final, encodes nothing: C is not kept
