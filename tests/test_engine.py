@@ -93,6 +93,35 @@ def test_joining_a_cluster_by_gcs_address_is_not_tried_again(monkeypatch):
     assert calls == ["127.0.0.1:6379"]
 
 
+@pytest.mark.parametrize("address", [None, "local"])
+def test_a_local_ray_is_started_even_where_a_ray_start_left_its_address(address):
+    """`ray start` writes its address to Ray's temp folder, and a bare ray.init() joins whatever is there, even a
+    cluster long gone. A run without an address (or with Ray's own "local") starts a Ray of its own, with its
+    workers at the default priority."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="pwsr", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        os.makedirs(os.path.join(temp, "ray"))
+        with open(os.path.join(temp, "ray", "ray_current_cluster"), "w") as f:
+            f.write("127.0.0.1:1")  # a cluster that is not there
+        code = ("import os, sys; from pws_batch.batch import engine\n"
+                "started = engine.connect_ray(sys.argv[1] or None, num_cpus=1)\n"
+                "import ray\n"
+                "print('RESULT', started, ray.get(ray.remote(lambda: os.nice(0)).remote()), flush=True)\n"
+                "ray.shutdown()")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        done = subprocess.run([sys.executable, "-c", code, address or ""], env=dict(env, RAY_TMPDIR=temp),
+                              capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"RESULT True {os.nice(0)}" in done.stdout
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def test_actor_pool_lends_each_worker_to_one_shard_at_a_time():
     pool = engine.ActorPool(["w0", "w1"])
     in_use: list[int] = []
@@ -175,7 +204,7 @@ def test_run_pairs_keeps_request_order_and_passes_failures_through(local_ray):
         assert len({(i["pid"], i["role"]) for i in infos}) == 4 and len({i["pid"] for i in infos}) == 2
         # CPU actors start with the malloc settings that keep freed memory (pws_batch.core.allocator)
         assert [i["malloc_env"] for i in infos if i["role"] == "generator"] == [CPU_MALLOC_ENV] * 2
-        # ... and at the default priority, not Ray's nice 15 for workers (engine.WORKER_PRIORITY_ENV)
+        # ... and at the default priority, not Ray's nice 15 for workers (the local Ray's system config)
         assert [i["niceness"] for i in infos if i["role"] == "generator"] == [os.nice(0)] * 2
     finally:
         engine.stop_actors(pool)
@@ -188,6 +217,8 @@ def test_a_local_ray_keeps_its_workers_at_the_default_priority(local_ray):
 
     placement = engine.worker_placement(True, 2)
     assert "runtime_env" not in placement  # a GPU worker: Ray may hand it a worker it has ready
+    # a CPU worker carries the priority in the runtime_env it has anyway, for clusters that set none
+    assert engine.worker_placement(False, 2)["runtime_env"]["env_vars"]["RAY_worker_niceness"] == "0"
     options = {k: v for k, v in placement.items() if k != "num_gpus"}  # this Ray has no GPU
 
     @ray.remote

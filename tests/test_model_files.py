@@ -497,7 +497,7 @@ def test_a_load_failure_inside_an_actor_is_one_line(tmp_path, tiny_models):
     assert info["model_loads"] == 0 and len(info["load_error"].splitlines()) == 1
     assert info["load_error"].startswith(f"cannot load the clip model '{broken}'")
     request = PairRequest(0, "p", GenerationParams("a", "b"), keep=1)
-    ranked = ranker.rank_batch(CandidateBatch(request, 0, 1, generated=object()), held=[])
+    ranked = ranker.rank_batch(CandidateBatch(request, 0, 1, generated=object()), seen=[])
     assert ranked.request.pair_id == "p" and ranked.error == info["load_error"] and ranked.generated is None
 
 

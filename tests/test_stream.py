@@ -193,7 +193,7 @@ def test_streams_with_calls_in_flight_keep_what_a_whole_pair_ranking_keeps():
             while stream.can_submit() and len(in_flight) < engine.LOOKAHEAD:
                 start, count = stream.submit()
                 in_flight.append((start, count, stream.seen()))  # what the driver knew when it asked
-            start, count, seen = in_flight.pop(0)
+            start, count, seen = in_flight.pop(int(rng.integers(len(in_flight))))  # Ray's calls end in any order
             generated = SimpleNamespace(candidates=[SimpleNamespace(seed=req.params.seed + start + j)
                                                     for j in range(count)])
             batch = CandidateBatch(req, start, count, generated=generated)

@@ -282,8 +282,10 @@ class ActorPool:
 
 def ray_environment(address: str | None) -> str | None:
     """Set what Ray reads when it is IMPORTED (call this before any `import ray`); returns the address to join
-    (`address`, else $RAY_ADDRESS, else None: a local Ray)."""
+    (`address`, else $RAY_ADDRESS, else None: a local Ray, also for "local")."""
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address == "local":  # Ray's own word for a new local instance: as no address at all
+        address = None
     # A Ray call after this run's ray.shutdown (a Prefect task still running as Ctrl-C stops the flow) must fail,
     # not start a second local Ray from that thread
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
@@ -359,8 +361,10 @@ def connect_ray(address: str | None, num_cpus: int | None = None, log: Callable[
                 time.sleep(pause_s)
     # Ray's own start-up lines (token auth is on, "Started a local Ray instance") say nothing to a user: the run
     # logs where it runs in one line of its own (describe_cluster); Ray's other warnings still show
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-             _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+    # address="local": a new instance even where a `ray start` on this host left its address in Ray's temp folder
+    # (ray.init() would join that cluster, or fail on a stale one)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     return True
 
 
