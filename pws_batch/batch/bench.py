@@ -468,8 +468,8 @@ def _pipeline_round(flow: Callable[..., dict], manifest: str, out: str, pairs: i
     if in_ray and beside:  # where the pipeline's cost goes: Ray's processes, the work in one, the orchestration
         started = " ".join(f"{k}={v}" for k, v in in_ray["malloc_env"].items()) or "glibc's default malloc settings"
         print_fn(f"(the bare library in a Ray worker: pid {in_ray['pid']} of a local Ray started for it, at nice "
-                 f"{in_ray['niceness']}, with {started}; beside an idle Ray: in a process of its own, as `bare`, while a local Ray with one "
-                 f"idle actor placed as the worker runs beside it)")
+                 f"{in_ray['niceness']}, with {started}; beside an idle Ray: in a process of its own, as `bare`, "
+                 f"while a local Ray with one idle actor placed as the worker runs beside it)")
         # Each ratio is a work time over the next one's, steady states over steady states where there are some.
         chain = [("beside_ray", bare, beside["work_s"], _steady(beside["pair_ends_s"])),
                  ("in_ray_worker", beside, in_ray["work_s"], _steady(in_ray["pair_ends_s"])),
