@@ -79,7 +79,8 @@ class EngineConfig:
     actors: int | None = option(None, "--actors", "generator actors (default: one per GPU of the cluster, or 1 "
                                                   "without GPUs)", fingerprint=False, type=int)
     ray_address: str | None = option(None, "--ray-address", "join this Ray cluster (default: $RAY_ADDRESS, else a "
-                                                            "local Ray started for the run; 'local' also starts one)", fingerprint=False, type=str)
+                                                            "local Ray started for the run; 'local' also starts one)",
+                                     fingerprint=False, type=str)
 
 
 @dataclass(frozen=True)
