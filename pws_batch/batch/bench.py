@@ -130,12 +130,20 @@ def bench_cluster(flow: Callable[..., dict], actors: int = 4, pairs: int = 64, p
     (pws_batch.batch.standins). Prints the driver's CPU and memory and `orchestration efficiency E.EE` =
     pairs x pair_seconds / (actors x steady-state wall), the steady state being the flow's dispatch of the shards
     (after the actors are up, before finalize). Its files are removed afterwards unless `workdir` is given."""
-    folder = workdir or tempfile.mkdtemp(prefix="pws-bench-cluster-")
-    try:
+    with _work_folder(workdir, "pws-bench-cluster-") as folder:
         return _bench_cluster(flow, folder, actors, pairs, pair_seconds, candidates, micro_batch, shard_size,
                               print_fn)
+
+
+@contextmanager
+def _work_folder(workdir: str | None, prefix: str) -> Iterator[str]:
+    """`workdir`, else a temporary folder removed afterwards: a benchmark's manifest and dataset are of no use
+    after it."""
+    folder = workdir or tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield folder
     finally:
-        if workdir is None:  # its manifest and dataset are of no use after it
+        if workdir is None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -162,8 +170,7 @@ def _bench_cluster(flow: Callable[..., dict], folder: str, actors: int, pairs: i
                                  plan={"shard_size": shard_size, "overwrite": True})
     started = not ray.is_initialized()
     if started:  # the GPUs are logical: Ray schedules the actors as on a GPU cluster; the stand-ins use none
-        ray.init(num_cpus=actors + 1, num_gpus=actors, include_dashboard=False, log_to_driver=False,
-                 _system_config=engine.LOCAL_RAY_SYSTEM_CONFIG)  # as connect_ray starts a local Ray
+        engine.start_local_ray(num_cpus=actors + 1, num_gpus=actors)
     try:
         t0, cpu0 = time.perf_counter(), _cpu_s()
         with engine.use_actors(StandInGenerator, StandInRanker, pair_seconds=pair_seconds):
@@ -252,8 +259,7 @@ def _local_ray() -> Iterator[tuple[bool, dict[str, Any]]]:
     engine.ray_environment(None)  # a local Ray on loopback: set before ray is imported, which reads it
     import ray
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             _system_config=engine.LOCAL_RAY_SYSTEM_CONFIG)  # as connect_ray starts a local Ray
+    engine.start_local_ray()
     try:
         resources = ray.cluster_resources()
         gpu = resources.get("GPU", 0) >= 1
@@ -338,13 +344,9 @@ def bench_pipeline(flow: Callable[..., dict], pairs: int = 4, candidates: int = 
     local Ray (bare_beside_ray) and in a Ray worker process (bare_in_a_ray_worker), and splits the pipeline's cost
     into Ray's processes sharing the machine, the work running in one of them, and the pipeline's own
     orchestration."""
-    folder = workdir or tempfile.mkdtemp(prefix="pws-bench-pipeline-")
-    try:
+    with _work_folder(workdir, "pws-bench-pipeline-") as folder:
         return _bench_pipeline(flow, folder, pairs, candidates, steps, models, micro_batch, compare_malloc,
                                ray_baseline, rounds, listeners, print_fn)
-    finally:
-        if workdir is None:  # its manifest and dataset are of no use after it
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _bench_pipeline(flow: Callable[..., dict], folder: str, pairs: int, candidates: int, steps: int, models: str,

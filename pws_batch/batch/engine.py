@@ -359,13 +359,21 @@ def connect_ray(address: str | None, num_cpus: int | None = None, log: Callable[
                     log(f"Ray: joining {address} failed on the server's side ({first.strip()}); "
                         f"trying again in {pause_s:g} s (attempt {attempt + 1} of {CLIENT_ATTEMPTS})")
                 time.sleep(pause_s)
-    # Ray's own start-up lines (token auth is on, "Started a local Ray instance") say nothing to a user: the run
-    # logs where it runs in one line of its own (describe_cluster); Ray's other warnings still show
-    # address="local": a new instance even where a `ray start` on this host left its address in Ray's temp folder
-    # (ray.init() would join that cluster, or fail on a stale one)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+    start_local_ray(num_cpus=num_cpus)
     return True
+
+
+def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """A new local Ray for this process (after ray_environment: it sets what Ray reads when imported), as every
+    command starts one: its workers at the default priority (LOCAL_RAY_SYSTEM_CONFIG); `address="local"`, a new
+    instance even where a `ray start` on this host left its address in Ray's temp folder (a bare ray.init() would
+    join that cluster, or fail on a stale one); Ray's own start-up lines (token auth is on, "Started a local Ray
+    instance") left out: a run logs where it runs in one line of its own (describe_cluster), Ray's other warnings
+    still show."""
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
 
 
 def describe_cluster(started_here: bool, address: str | None = None) -> str:
