@@ -12,7 +12,7 @@ from pws_batch import __version__
 from pws_batch.core.device import dtype_name
 from pws_batch.core.media import png_bytes, wav_bytes
 
-# The names write_generation writes: only these are ever replaced (`generate --overwrite`).
+# The names CandidateFolder writes: only these are ever replaced (`generate --overwrite`).
 GENERATED = re.compile(r"^(candidates\.json|candidate-\d{3,}\.(png|wav))$")
 
 
@@ -112,8 +112,3 @@ class CandidateFolder:
         with self.fs.open(f"{self.root}/candidates.json", "w") as f:
             json.dump(record, f, indent=2)
         return self.out
-
-
-def write_generation(out: str, result, pipe, **extra: Any) -> str:
-    """All of a finished result's files at once: candidate-NNN.png / .wav and candidates.json."""
-    return CandidateFolder(out).finish(result, pipe, **extra)
