@@ -319,9 +319,9 @@ OWN_FOLDERS = ("data", "candidates", "_shards", "card")
 def same_place(a: str, b: str) -> tuple[str | None, str]:
     """Two locations as comparable paths: (a's, b's), normalised (a local path made real: `d/./data`, `d//data`
     and links name the same folder); (None, "") when they are on different filesystems."""
-    from pws_batch.batch.manifest import _normal
+    from pws_batch.batch.manifest import location
 
-    (where_a, path_a), (where_b, path_b) = _normal(a), _normal(b)
+    (where_a, path_a), (where_b, path_b) = location(a), location(b)
     if where_a != where_b:
         return None, ""
     return path_a.rstrip("/"), path_b.rstrip("/")
@@ -329,13 +329,12 @@ def same_place(a: str, b: str) -> tuple[str | None, str]:
 
 def inside_own_folders(out: Output, dest: str) -> str | None:
     """The dataset folder of `out` that `dest` is in (or is), else None."""
+    from pws_batch.batch.manifest import is_under
+
     root, path = same_place(out.uri, dest)
     if root is None:
         return None
-    for name in OWN_FOLDERS:
-        if path == f"{root}/{name}" or path.startswith(f"{root}/{name}/"):
-            return name
-    return None
+    return next((name for name in OWN_FOLDERS if is_under(path, f"{root}/{name}")), None)
 
 
 def committed_shards(out: Output) -> dict[str, dict]:

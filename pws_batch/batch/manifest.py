@@ -384,7 +384,7 @@ def resolve_guide(value: str, base: str | None) -> str:
     return base.rstrip("/") + "/" + value
 
 
-def _normal(uri: str) -> tuple[str, str]:
+def location(uri: str) -> tuple[str, str]:
     """(where, path) of a path or URI: ("local", real absolute path) or ("scheme://host", normalised path)."""
     if "://" not in uri or uri.startswith("file://"):
         path = uri[len("file://"):] if uri.startswith("file://") else uri
@@ -394,7 +394,8 @@ def _normal(uri: str) -> tuple[str, str]:
     return f"{scheme.lower()}://{host}", posixpath.normpath("/" + path)
 
 
-def _under(path: str, prefix: str) -> bool:
+def is_under(path: str, prefix: str) -> bool:
+    """Whether `path` is `prefix` or lies inside it (both as `location` gives them)."""
     return path == prefix or path.startswith(prefix.rstrip("/") + "/")
 
 
@@ -402,16 +403,16 @@ def guide_allowed(guide: str, manifest: str | None, allow: list[str] | tuple[str
     """May a guide be read from `guide`? Always from the manifest's own storage (its folder for a local
     manifest, its bucket for an object store); besides that only from `allow`: "local" (any local path), "any"
     (anywhere), or path / URI prefixes."""
-    where, path = _normal(guide)
+    where, path = location(guide)
     if "any" in allow or (where == "local" and "local" in allow):
         return True
     prefixes = [entry for entry in allow if entry not in ("local", "any")]
     if manifest is not None:
-        m_where, m_path = _normal(manifest)
+        m_where, m_path = location(manifest)
         prefixes.append(os.path.dirname(m_path) if m_where == "local" else f"{m_where}/")
     for prefix in prefixes:
-        p_where, p_path = _normal(prefix)
-        if p_where == where and _under(path, p_path):
+        p_where, p_path = location(prefix)
+        if p_where == where and is_under(path, p_path):
             return True
     return False
 

@@ -25,7 +25,7 @@ from pws_batch.batch.card import CARD_COLUMNS, best, write_card
 from pws_batch.batch.config import RunConfig, RunError
 from pws_batch.batch.dataset import (KEPT_SCHEMA, MODEL_COMPONENTS, DatasetError, Output, candidates_table,
                                      committed_shards, kept_table, read_run_json, shard_name, verified_shards)
-from pws_batch.batch.manifest import (Validated, _normal, guide_allowed, guide_columns, manifest_fingerprint,
+from pws_batch.batch.manifest import (Validated, guide_allowed, guide_columns, location, manifest_fingerprint,
                                       manifest_name, read_manifest, rejections_table, validate_manifest)
 from pws_batch.batch.pair import PairRequest, PairResult
 from pws_batch.batch.schema import MEDIA_COLUMNS, build_features, features_from_json, schema_of
@@ -191,10 +191,10 @@ def guides_fingerprint(manifest: str, config: RunConfig, df=None) -> str:
     digest = hashlib.sha256()
     # guides beside the manifest are named from its folder, so that the same manifest spelled another way (a
     # relative path from elsewhere, an absolute one) resumes its run
-    base_place, base = _normal(manifest_base(manifest))
+    base_place, base = location(manifest_base(manifest))
     base = base.rstrip("/") + "/"
     for path in guide_columns(df, manifest_base(manifest)):
-        place, normal = _normal(path)
+        place, normal = location(path)
         inside = place == base_place and normal.startswith(base)
         digest.update((normal[len(base):] if inside else path).encode() + b"\0")
         if not guide_allowed(path, manifest, config.plan.allow_guides):
