@@ -48,10 +48,10 @@ def check_api(timeout: float = 5.0) -> str:
         response = httpx.get(f"{url}/health", timeout=timeout)
     except httpx.HTTPError as exc:
         raise ApiUnreachable(f"the Prefect API at {url} is unreachable ({type(exc).__name__}: {exc}); start it "
-                          f"(`prefect server start`) or fix PREFECT_API_URL") from exc
+                             f"(`prefect server start`) or fix PREFECT_API_URL") from exc
     if response.status_code != 200:
         raise ApiUnreachable(f"the Prefect API at {url} answered {response.status_code} to /health; is it a Prefect "
-                          f"server's /api URL?")
+                             f"server's /api URL?")
     return url
 
 
@@ -102,7 +102,8 @@ def runs_writing_to(deployment: str, out: str) -> list[tuple[str, str, str]]:
             if str((r.parameters or {}).get("out") or "").rstrip("/") == same]
 
 
-def submit(parameters: dict[str, Any], deployment: str = DEFAULT_DEPLOYMENT, name: str | None = None) -> tuple[str, str]:
+def submit(parameters: dict[str, Any], deployment: str = DEFAULT_DEPLOYMENT,
+           name: str | None = None) -> tuple[str, str]:
     """Create a flow run of `deployment` with `parameters` (named `name`: else Prefect's random name until the flow
     starts and names itself); returns (flow run id, its URL in the Prefect UI)."""
     check_api()

@@ -4,10 +4,10 @@ hub (`pws-batch models fetch`).
 Checking loads no weights and never touches the network: it looks for the files in a local folder or in the
 Hugging Face cache (`huggingface_hub.try_to_load_from_cache`), reads the small JSON configs and the weights
 files' headers (a safetensors header against the file's size, the zip directory of torch.save's format; no tensor
-data), and reports one `Problem` per missing, damaged or inconsistent file. It checks what generation relies on: both diffusion models work in
-SD 1.5's latent space (4 channels, VAE factor 8), each U-Net's cross-attention takes its text encoder's width,
-and the vocoder reads Auffusion's mel format (256 mels, hop 160 at 16 kHz). The facts come from the real
-configs kept in `reference_configs/` (each names its source).
+data), and reports one `Problem` per missing, damaged or inconsistent file. It checks what generation relies on:
+both diffusion models work in SD 1.5's latent space (4 channels, VAE factor 8), each U-Net's cross-attention
+takes its text encoder's width, and the vocoder reads Auffusion's mel format (256 mels, hop 160 at 16 kHz). The
+facts come from the real configs kept in `reference_configs/` (each names its source).
 
 No torch here: the Prefect flow (which has none) runs the same check before it starts Ray.
 """
@@ -128,7 +128,8 @@ def set_origin(spec: str) -> SetOrigin:
         return SetOrigin()
     sources = entries.get("sources")
     return SetOrigin(tiny_dir=os.path.dirname(os.path.abspath(path)) if "tiny_version" in entries else None,
-                     sources=tuple(sorted((str(k), str(v)) for k, v in sources.items())) if isinstance(sources, dict) else ())
+                     sources=tuple(sorted((str(k), str(v)) for k, v in sources.items()))
+                     if isinstance(sources, dict) else ())
 
 
 def _rebuild_tiny(spec: str, origin: SetOrigin) -> str | None:
@@ -309,6 +310,7 @@ def weights_only_reason(exc: BaseException) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line
              and "Weights only load failed" not in line]
     return lines[0].split(" Please ")[0] if lines else type(exc).__name__
+
 
 def check_component(component: str, model_id: str, spec: str, vocoder_subfolder: str = "vocoder",
                     origin: SetOrigin | None = None) -> list[Problem]:

@@ -147,7 +147,8 @@ def _load_checkpoint(path: str) -> Any:
 
     problem = torch_file_problem(path)
     if problem:
-        raise ValueError(f"{path} is not a valid torch checkpoint: {problem.removeprefix('not a valid torch checkpoint: ')}")
+        detail = problem.removeprefix("not a valid torch checkpoint: ")  # said once
+        raise ValueError(f"{path} is not a valid torch checkpoint: {detail}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
